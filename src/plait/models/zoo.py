@@ -1,0 +1,48 @@
+"""Named zoo models: build on any device, make example batches, compute the loss."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from plait.errors import PlaitError
+from plait.models.gpt import GPT, GPT_CONFIGS, lm_batch, lm_loss
+from plait.models.mlp import MLP, MLP_CONFIGS, mse_loss, regression_batch
+
+Batch = tuple[torch.Tensor, ...]
+
+
+@dataclass(frozen=True)
+class ZooModel:
+    """A named model with its batch maker and loss."""
+
+    name: str
+    build: Callable[[], nn.Module]  # builds on the current default device (use ``torch.device("meta")``)
+    make_batch: Callable[..., Batch]  # (batch_size, *, device, generator) -> batch
+    loss: Callable[[nn.Module, Batch], torch.Tensor]
+
+
+def _entries() -> dict[str, ZooModel]:
+    entries: dict[str, ZooModel] = {}
+    for name, gcfg in GPT_CONFIGS.items():
+        entries[name] = ZooModel(
+            name, lambda c=gcfg: GPT(c), lambda b, c=gcfg, **kw: lm_batch(c, b, **kw), lm_loss
+        )
+    for name, mcfg in MLP_CONFIGS.items():
+        entries[name] = ZooModel(
+            name, lambda c=mcfg: MLP(c), lambda b, c=mcfg, **kw: regression_batch(c, b, **kw), mse_loss
+        )
+    return entries
+
+
+ZOO: dict[str, ZooModel] = _entries()
+
+
+def zoo_model(name: str) -> ZooModel:
+    """Look up a zoo model by name; the error lists the known names."""
+    if name not in ZOO:
+        raise PlaitError(f"unknown model {name!r}; zoo models: {', '.join(ZOO)}")
+    return ZOO[name]
