@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -28,13 +29,9 @@ class ZooModel:
 def _entries() -> dict[str, ZooModel]:
     entries: dict[str, ZooModel] = {}
     for name, gcfg in GPT_CONFIGS.items():
-        entries[name] = ZooModel(
-            name, lambda c=gcfg: GPT(c), lambda b, c=gcfg, **kw: lm_batch(c, b, **kw), lm_loss
-        )
+        entries[name] = ZooModel(name, partial(GPT, gcfg), partial(lm_batch, gcfg), lm_loss)
     for name, mcfg in MLP_CONFIGS.items():
-        entries[name] = ZooModel(
-            name, lambda c=mcfg: MLP(c), lambda b, c=mcfg, **kw: regression_batch(c, b, **kw), mse_loss
-        )
+        entries[name] = ZooModel(name, partial(MLP, mcfg), partial(regression_batch, mcfg), mse_loss)
     return entries
 
 
