@@ -38,6 +38,8 @@ class OpNode:
     inputs: tuple[TensorMeta, ...]
     outputs: tuple[TensorMeta, ...]
     flops: int  # forward FLOPs of this op
+    layer: int = -1  # index into ModelGraph.layers (ops outside every layer: the layer that ran before)
+    input_nodes: tuple[str, ...] = ()  # producing ops' names; parameters and buffers by their FQN
 
 
 @dataclass(frozen=True, kw_only=True)

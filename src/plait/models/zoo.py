@@ -11,6 +11,7 @@ from torch import nn
 
 from plait.errors import PlaitError
 from plait.models.gpt import GPT, GPT_CONFIGS, lm_batch, lm_loss
+from plait.models.hf import HF_GPT2_CONFIGS, hf_gpt2, hf_lm_batch, hf_lm_loss
 from plait.models.mlp import MLP, MLP_CONFIGS, mse_loss, regression_batch
 
 Batch = tuple[torch.Tensor, ...]
@@ -32,6 +33,8 @@ def _entries() -> dict[str, ZooModel]:
         entries[name] = ZooModel(name, partial(GPT, gcfg), partial(lm_batch, gcfg), lm_loss)
     for name, mcfg in MLP_CONFIGS.items():
         entries[name] = ZooModel(name, partial(MLP, mcfg), partial(regression_batch, mcfg), mse_loss)
+    for name, hcfg in HF_GPT2_CONFIGS.items():  # need transformers only when built
+        entries[name] = ZooModel(name, partial(hf_gpt2, hcfg), partial(hf_lm_batch, hcfg), hf_lm_loss)
     return entries
 
 
