@@ -136,7 +136,10 @@ class Instr:
     nbytes: int = 0  # message size of a collective or transfer
     group: tuple[int, ...] = ()  # ranks taking part in a collective
     deps: tuple[int, ...] = ()  # indices of instructions (same program) that must finish first
-    alloc_bytes: int = 0  # memory this instruction allocates (negative frees)
+    alloc_bytes: int = 0  # memory this instruction allocates when it starts (negative: frees when it ends)
+    free_bytes: int = 0  # memory this instruction releases when it ends
+    numel: int = 0  # parameter elements an optimizer instruction updates
+    axes: tuple[str, ...] = ()  # mesh axes a collective spans; in an SPMD program `group` is the first rank's
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -192,6 +195,8 @@ class CandidateReport:
     peak_memory_bytes: int
     memory_limit_bytes: int
     note: str = ""
+    micro_size: int = 0  # per-rank micro-batch the candidate was scored with (0: not scored)
+    num_micro: int = 1  # gradient-accumulation steps the candidate was scored with
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -222,6 +227,7 @@ class Plan:
     predicted: Prediction | None = None
     candidates: tuple[CandidateReport, ...] = ()
     provenance: Provenance | None = None
+    optimizer: str = "adamw"  # the optimizer whose state the memory estimate assumes
     version: int = PLAN_VERSION
 
     @property

@@ -1,11 +1,13 @@
-"""A readable summary of a Plan for the console."""
+"""A readable summary of a Plan for the console: the chosen plan, then every candidate the planner weighed."""
 
 from __future__ import annotations
+
+import io
 
 from rich.console import Console, Group
 from rich.table import Table
 
-from plait.plan.ir import Plan
+from plait.plan.ir import CandidateReport, DataParallelSpec, MeshSpec, Plan, Prediction
 
 MB = 1e6
 GB = 1e9
@@ -15,36 +17,95 @@ def _fmt_bytes(n: float) -> str:
     return f"{n / GB:.2f} GB" if n >= GB else f"{n / MB:.1f} MB"
 
 
-def plan_table(plan: Plan) -> Group:
-    """Rich renderables: the chosen plan, then every candidate the planner weighed."""
-    dp = plan.data_parallel
+def fmt_seconds(s: float) -> str:
+    """A duration in ms below 10 s, else in s."""
+    return f"{s * 1e3:.1f} ms" if s < 10 else f"{s:.2f} s"
+
+
+def _data_parallel(dp: DataParallelSpec, mesh: MeshSpec) -> str:
+    if dp.kind == "replicate":
+        sizes = [b.nbytes for b in dp.buckets]
+        if len(sizes) == 1:
+            return f"replicate over dp={mesh.size}: 1 gradient bucket of {_fmt_bytes(sizes[0])} (cap {_fmt_bytes(dp.bucket_bytes)})"
+        spread = f" ({_fmt_bytes(min(sizes))} to {_fmt_bytes(max(sizes))})" if sizes else ""
+        return f"replicate over dp={mesh.size}: {len(sizes)} gradient buckets of up to {_fmt_bytes(dp.bucket_bytes)}{spread}"
+    where = f"shard over {dp.shard_axis}={mesh.axis_size(dp.shard_axis or '')}"
+    if dp.replicate_axis:
+        where = f"replicate over {dp.replicate_axis}={mesh.axis_size(dp.replicate_axis)}, {where}"
+    reshard = ", reshard after forward" if dp.reshard_after_forward else ""
+    return f"{dp.kind} ({where}): {len(dp.shard_units)} units, largest {_fmt_bytes(dp.bucket_bytes)}{reshard}"
+
+
+def _prediction_rows(table: Table, p: Prediction) -> None:
+    table.add_row(
+        "predicted step",
+        f"{fmt_seconds(p.step_s)} (compute {fmt_seconds(p.compute_s)}, comm {fmt_seconds(p.comm_s)}, "
+        f"exposed {fmt_seconds(p.exposed_comm_s)}, overlap {p.overlap:.0%})",
+    )
+    m = p.memory
+    table.add_row(
+        "predicted memory",
+        f"{_fmt_bytes(max(p.peak_memory_bytes))} peak per device = params {_fmt_bytes(m.params)} + grads "
+        f"{_fmt_bytes(m.grads)} + optimizer {_fmt_bytes(m.optimizer)} + activations {_fmt_bytes(m.activations)} "
+        f"+ buffers {_fmt_bytes(m.buffers)}",
+    )
+
+
+def _head(plan: Plan) -> Table:
     head = Table(title=f"plait plan: {plan.model.name} on {plan.cluster.name}", show_header=False)
     head.add_column("field", style="bold")
     head.add_column("value")
     head.add_row("mesh", " x ".join(f"{a}={s}" for a, s in zip(plan.mesh.axes, plan.mesh.shape, strict=True)))
-    head.add_row("data parallel", f"{dp.kind} (bucket {_fmt_bytes(dp.bucket_bytes)}, {len(dp.buckets)} buckets)")
-    if dp.shard_units:
-        head.add_row("shard units", f"{len(dp.shard_units)} modules")
+    head.add_row("data parallel", _data_parallel(plan.data_parallel, plan.mesh))
     b = plan.batch
-    head.add_row("batch", f"global {b.global_size} = micro {b.micro_size} x accum {b.num_micro} x dp {b.global_size // max(1, b.micro_size * b.num_micro)}")
-    head.add_row("parameters", f"{plan.model.num_params / 1e6:.2f} M ({_fmt_bytes(plan.model.param_bytes)})")
+    head.add_row("batch", f"global {b.global_size} = micro {b.micro_size} x {b.num_micro} micro-batches x dp {plan.mesh.size}")
+    head.add_row("parameters", f"{plan.model.num_params / 1e6:,.2f} M ({_fmt_bytes(plan.model.param_bytes)}, {plan.model.dtype}), optimizer {plan.optimizer}")
+    if plan.programs:
+        head.add_row("program", f"{sum(len(p.instrs) for p in plan.programs)} instructions in {len(plan.programs)} program(s)")
     if plan.predicted:
-        p = plan.predicted
-        head.add_row("predicted step", f"{p.step_s * 1e3:.1f} ms (compute {p.compute_s * 1e3:.1f} ms, comm {p.comm_s * 1e3:.1f} ms, overlap {p.overlap:.0%})")
-        head.add_row("predicted memory", f"{_fmt_bytes(max(p.peak_memory_bytes))} peak per device")
-    parts: list[Table] = [head]
+        _prediction_rows(head, plan.predicted)
+    if plan.provenance:
+        pv = plan.provenance
+        head.add_row("planned by", f"{pv.planner} {pv.version} in {pv.search_s:.2f} s")
+    return head
+
+
+def candidates_table(candidates: tuple[CandidateReport, ...]) -> Table:
+    """Every candidate with its predicted step time and memory, whether it fits, and why it won or lost."""
+    table = Table(title="candidates")
+    for col in ("candidate", "fits", "micro x accum", "step", "peak memory", "limit", "note"):
+        table.add_column(col)
+    for c in candidates:
+        scored = c.micro_size > 0
+        table.add_row(
+            c.name,
+            "yes" if c.fits else "no",
+            f"{c.micro_size} x {c.num_micro}" if scored else "-",
+            fmt_seconds(c.step_s) if scored else "-",
+            _fmt_bytes(c.peak_memory_bytes) if scored else "-",
+            _fmt_bytes(c.memory_limit_bytes),
+            c.note,
+            style="bold" if c.note.startswith("chosen") else None,
+        )
+    return table
+
+
+def plan_table(plan: Plan) -> Group:
+    """Rich renderables: the chosen plan, then every candidate the planner weighed."""
+    parts: list[Table] = [_head(plan)]
     if plan.candidates:
-        cand = Table(title="candidates")
-        for col in ("candidate", "fits", "step (ms)", "peak memory", "limit", "note"):
-            cand.add_column(col)
-        for c in plan.candidates:
-            cand.add_row(c.name, "yes" if c.fits else "no", f"{c.step_s * 1e3:.1f}", _fmt_bytes(c.peak_memory_bytes), _fmt_bytes(c.memory_limit_bytes), c.note)
-        parts.append(cand)
+        parts.append(candidates_table(plan.candidates))
     return Group(*parts)
+
+
+def console_for_tables(min_width: int = 150) -> Console:
+    """A console at least ``min_width`` wide when output is not a terminal (pipes, files, CI logs)."""
+    console = Console()
+    return console if console.is_terminal else Console(width=max(console.width, min_width))
 
 
 def plan_text(plan: Plan, width: int = 120) -> str:
     """The plan table as plain text."""
-    console = Console(width=width, record=True, file=open("/dev/null", "w"))  # noqa: SIM115
+    console = Console(width=width, record=True, file=io.StringIO())
     console.print(plan_table(plan))
     return console.export_text()

@@ -1,0 +1,98 @@
+"""``plait plan``: choose a data-parallel plan for a model on a cluster, print why, write the plan JSON."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from plait.cluster import Cluster, load_cluster
+from plait.errors import PlaitError
+from plait.graph.model_graph import ModelGraph
+from plait.plan import plan_table, plan_to_json, save_plan
+from plait.plan.table import console_for_tables
+
+DEFAULT_PER_RANK_BATCH = 8
+
+
+def _per_rank_batch(cluster: Cluster, batch: int | None, micro_batch: int | None) -> int:
+    """The batch to capture with: the micro-batch, else the global batch's share per rank, else 8."""
+    if micro_batch:
+        return micro_batch
+    if batch and batch % cluster.world_size == 0:
+        return batch // cluster.world_size
+    return DEFAULT_PER_RANK_BATCH
+
+
+def _from_factory(spec: str) -> tuple[Any, Any, Callable[..., Any] | None, str]:
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise PlaitError(f"cannot import {module_name!r} for model {spec!r}: {exc}") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise PlaitError(f"{module_name} has no callable {attr!r}; MODEL must be a zoo name or module.path:factory")
+    made = factory()
+    if not isinstance(made, tuple) or len(made) not in (2, 3):
+        raise PlaitError(
+            f"{spec} returned {type(made).__name__}; a model factory must return (model, example_batch) "
+            "or (model, example_batch, loss_fn)"
+        )
+    loss_fn = made[2] if len(made) == 3 else None
+    return made[0], made[1], loss_fn, attr
+
+
+def resolve_model(spec: str, per_rank_batch: int) -> ModelGraph:
+    """Capture MODEL: a zoo name (built on the meta device) or ``module.path:factory``."""
+    import torch
+
+    from plait.graph import capture
+    from plait.models import ZOO, zoo_model
+
+    if ":" in spec and spec.split(":", 1)[0] not in ZOO:
+        model, example_batch, loss_fn, name = _from_factory(spec)
+        return capture(model, example_batch, name=name, loss_fn=loss_fn, with_ops=False)
+    if spec not in ZOO:
+        raise PlaitError(f"unknown model {spec!r}; zoo models: {', '.join(ZOO)} (or give module.path:factory)")
+    zoo = zoo_model(spec)
+    with torch.device("meta"):
+        model = zoo.build()
+    return capture(model, zoo.make_batch(per_rank_batch, device="meta"), name=spec, loss_fn=zoo.loss, with_ops=False)
+
+
+@click.command()
+@click.argument("model")
+@click.option("--cluster", "cluster_spec", required=True, help="Preset NAME:K (e.g. dgx-a100:2, local:4) or a cluster YAML file.")
+@click.option("--batch", type=click.IntRange(min=1), help="Global batch size (default: 8 per rank).")
+@click.option("--micro-batch", type=click.IntRange(min=1), help="Per-rank micro-batch (default: chosen to fit memory).")
+@click.option("--profile", type=click.Path(dir_okay=False), help="A measured profile JSON (`plait profile`) for the cost model.")
+@click.option("--memory-fraction", type=click.FloatRange(0, 1, min_open=True), default=0.9, show_default=True,
+              help="Share of each device's memory a plan may use.")
+@click.option("--out", type=click.Path(dir_okay=False), help="Write the chosen plan's JSON here.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan JSON instead of the tables.")
+def plan(model: str, cluster_spec: str, batch: int | None, micro_batch: int | None, profile: str | None,
+         memory_fraction: float, out: str | None, as_json: bool) -> None:
+    """Choose the fastest data-parallel plan for MODEL that fits the cluster's memory and explain it.
+
+    MODEL is a zoo name (see `plait.models`, e.g. gpt2-small, mlp-small) or `module.path:factory`, a
+    callable with no arguments that returns (model, example_batch) or (model, example_batch, loss_fn);
+    example_batch may hold meta tensors, its first dimension is the per-rank batch.
+    """
+    from plait.planners import default_cost
+    from plait.planners import plan as choose
+
+    cluster = load_cluster(cluster_spec)
+    graph = resolve_model(model, _per_rank_batch(cluster, batch, micro_batch))
+    cost = default_cost(cluster, profile)
+    chosen = choose(graph, None, cluster, global_batch=batch, micro_batch=micro_batch, cost=cost, memory_fraction=memory_fraction)
+    if as_json:
+        click.echo(plan_to_json(chosen), nl=False)
+    else:
+        console_for_tables().print(plan_table(chosen))
+    if out:
+        path = save_plan(chosen, out)
+        if not as_json:
+            click.echo(f"plan written to {path}; simulate it with `plait sim {path}`, run it with `plait run --plan {path}`")

@@ -1,0 +1,99 @@
+"""Automatic choice: enumerate data-parallel candidates, score each by simulation, keep the fastest that fits."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from datetime import UTC, datetime
+from typing import Any
+
+from plait.cluster import Cluster, load_cluster
+from plait.cost import CostModel
+from plait.errors import NoFeasiblePlanError, PlaitError
+from plait.graph.model_graph import ModelGraph
+from plait.plan.ir import Plan, Provenance
+from plait.planners.candidates import DEFAULT_BUCKET_SIZES, options, score
+from plait.planners.data_parallel import planner_version
+from plait.planners.explain import explain, infeasible_message, winner_of
+
+
+def default_cost(cluster: Cluster, profile: str | os.PathLike[str] | None = None) -> CostModel:
+    """The cluster's cost model: calibrated from ``profile`` (or the cluster's own profile) when the
+    cost package can read profiles, else from datasheet numbers."""
+    factory: Callable[..., CostModel] | None = getattr(CostModel, "for_cluster", None)
+    if factory is not None:
+        return factory(cluster, profile=os.fspath(profile) if profile is not None else None)
+    if profile is not None:
+        raise PlaitError(f"cannot use profile {profile}: this plait's cost model has no profile support")
+    return CostModel(cluster)
+
+
+def _graph_of(model_or_graph: Any, example_batch: Any, loss_fn: Any, name: str | None) -> ModelGraph:
+    if isinstance(model_or_graph, ModelGraph):
+        return model_or_graph
+    if example_batch is None:
+        raise PlaitError("planning a module needs an example batch (real or meta tensors) to capture it with")
+    from plait.graph import capture
+
+    return capture(model_or_graph, example_batch, name=name, loss_fn=loss_fn, with_ops=False)
+
+
+def plan(
+    model_or_graph: Any,
+    example_batch: Any,
+    cluster: Cluster | str | os.PathLike[str],
+    *,
+    global_batch: int | None = None,
+    micro_batch: int | None = None,
+    cost: CostModel | None = None,
+    bucket_sizes: Sequence[int] | None = None,
+    memory_fraction: float = 0.9,
+    optimizer: str = "adamw",
+    loss_fn: Callable[..., Any] | None = None,
+    name: str | None = None,
+) -> Plan:
+    """Choose the fastest data-parallel plan that fits each device's memory, and explain the choice.
+
+    ``model_or_graph`` is an ``nn.Module`` (captured with ``example_batch`` and ``loss_fn``) or a
+    ModelGraph. The global batch defaults to the captured batch on every rank (captured batch x
+    world size). Every candidate weighed is in ``plan.candidates``; raises NoFeasiblePlanError when
+    none fits.
+    """
+    t0 = time.perf_counter()
+    if not 0 < memory_fraction <= 1:
+        raise PlaitError(f"memory_fraction must be in (0, 1], got {memory_fraction}")
+    cluster = cluster if isinstance(cluster, Cluster) else load_cluster(cluster)
+    graph = _graph_of(model_or_graph, example_batch, loss_fn, name)
+    t1 = time.perf_counter()
+    cost = cost or default_cost(cluster)
+    if global_batch is None:
+        global_batch = (micro_batch or graph.batch_size) * cluster.world_size
+    limit = int(cluster.device.memory_bytes * memory_fraction)
+    sizes = tuple(bucket_sizes) if bucket_sizes else DEFAULT_BUCKET_SIZES
+    scored = [
+        score(graph, cluster, o, global_batch=global_batch, micro_batch=micro_batch, cost=cost, limit=limit, optimizer=optimizer)
+        for o in options(cluster, sizes)
+    ]
+    t2 = time.perf_counter()
+    best = winner_of(scored)
+    if best is None:
+        raise NoFeasiblePlanError(infeasible_message(graph, cluster, scored, limit, memory_fraction))
+    assert best.plan is not None
+    t3 = time.perf_counter()
+    provenance = Provenance(
+        planner="plait.planners.auto",
+        version=planner_version(),
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        search_s=t3 - t0,
+        passes={"capture": t1 - t0, "score_candidates": t2 - t1, "choose": t3 - t2},
+        options={
+            "global_batch": str(global_batch),
+            "micro_batch": str(micro_batch),
+            "memory_fraction": str(memory_fraction),
+            "optimizer": optimizer,
+            "bucket_sizes": ",".join(str(s) for s in sizes),
+        },
+    )
+    return replace(best.plan, candidates=explain(scored, limit), provenance=provenance)

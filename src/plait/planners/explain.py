@@ -1,0 +1,112 @@
+"""Explain a choice: one CandidateReport per option (why it won or lost), and the no-feasible-plan message."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from plait.cluster import Cluster
+from plait.graph.model_graph import ModelGraph
+from plait.plan.ir import CandidateReport, Plan, Prediction
+from plait.planners.candidates import Scored
+
+
+def fmt_bytes(nbytes: float) -> str:
+    """Bytes as GB (or MB below one GB), decimal units as on datasheets."""
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
+
+
+def _pred(plan: Plan | None) -> Prediction:
+    assert plan is not None and plan.predicted is not None
+    return plan.predicted
+
+
+def _accumulation(plan: Plan) -> str:
+    b = plan.batch
+    return f"{b.num_micro} micro-batches of {b.micro_size}" if b.num_micro > 1 else f"micro-batch {b.micro_size}"
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3g} ms"
+
+
+def _why_slower(loser: Plan, winner: Plan) -> str:
+    lp, wp = _pred(loser), _pred(winner)
+    gap = lp.step_s - wp.step_s
+    if gap <= 1e-12 * max(1.0, wp.step_s):
+        return "as fast as the chosen plan; the first one listed wins ties"
+    head = f"slower by {_ms(gap)} ({gap / wp.step_s:+.1%})"
+    if loser.batch.num_micro > winner.batch.num_micro:
+        return f"{head}: needs {loser.batch.num_micro} micro-batches to fit"
+    if lp.exposed_comm_s - wp.exposed_comm_s >= lp.compute_s - wp.compute_s:
+        return f"{head}: more exposed communication ({_ms(lp.exposed_comm_s)} vs {_ms(wp.exposed_comm_s)})"
+    return f"{head}: more compute ({_ms(lp.compute_s)} vs {_ms(wp.compute_s)})"
+
+
+def winner_of(scored: Sequence[Scored]) -> Scored | None:
+    """The fastest option that fits (the first one on ties), or None."""
+    fitting = [s for s in scored if s.fits]
+    return min(fitting, key=lambda s: _pred(s.plan).step_s) if fitting else None
+
+
+def explain(scored: Sequence[Scored], limit: int) -> tuple[CandidateReport, ...]:
+    """A report per scored option with a short note: chosen, why it lost, or why it does not fit."""
+    best = winner_of(scored)
+    reports = []
+    for s in scored:
+        if s.plan is None:
+            note, step, micro, num_micro = s.reason, 0.0, 0, 1
+        else:
+            step, micro, num_micro = _pred(s.plan).step_s, s.plan.batch.micro_size, s.plan.batch.num_micro
+            if s is best:
+                note = "chosen: fastest that fits" + (f" ({_accumulation(s.plan)})" if num_micro > 1 else "")
+            elif not s.fits:
+                note = f"does not fit: needs {fmt_bytes(s.peak_bytes)} > {fmt_bytes(limit)} even with {_accumulation(s.plan)}"
+            else:
+                assert best is not None and best.plan is not None
+                note = _why_slower(s.plan, best.plan)
+        reports.append(
+            CandidateReport(
+                name=s.option.name, kind=s.option.kind, bucket_bytes=s.option.bucket_bytes, fits=s.fits, step_s=step,
+                peak_memory_bytes=s.peak_bytes, memory_limit_bytes=limit, note=note, micro_size=micro, num_micro=num_micro,
+            )
+        )
+    return tuple(reports)
+
+
+def _devices_needed(s: Scored, limit: int) -> str:
+    """How many devices a sharded option would need, from its static (shardable) and dynamic memory."""
+    if s.plan is None or s.option.kind != "fsdp":
+        return ""
+    p = _pred(s.plan)
+    n = s.plan.mesh.size
+    static = p.memory.params + p.memory.grads + p.memory.optimizer
+    dynamic = s.peak_bytes - static
+    if dynamic >= limit:
+        return (
+            f"; its activations ({fmt_bytes(p.memory.activations)}) and gathered layers ({fmt_bytes(p.memory.buffers)}) "
+            "alone exceed the limit, whatever the device count"
+        )
+    return f"; would fit on about {math.ceil(static * n / (limit - dynamic))} such devices"
+
+
+def infeasible_message(graph: ModelGraph, cluster: Cluster, scored: Sequence[Scored], limit: int, fraction: float) -> str:
+    """Why no plan fits: the smallest memory each candidate needs against the limit, and what to try."""
+    lines = [
+        f"{graph.name} ({graph.num_params / 1e6:,.1f} M parameters) fits no data-parallel plan on {cluster.name}: "
+        f"the limit is {fmt_bytes(limit)} per device ({fraction:.0%} of {fmt_bytes(cluster.device.memory_bytes)})."
+    ]
+    for s in scored:
+        if s.plan is None:
+            lines.append(f"  - {s.option.name}: {s.reason}")
+            continue
+        lines.append(
+            f"  - {s.option.name}: needs {fmt_bytes(s.peak_bytes)} at least (with {_accumulation(s.plan)})"
+            + _devices_needed(s, limit)
+        )
+    lines.append(
+        "Try more devices or a bigger cluster (sharded plans divide parameters, gradients and optimizer state "
+        "by the device count), a smaller micro-batch or sequence length, devices with more memory, "
+        "or a higher memory fraction."
+    )
+    return "\n".join(lines)

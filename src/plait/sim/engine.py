@@ -1,0 +1,180 @@
+"""Run a Plan's instruction programs against the CostModel: a timeline per program and a Prediction.
+
+Each program has two in-order streams (compute and comm). An instruction starts when its stream is
+free, its ``deps`` have finished and, for a collective or transfer that spans several programs, when
+every partner instruction (same name) is ready too; then all partners run together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from plait.cost import CostModel
+from plait.errors import PlaitError
+from plait.plan.ir import Instr, Plan, Prediction, RankProgram
+from plait.sim.memory import memory_trace, static_memory
+from plait.sim.metrics import prediction_of
+from plait.sim.trace import Event, ProgramTrace
+
+_RENDEZVOUS = ("collective", "send", "recv")
+
+
+class SimulationError(PlaitError):
+    """A plan whose programs cannot be executed (bad deps, unmatched collectives, a deadlock)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SimResult:
+    """What the simulator found: per-program timelines and the plan's Prediction."""
+
+    traces: tuple[ProgramTrace, ...]
+    prediction: Prediction
+    static_bytes: int  # parameters, gradients, optimizer state and module buffers per device
+
+    def trace_of(self, rank: int) -> ProgramTrace:
+        """The trace of the program that ``rank`` runs."""
+        for trace in self.traces:
+            if rank in trace.ranks:
+                return trace
+        raise KeyError(f"rank {rank} runs no program in this result")
+
+    def events_of(self, rank: int) -> tuple[Event, ...]:
+        """Events of ``rank`` (start, end, stream, name), in program order."""
+        return self.trace_of(rank).events
+
+
+def instruction_time(instr: Instr, plan: Plan, cost: CostModel) -> float:
+    """Seconds one instruction takes on the cost model."""
+    if instr.op == "compute":
+        if instr.layer is not None and instr.phase in ("fwd", "bwd"):
+            scale = plan.batch.micro_size / plan.model.batch_size
+            layer = plan.model.layers[instr.layer]
+            if instr.phase == "fwd":
+                return cost.layer_time(layer, phase="fwd", batch_scale=scale, dtype=plan.model.dtype)
+            return cost.layer_time(layer, phase="bwd", batch_scale=scale, dtype=plan.model.dtype)
+        return cost.compute_time(instr.flops, instr.bytes_moved, dtype=plan.model.dtype, num_kernels=instr.num_kernels)
+    if instr.op == "optimizer":
+        return cost.optimizer_time(instr.numel)
+    if instr.op == "collective":
+        if instr.collective is None:
+            raise SimulationError(f"collective instruction {instr.name!r} names no collective op")
+        return cost.collective_time(instr.collective, instr.nbytes, instr.group)  # type: ignore[arg-type]
+    if instr.op in ("send", "recv"):
+        if len(instr.group) != 2:
+            raise SimulationError(f"{instr.op} {instr.name!r} needs group=(src, dst), got {instr.group}")
+        return cost.p2p_time(instr.nbytes, instr.group[0], instr.group[1])
+    return 0.0  # free, wait
+
+
+def simulate(plan: Plan, cost: CostModel) -> SimResult:
+    """Execute every program of ``plan`` against ``cost``; see the module docstring for the rules."""
+    if not plan.programs:
+        raise SimulationError("the plan has no programs to simulate; build it with a planner (`plait plan`)")
+    for program in plan.programs:
+        _validate(program)
+    durations = [[instruction_time(i, plan, cost) for i in p.instrs] for p in plan.programs]
+    times = _schedule(plan.programs, durations)
+    static = static_memory(plan)
+    traces = []
+    for program, (starts, ends) in zip(plan.programs, times, strict=True):
+        events = tuple(
+            Event(
+                index=k,
+                name=ins.name,
+                op=ins.op,
+                stream=ins.stream,
+                phase=ins.phase,
+                start=starts[k],
+                end=ends[k],
+                alloc_bytes=ins.alloc_bytes,
+                free_bytes=ins.free_bytes,
+            )
+            for k, ins in enumerate(program.instrs)
+        )
+        trace, peak = memory_trace(events)
+        traces.append(ProgramTrace(ranks=program.ranks, events=events, memory=trace, peak_dynamic_bytes=peak))
+    prediction = prediction_of(plan, traces, static)
+    return SimResult(traces=tuple(traces), prediction=prediction, static_bytes=static.params + static.grads + static.optimizer + plan.model.buffer_bytes)
+
+
+def _validate(program: RankProgram) -> None:
+    for k, ins in enumerate(program.instrs):
+        for d in ins.deps:
+            if not 0 <= d < k:
+                raise SimulationError(
+                    f"instruction {k} ({ins.name!r}) depends on {d}; deps must point to earlier instructions"
+                )
+
+
+def _schedule(programs: Sequence[RankProgram], durations: list[list[float]]) -> list[tuple[list[float], list[float]]]:
+    """List-schedule every program; returns (starts, ends) per program."""
+    queues = [{s: [k for k, i in enumerate(p.instrs) if i.stream == s] for s in ("compute", "comm")} for p in programs]
+    heads = [{"compute": 0, "comm": 0} for _ in programs]
+    free_at = [{"compute": 0.0, "comm": 0.0} for _ in programs]
+    starts = [[-1.0] * len(p.instrs) for p in programs]
+    ends = [[-1.0] * len(p.instrs) for p in programs]
+    by_name = [{i.name: k for k, i in enumerate(p.instrs) if i.op in _RENDEZVOUS} for p in programs]
+    remaining = sum(len(p.instrs) for p in programs)
+    while remaining:
+        progressed = False
+        for pi in range(len(programs)):
+            for stream in ("compute", "comm"):
+                queue = queues[pi][stream]
+                while heads[pi][stream] < len(queue):
+                    k = queue[heads[pi][stream]]
+                    parts = _ready_parts(pi, k, programs, queues, heads, ends, by_name)
+                    if parts is None:
+                        break
+                    start = max(max([free_at[q][programs[q].instrs[j].stream]] + [ends[q][d] for d in programs[q].instrs[j].deps]) for q, j in parts)
+                    for q, j in parts:
+                        starts[q][j], ends[q][j] = start, start + durations[q][j]
+                        free_at[q][programs[q].instrs[j].stream] = ends[q][j]
+                        heads[q][programs[q].instrs[j].stream] += 1
+                        remaining -= 1
+                    progressed = True
+        if not progressed:
+            raise SimulationError(_deadlock_message(programs, queues, heads))
+    return list(zip(starts, ends, strict=True))
+
+
+def _ready_parts(
+    pi: int,
+    k: int,
+    programs: Sequence[RankProgram],
+    queues: list[dict[str, list[int]]],
+    heads: list[dict[str, int]],
+    ends: list[list[float]],
+    by_name: list[dict[str, int]],
+) -> list[tuple[int, int]] | None:
+    """The (program, index) pairs that run together with instruction ``k`` of program ``pi``, or None
+    when one of them is not at the head of its stream or waits for a dependency."""
+    ins = programs[pi].instrs[k]
+    parts = [(pi, k)]
+    if ins.op in _RENDEZVOUS:
+        for q, other in enumerate(programs):
+            if q == pi or set(ins.group).isdisjoint(other.ranks):
+                continue
+            if ins.name not in by_name[q]:
+                raise SimulationError(
+                    f"{ins.op} {ins.name!r} of ranks {programs[pi].ranks} spans ranks {other.ranks}, "
+                    "whose program has no instruction of that name"
+                )
+            parts.append((q, by_name[q][ins.name]))
+    for q, j in parts:
+        partner = programs[q].instrs[j]
+        queue = queues[q][partner.stream]
+        if heads[q][partner.stream] >= len(queue) or queue[heads[q][partner.stream]] != j:
+            return None
+        if any(ends[q][d] < 0 for d in partner.deps):
+            return None
+    return parts
+
+
+def _deadlock_message(programs: Sequence[RankProgram], queues: list[dict[str, list[int]]], heads: list[dict[str, int]]) -> str:
+    waiting = []
+    for pi, program in enumerate(programs):
+        for stream, queue in queues[pi].items():
+            if heads[pi][stream] < len(queue):
+                waiting.append(f"ranks {program.ranks} {stream}: {program.instrs[queue[heads[pi][stream]]].name!r}")
+    return "the plan's programs deadlock; instructions waiting: " + "; ".join(waiting[:8])

@@ -1,0 +1,82 @@
+"""Step time, busy time, exposed communication and peak memory from simulated timelines."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from plait.plan.ir import MemoryEstimate, Plan, Prediction
+from plait.sim.trace import Event, ProgramTrace
+
+
+def busy_intervals(events: Sequence[Event], stream: str) -> list[tuple[float, float]]:
+    """Merged intervals during which ``stream`` runs something (zero-length instructions dropped)."""
+    spans = sorted((e.start, e.end) for e in events if e.stream == stream and e.end > e.start)
+    merged: list[tuple[float, float]] = []
+    for start, end in spans:
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def total_length(intervals: Sequence[tuple[float, float]]) -> float:
+    """Summed length of disjoint intervals."""
+    return sum(end - start for start, end in intervals)
+
+
+def uncovered_length(spans: Sequence[tuple[float, float]], cover: Sequence[tuple[float, float]]) -> float:
+    """Length of ``spans`` not covered by ``cover`` (both sorted and disjoint)."""
+    total, j = 0.0, 0
+    for start, end in spans:
+        covered = 0.0
+        while j < len(cover) and cover[j][1] <= start:
+            j += 1
+        k = j
+        while k < len(cover) and cover[k][0] < end:
+            covered += min(end, cover[k][1]) - max(start, cover[k][0])
+            k += 1
+        total += (end - start) - covered
+    return total
+
+
+def step_time(trace: ProgramTrace) -> float:
+    """When the program's last instruction ends."""
+    return max((e.end for e in trace.events), default=0.0)
+
+
+def exposed_comm(trace: ProgramTrace) -> float:
+    """Communication time during which the compute stream is idle."""
+    return uncovered_length(busy_intervals(trace.events, "comm"), busy_intervals(trace.events, "compute"))
+
+
+def prediction_of(plan: Plan, traces: Sequence[ProgramTrace], static: MemoryEstimate) -> Prediction:
+    """The Prediction of a simulated plan: the slowest program sets the step; memory per rank.
+
+    ``memory`` holds the resident state of the cost model's estimate (parameters, gradients, optimizer
+    state); its activations are those of one micro-batch and its buffers the module buffers plus the rest
+    of the dynamic peak (gathered units, gradients in flight), so ``memory.total`` is the worst peak.
+    """
+    slowest = max(traces, key=step_time)
+    resident = static.params + static.grads + static.optimizer + plan.model.buffer_bytes
+    peaks = [0] * plan.world_size
+    for trace in traces:
+        for rank in trace.ranks:
+            if rank < len(peaks):
+                peaks[rank] = resident + trace.peak_dynamic_bytes
+    worst = max(t.peak_dynamic_bytes for t in traces)
+    memory = MemoryEstimate(
+        params=static.params,
+        grads=static.grads,
+        optimizer=static.optimizer,
+        activations=min(static.activations, worst),
+        buffers=plan.model.buffer_bytes + max(0, worst - static.activations),
+    )
+    return Prediction(
+        step_s=step_time(slowest),
+        compute_s=max(total_length(busy_intervals(t.events, "compute")) for t in traces),
+        comm_s=max(total_length(busy_intervals(t.events, "comm")) for t in traces),
+        exposed_comm_s=max(exposed_comm(t) for t in traces),
+        peak_memory_bytes=tuple(peaks),
+        memory=memory,
+    )

@@ -1,0 +1,83 @@
+"""Draw a simulated step as a timeline image: per program (set of ranks) a compute lane and a comm lane."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from plait.sim.engine import SimResult
+from plait.sim.trace import Event, ProgramTrace
+
+# colour per kind of work: forward, backward, optimizer, one per collective family, and buffer copies
+COLOURS = {
+    "fwd": "#4c72b0",
+    "bwd": "#dd8452",
+    "step": "#55a868",
+    "all_reduce": "#c44e52",
+    "all_gather": "#8172b3",
+    "reduce_scatter": "#937860",
+    "p2p": "#da8bc3",
+    "copy": "#8c8c8c",
+    "other": "#cccccc",
+}
+
+
+def _kind(event: Event) -> str:
+    if event.stream == "compute":
+        if event.phase in ("fwd", "bwd", "step"):
+            return event.phase
+        return "copy" if event.op == "compute" else "other"
+    name = event.name.split("[")[0].split(" ")[0]
+    if event.op in ("send", "recv"):
+        return "p2p"
+    return name if name in COLOURS else "other"
+
+
+def _rank_label(ranks: tuple[int, ...]) -> str:
+    if len(ranks) == 1:
+        return f"rank {ranks[0]}"
+    if ranks == tuple(range(ranks[0], ranks[-1] + 1)):
+        return f"ranks {ranks[0]}-{ranks[-1]}"
+    return f"{len(ranks)} ranks"
+
+
+def draw_timeline(result: SimResult, path: str | os.PathLike[str], *, title: str | None = None, max_lanes: int = 8) -> str:
+    """Write the timeline PNG to ``path`` and return the path; at most ``max_lanes`` programs are drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    traces: list[ProgramTrace] = list(result.traces[:max_lanes])
+    step = result.prediction.step_s or 1.0
+    unit, scale = ("ms", 1e3) if step < 10 else ("s", 1.0)
+    fig_h = 1.2 + 0.9 * len(traces)
+    fig, ax = plt.subplots(figsize=(13, fig_h), layout="constrained")
+    labels, used = [], set()
+    for lane, trace in enumerate(traces):
+        for sub, stream in enumerate(("compute", "comm")):
+            y = lane * 2.5 + (1 - sub)
+            labels.append((y + 0.4, f"{_rank_label(trace.ranks)} {stream}"))
+            spans = [e for e in trace.events if e.stream == stream and e.end > e.start]
+            for kind in {_kind(e) for e in spans}:
+                mine = [(e.start * scale, e.duration * scale) for e in spans if _kind(e) == kind]
+                ax.broken_barh(mine, (y, 0.8), facecolors=COLOURS[kind], edgecolor="white", linewidth=0.3)
+                used.add(kind)
+    ax.set_yticks([y for y, _ in labels], [text for _, text in labels])
+    ax.set_xlabel(f"time ({unit})")
+    ax.set_xlim(0, step * scale * 1.02)
+    p = result.prediction
+    ax.set_title(
+        title
+        or f"predicted step {p.step_s * scale:.3g} {unit}: compute {p.compute_s * scale:.3g}, "
+        f"comm {p.comm_s * scale:.3g}, exposed {p.exposed_comm_s * scale:.3g} {unit} (overlap {p.overlap:.0%})"
+    )
+    fig.legend(handles=[Patch(color=COLOURS[k], label=k) for k in COLOURS if k in used], loc="outside right upper", fontsize=8)
+    if len(result.traces) > len(traces):
+        ax.text(0.0, -0.9, f"{len(result.traces) - len(traces)} more programs not drawn", fontsize=8)
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(target, dpi=120)
+    plt.close(fig)
+    return str(target)

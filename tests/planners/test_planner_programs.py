@@ -1,0 +1,68 @@
+"""The lowered data-parallel programs under the real cost model: step = compute + exposed comm, overlap, memory."""
+
+from __future__ import annotations
+
+import pytest
+from plankit import dense_graph, gpu_cluster
+
+from plait.cost import CostModel
+from plait.planners import build_dp_plan
+from plait.sim import simulate
+
+
+@pytest.mark.parametrize("kind,nodes", [("replicate", 1), ("fsdp", 1), ("hybrid", 2)])
+@pytest.mark.parametrize("num_micro", [1, 3])
+def test_step_is_busy_compute_plus_exposed_comm(kind: str, nodes: int, num_micro: int) -> None:
+    cluster = gpu_cluster(nodes, inter_gb_s=5)
+    plan = build_dp_plan(dense_graph(6, 1024, 8), cluster, kind=kind, global_batch=24 * nodes * 4, num_micro=num_micro)  # type: ignore[arg-type]
+    p = plan.predicted
+    assert p is not None and p.comm_s > 0
+    assert p.step_s == pytest.approx(p.compute_s + p.exposed_comm_s, rel=1e-9)
+    assert 0 <= p.exposed_comm_s <= p.comm_s
+
+
+def test_single_rank_step_is_the_sum_of_layer_times() -> None:
+    cluster = gpu_cluster(devices=1)
+    graph = dense_graph(5, 512, 8)
+    plan = build_dp_plan(graph, cluster, kind="replicate", global_batch=16, num_micro=2)
+    cost = CostModel(cluster)
+    scale = 8 / graph.batch_size
+    per_micro = sum(cost.layer_time(ly, phase="fwd", batch_scale=scale) + cost.layer_time(ly, phase="bwd", batch_scale=scale) for ly in graph.layers)
+    expected = 2 * per_micro + cost.optimizer_time(graph.num_params)
+    assert plan.predicted is not None
+    assert plan.predicted.step_s == pytest.approx(expected, rel=1e-12)
+    assert plan.predicted.comm_s == 0 and plan.predicted.exposed_comm_s == 0
+
+
+def test_first_bucket_reduce_starts_before_backward_ends() -> None:
+    cluster = gpu_cluster()
+    plan = build_dp_plan(dense_graph(8, 1024, 8), cluster, kind="replicate", global_batch=32, bucket_bytes=5 << 20)
+    events = simulate(plan, CostModel(cluster)).events_of(0)
+    backward_end = max(e.end for e in events if e.phase == "bwd" and e.op == "compute")
+    first_reduce = min(e.start for e in events if e.name.startswith("all_reduce"))
+    assert first_reduce < backward_end
+    assert plan.predicted is not None and plan.predicted.overlap > 0
+
+
+def test_peak_memory_by_hand() -> None:
+    layers, act_scale = 6, 64
+    graph = dense_graph(layers, 256, 8, act_scale=act_scale)
+    unit, act, out = graph.layers[0].param_bytes, graph.layers[0].activation_bytes, graph.layers[0].output_bytes
+    assert act > unit
+    cluster = gpu_cluster(inter_gb_s=300)
+    cost = CostModel(cluster)
+    # replicated, at the start of backward: every saved activation, the loss gradient of the output
+    # and the gradient of the last layer's input
+    rep = simulate(build_dp_plan(graph, cluster, kind="replicate", global_batch=32), cost)
+    assert rep.trace_of(0).peak_dynamic_bytes == layers * act + 2 * out
+    rep2 = simulate(build_dp_plan(graph, cluster, kind="replicate", global_batch=32, num_micro=2), cost)
+    assert rep2.trace_of(0).peak_dynamic_bytes == (layers * act + 2 * out) // 2
+    # fsdp adds the last unit gathered, its unsharded gradient and the next unit prefetched
+    fsdp = simulate(build_dp_plan(graph, cluster, kind="fsdp", global_batch=32), cost)
+    assert fsdp.trace_of(0).peak_dynamic_bytes == layers * act + 2 * out + 3 * unit
+    p = fsdp.prediction
+    shard = sum(-(-p_.shape[0] // 4) * (p_.numel // p_.shape[0]) * 4 for p_ in graph.params)
+    assert (p.memory.params, p.memory.grads) == (shard, shard) and p.memory.optimizer >= 2 * shard
+    assert p.peak_memory_bytes == (p.memory.params + p.memory.grads + p.memory.optimizer + layers * act + 2 * out + 3 * unit,) * 4
+    assert p.memory.total == p.peak_memory_bytes[0]
+    assert all(t.memory[-1][1] == 0 for t in (rep.trace_of(0), rep2.trace_of(0), fsdp.trace_of(0)))  # all given back
