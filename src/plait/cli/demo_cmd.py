@@ -1,0 +1,134 @@
+"""``plait demo``: the main job on the embedded default (a small GPT, this machine as the cluster)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import click
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from plait.cluster import Cluster
+from plait.cost import CostModel
+from plait.demo.job import DemoJob
+from plait.errors import LaunchError, PlaitError
+from plait.plan import Plan
+
+TOLERANCE = 1e-3
+
+
+@click.command()
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="runs/demo", show_default=True, help="Where plan, metrics, checkpoints and PNGs go.")
+@click.option("--steps", type=click.IntRange(1), default=100, show_default=True, help="Optimizer steps to train.")
+@click.option("--nproc", type=click.IntRange(1, 16), default=4, show_default=True, help="Local ranks (the cluster is local:NPROC).")
+@click.option("--no-reference", is_flag=True, help="Skip the single-process reference run.")
+@click.option("--no-profile", is_flag=True, help="Do not measure this machine first when it has no profile yet.")
+def demo(out_dir: str, steps: int, nproc: int, no_reference: bool, no_profile: bool) -> None:
+    """Plan, train and check a small GPT on NPROC local processes.
+
+    Captures a small GPT, plans it for local:NPROC and prints the plan, trains it on NPROC real
+    processes, trains the same job in one process as a reference, then prints predicted vs measured
+    step time and writes the loss curve and the plan's timeline as PNG files.
+    """
+    from plait.cluster import default_profile_path, load_cluster
+
+    console = Console()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    job = DemoJob(steps=steps, nproc=nproc)
+    t_start = time.perf_counter()
+    if not no_profile and not default_profile_path().is_file():
+        _quick_profile(console, nproc)
+    cluster = load_cluster(f"local:{nproc}")
+    plan = _plan(console, job, cluster, out)
+    plait_losses, plait_times = _train(console, job, out)
+    console.print(_compare(console, job, out, plan, plait_losses, plait_times, no_reference))
+    console.print(f"demo finished in {time.perf_counter() - t_start:.0f} s; outputs in {out}/")
+
+
+def _quick_profile(console: Console, nproc: int) -> None:
+    from plait.cli.profile_cmd import profile as profile_cmd
+
+    console.rule("measuring this machine (first run only): plait profile --quick")
+    profile_cmd.main(args=["--quick", "--nproc", str(nproc)], standalone_mode=False)
+
+
+def _plan(console: Console, job: DemoJob, cluster: Cluster, out: Path) -> Plan:
+    from plait.demo.job import lm_loss
+    from plait.plan import plan_table, save_plan
+    from plait.planners import plan as make_plan
+    from plait.planners.auto import default_cost
+    from plait.sim import draw_timeline, simulate
+
+    console.rule(f"planning a {job.num_layers}-layer GPT for {cluster.name}")
+    with torch.device("meta"):
+        model = job.build_model()
+    cost: CostModel = default_cost(cluster)
+    plan = make_plan(model, job.example_batch(job.global_batch // job.nproc), cluster, global_batch=job.global_batch,
+                     loss_fn=lm_loss, name="demo-gpt", cost=cost)
+    save_plan(plan, out / "plan.json")
+    console.print(plan_table(plan))
+    draw_timeline(simulate(plan, cost), str(out / "timeline.png"), title=f"predicted timeline: demo-gpt on {cluster.name}")
+    return plan
+
+
+def _train(console: Console, job: DemoJob, out: Path) -> tuple[list[float], list[float]]:
+    from plait.runtime.envvars import OUT_ENV, PLAN_ENV, RESUME_ENV
+    from plait.runtime.launch import launch_argv
+    from plait.runtime.metrics import METRICS_FILE, read_metrics
+
+    console.rule(f"training on {job.nproc} local ranks (gloo, one thread each)")
+    metrics = out / METRICS_FILE
+    metrics.unlink(missing_ok=True)
+    env = dict(os.environ, **{PLAN_ENV: str((out / "plan.json").resolve()), OUT_ENV: str(out.resolve()), RESUME_ENV: "0"})
+    result = launch_argv([sys.executable, "-u", "-m", "plait.demo.worker", job.to_json()], nproc=job.nproc, env=env)
+    if not result.ok:
+        raise LaunchError(f"demo training failed: {result.message}")
+    records = read_metrics(metrics)
+    return [r.loss for r in records], [r.step_s for r in records]
+
+
+def _compare(console: Console, job: DemoJob, out: Path, plan: Plan, losses: list[float], times: list[float], no_reference: bool) -> Table:
+    from plait.demo.reference import train_reference
+    from plait.demo.report import Comparison, draw_losses, max_param_diff, measured_step_time
+    from plait.runtime.trainer import FINAL_FILE
+
+    predicted = plan.predicted.step_s if plan.predicted else float("nan")
+    measured = measured_step_time(times)
+    table = Table(title="plait demo: results")
+    table.add_column("check")
+    table.add_column("value", justify="right")
+    table.add_row("predicted step time", f"{predicted * 1e3:.1f} ms")
+    table.add_row("measured step time (median)", f"{measured * 1e3:.1f} ms")
+    table.add_row("prediction error", f"{abs(predicted - measured) / measured:.0%}")
+    table.add_row("plait final loss", f"{losses[-1]:.4f}")
+    if no_reference:
+        return table
+    console.rule("single-process reference (plain PyTorch, same global batch)")
+    with console.status("training the reference"):
+        ref_losses, ref_state, ref_step = train_reference(job)
+    final = torch.load(out / FINAL_FILE, weights_only=True)
+    cmp = Comparison(
+        max_loss_diff=max(abs(a - b) for a, b in zip(losses, ref_losses, strict=True)),
+        max_param_diff=max_param_diff(final, ref_state),
+        final_loss=losses[-1],
+        reference_final_loss=ref_losses[-1],
+        predicted_step_s=predicted,
+        measured_step_s=measured,
+        reference_step_s=ref_step,
+    )
+    draw_losses(losses, ref_losses, out / "loss.png", nproc=job.nproc)
+    table.add_row("reference final loss", f"{cmp.reference_final_loss:.4f}")
+    table.add_row("max |loss - reference| over steps", f"{cmp.max_loss_diff:.2e}")
+    table.add_row("max |param - reference|", f"{cmp.max_param_diff:.2e}")
+    table.add_row("reference step time (1 process)", f"{ref_step * 1e3:.1f} ms")
+    table.add_row("matches reference", "yes" if cmp.matches(TOLERANCE) else "NO")
+    table.add_row("pictures", f"{out / 'loss.png'}, {out / 'timeline.png'}")
+    if not cmp.matches(TOLERANCE):
+        console.print(table)
+        raise PlaitError(f"plait's run differs from the single-process reference by more than {TOLERANCE} (see the table)")
+    return table
