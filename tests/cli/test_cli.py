@@ -1,0 +1,102 @@
+"""The ``plait`` command end to end: help everywhere, and one clear message for each kind of bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from plait.cli.main import COMMANDS
+
+PLAIT = [sys.executable, "-m", "plait.cli"]
+
+
+def run_plait(*args: str, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run ``plait ARGS`` in a fresh interpreter and capture its output."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", COLUMNS="120")
+    return subprocess.run([*PLAIT, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)
+
+
+def assert_one_clear_error(result: subprocess.CompletedProcess[str], *needles: str) -> None:
+    """Non-zero exit, an ``error:`` line naming the problem, and no traceback from plait itself.
+
+    Lines a rank printed (prefixed ``[rank R]``) are the user's script's own output and may hold its traceback.
+    """
+    assert result.returncode != 0, result.stdout + result.stderr
+    own_lines = [line for line in result.stderr.splitlines() if not line.startswith("[rank ")]
+    assert not any("Traceback" in line for line in own_lines), result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+
+
+def test_top_level_help_lists_every_subcommand() -> None:
+    result = run_plait("--help")
+    assert result.returncode == 0
+    for name in COMMANDS:
+        assert name in result.stdout
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_subcommand_has_help(command: str) -> None:
+    result = run_plait(command, "--help")
+    assert result.returncode == 0, result.stderr
+    assert "Usage:" in result.stdout and "--help" in result.stdout
+
+
+def test_unknown_preset_lists_known_ones() -> None:
+    result = run_plait("plan", "mlp-tiny", "--cluster", "tpu-pod:4")
+    assert_one_clear_error(result, "unknown cluster preset 'tpu-pod'", "dgx-a100", "local")
+
+
+def test_malformed_cluster_file_names_file_and_key(tmp_path: Path) -> None:
+    bad = tmp_path / "lab.yaml"
+    bad.write_text("num_nodes: 2\ndevices_per_node: 4\ndevice: {name: X, kind: cuda}\nlinks: {}\n")
+    result = run_plait("plan", "mlp-tiny", "--cluster", str(bad))
+    assert_one_clear_error(result, str(bad), "device")
+
+
+def test_model_that_fits_no_plan_reports_smallest_memory() -> None:
+    result = run_plait("plan", "gpt3-175b", "--cluster", "p3.16xlarge:1", "--batch", "8", timeout=300)
+    assert_one_clear_error(result, "fits no data-parallel plan", "limit")
+    for kind in ("replicate", "fsdp"):
+        assert kind in result.stderr
+
+
+def test_script_raising_on_one_rank_stops_every_rank(tmp_path: Path) -> None:
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    script = tmp_path / "train.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, time
+        rank = int(os.environ["RANK"])
+        open(os.path.join({str(pids)!r}, str(os.getpid())), "w").close()
+        if rank == 1:
+            time.sleep(0.5)
+            raise ValueError("bad batch on rank one")
+        time.sleep(120)
+    """))
+    t0 = time.monotonic()
+    result = run_plait("run", str(script), "--nproc", "3")
+    assert time.monotonic() - t0 < 60
+    assert_one_clear_error(result, "rank 1")
+    assert "bad batch on rank one" in result.stderr
+    started = [int(p.name) for p in pids.iterdir()]
+    assert len(started) == 3
+    for pid in started:
+        assert not _alive(pid), f"rank process {pid} is still running"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    status = Path(f"/proc/{pid}/status")
+    return status.exists() and "zombie" not in status.read_text()
