@@ -1,0 +1,265 @@
+"""Launch a training script on N local ranks with a torchrun-compatible environment and prefixed logs."""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from plait.errors import LaunchError, PlaitError
+from plait.runtime.envvars import OUT_ENV, PLAN_ENV, RESUME_ENV
+from plait.runtime.procs import DEFAULT_GRACE_S, describe_exit, supervise
+
+LOOPBACK = "127.0.0.1"
+TAIL_LINES = 200
+TORCH_RANK_PREFIX = re.compile(r"^\[rank\d+\]: ?")  # torch.distributed prefixes a rank's traceback lines
+
+
+@dataclass(frozen=True, kw_only=True)
+class RankExit:
+    """One rank's end: its pid, exit code (negative for a signal), last error line and last output line."""
+
+    rank: int
+    pid: int
+    exit_code: int | None
+    last_error: str  # the exception ending the last traceback on stderr, else the last stderr line
+    last_output: str  # last non-empty line on stdout
+
+
+@dataclass(frozen=True, kw_only=True)
+class LaunchResult:
+    """How a launched job ended; ``message`` names the failed rank and why (empty on success)."""
+
+    exit_code: int  # 0 ok, 1 a rank failed or timed out, 130 interrupted
+    ranks: tuple[RankExit, ...]
+    failed_rank: int | None
+    message: str
+    elapsed_s: float
+
+    @property
+    def ok(self) -> bool:
+        """True when every rank exited with status 0."""
+        return self.exit_code == 0
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """A TCP port that is free on ``host`` right now (for the rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def rank_env(rank: int, nproc: int, port: int, *, threads: int = 1, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of one rank: torchrun's variables, one thread, loopback only, unbuffered output."""
+    env = dict(os.environ if base is None else base)
+    env.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(nproc),
+        LOCAL_WORLD_SIZE=str(nproc),
+        GROUP_RANK="0",
+        MASTER_ADDR=LOOPBACK,
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS=str(threads),
+        GLOO_SOCKET_IFNAME="lo",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+class _Rank:
+    """A rank started with Popen in its own session (process group), with its output pumped and prefixed."""
+
+    def __init__(self, rank: int, argv: Sequence[str], env: dict[str, str], out: IO[str], err: IO[str], lock: threading.Lock) -> None:
+        self.rank = rank
+        self.popen = subprocess.Popen(
+            list(argv), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, stdin=subprocess.DEVNULL
+        )
+        self.pid = self.popen.pid
+        self.muted = False
+        self.tail: collections.deque[tuple[str, str]] = collections.deque(maxlen=TAIL_LINES)
+        assert self.popen.stdout is not None and self.popen.stderr is not None
+        self.pumps = [
+            threading.Thread(target=self._pump, args=(self.popen.stdout, out, "out", lock), daemon=True),
+            threading.Thread(target=self._pump, args=(self.popen.stderr, err, "err", lock), daemon=True),
+        ]
+        for t in self.pumps:
+            t.start()
+
+    def wait(self) -> int:
+        """Block until the rank ends; its exit code."""
+        return self.popen.wait()
+
+    def _pump(self, source: IO[bytes], sink: IO[str], stream: str, lock: threading.Lock) -> None:
+        for raw in iter(source.readline, b""):
+            line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+            self.tail.append((stream, line))
+            if self.muted:
+                continue
+            with lock:
+                sink.write(f"[rank {self.rank}] {line}\n")
+                sink.flush()
+        source.close()
+
+    def last_line(self, wanted: str) -> str:
+        """The last non-empty line the rank printed on ``wanted`` ("err" or "out")."""
+        for stream, line in reversed(list(self.tail)):
+            if stream == wanted and line.strip():
+                return TORCH_RANK_PREFIX.sub("", line.strip())
+        return ""
+
+    def last_exception(self) -> str:
+        """The exception line that ends the rank's last Python traceback on stderr ("" if none)."""
+        found, in_traceback = "", False
+        for stream, raw in self.tail:
+            line = TORCH_RANK_PREFIX.sub("", raw)
+            if stream != "err" or not line.strip():
+                continue
+            if line.startswith("Traceback (most recent call last)"):
+                in_traceback = True
+            elif in_traceback and not line[0].isspace():
+                found, in_traceback = line.strip(), False
+        return found
+
+    def join_pumps(self, timeout_s: float = 2.0) -> None:
+        """Wait for the output pumps to drain the rank's pipes."""
+        for t in self.pumps:
+            t.join(timeout_s)
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Treat SIGTERM to the launcher like Ctrl-C, so the ranks are stopped too (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def launch_argv(
+    argv: Sequence[str],
+    *,
+    nproc: int,
+    env: Mapping[str, str] | None = None,
+    threads: int = 1,
+    timeout_s: float | None = None,
+    grace_s: float = DEFAULT_GRACE_S,
+    stdout: IO[str] | None = None,
+    stderr: IO[str] | None = None,
+) -> LaunchResult:
+    """Run ``argv`` as ``nproc`` local ranks; if one fails, stop all and report it."""
+    if nproc < 1:
+        raise PlaitError(f"--nproc must be at least 1, got {nproc}")
+    out, err = stdout or sys.stdout, stderr or sys.stderr
+    port, lock = free_port(), threading.Lock()
+    ranks: list[_Rank] = []
+    with _sigterm_as_interrupt():
+        try:
+            for r in range(nproc):
+                ranks.append(_Rank(r, argv, rank_env(r, nproc, port, threads=threads, base=env), out, err, lock))
+        except BaseException:
+            for started in ranks:
+                started.popen.kill()
+            raise
+
+        def mute_others(failed: int) -> None:
+            for rank in ranks:
+                rank.muted = rank.rank != failed
+
+        sup = supervise(ranks, timeout_s=timeout_s, grace_s=grace_s, on_failure=mute_others)
+    for rank in ranks:
+        rank.join_pumps()
+    exits = tuple(
+        RankExit(rank=r.rank, pid=r.pid, exit_code=code, last_error=r.last_exception() or r.last_line("err"),
+                 last_output=r.last_line("out"))
+        for r, code in zip(ranks, sup.exit_codes, strict=True)
+    )
+    return LaunchResult(
+        exit_code={"ok": 0, "failed": 1, "timeout": 1, "interrupted": 130}[sup.outcome],
+        ranks=exits,
+        failed_rank=sup.failed_rank,
+        message=_message(sup.outcome, sup.failed_rank, exits, timeout_s),
+        elapsed_s=sup.elapsed_s,
+    )
+
+
+def _message(outcome: str, failed: int | None, exits: tuple[RankExit, ...], timeout_s: float | None) -> str:
+    n = len(exits)
+    if outcome == "ok":
+        return ""
+    if outcome == "interrupted":
+        return f"interrupted; stopped all {n} ranks"
+    if outcome == "timeout":
+        return f"the job ran past its {timeout_s} s limit; stopped all {n} ranks"
+    assert failed is not None
+    ex = exits[failed]
+    # a rank that exits with an error says why on stderr (else maybe stdout); a signal leaves no last words
+    line = ex.last_error or (ex.last_output if ex.exit_code is not None and ex.exit_code > 0 else "")
+    why = f": {line}" if line else ""
+    return f"rank {failed} (pid {ex.pid}) failed with {describe_exit(ex.exit_code)}{why}; stopped the other {n - 1} ranks"
+
+
+def launch(
+    script: str | os.PathLike[str],
+    *,
+    nproc: int,
+    script_args: Sequence[str] = (),
+    plan: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    out_dir: str | os.PathLike[str] | None = None,
+    python: str = sys.executable,
+    **kwargs: Any,
+) -> LaunchResult:
+    """Run a Python training script on ``nproc`` local ranks (what ``plait run`` does); see ``launch_argv``."""
+    path = Path(script)
+    if not path.is_file():
+        raise PlaitError(f"training script {path} does not exist; give the path of a Python file")
+    env = dict(kwargs.pop("env", None) or os.environ)
+    if plan is not None:
+        env[PLAN_ENV] = str(_checked_plan(Path(plan), nproc))
+    env[RESUME_ENV] = "1" if resume else "0"
+    if out_dir is not None:
+        out = Path(out_dir).resolve()
+        out.mkdir(parents=True, exist_ok=True)
+        env[OUT_ENV] = str(out)
+    return launch_argv([python, "-u", str(path), *script_args], nproc=nproc, env=env, **kwargs)
+
+
+def _checked_plan(path: Path, nproc: int) -> Path:
+    """Load the plan once here so a bad file fails before any rank starts."""
+    from plait.plan.io import load_plan
+
+    plan = load_plan(path)
+    if plan.world_size != nproc:
+        raise PlaitError(
+            f"plan {path} is for {plan.world_size} ranks (mesh {plan.mesh.shape}) but --nproc is {nproc}; "
+            f"use --nproc {plan.world_size} or re-plan for {nproc} ranks"
+        )
+    return path.resolve()
+
+
+def raise_on_failure(result: LaunchResult) -> None:
+    """Turn a failed launch into a ``LaunchError`` carrying the launch's exit code."""
+    if result.ok:
+        return
+    error = LaunchError(result.message)
+    error.exit_code = result.exit_code
+    raise error

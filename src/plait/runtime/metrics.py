@@ -1,0 +1,109 @@
+"""Per-step metrics on rank 0: a console line, a rich progress bar and one JSON object per line in a file."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import TracebackType
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepMetrics:
+    """What one optimizer step measured."""
+
+    step: int  # optimizer steps done, counting this one
+    loss: float  # averaged over every rank's share of the global batch
+    step_s: float
+    samples_per_s: float
+    time: float  # wall clock (seconds since the epoch) at the end of the step
+
+
+def read_metrics(path: str | os.PathLike[str]) -> list[StepMetrics]:
+    """Every step recorded in a metrics file."""
+    lines = Path(path).read_text().splitlines()
+    return [StepMetrics(**json.loads(line)) for line in lines if line.strip()]
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Keep only the records of steps up to ``last_step`` (a resumed run redoes the later ones)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+class MetricsLog:
+    """Writes step metrics to the console and a JSONL file; inactive (silent) off rank 0."""
+
+    def __init__(
+        self,
+        *,
+        active: bool,
+        total_steps: int,
+        start_step: int = 0,
+        out_dir: str | os.PathLike[str] | None = None,
+        log_every: int = 1,
+        progress: bool = True,
+        title: str = "train",
+    ) -> None:
+        self.active = active
+        self.log_every = max(1, log_every)
+        self.total_steps = total_steps
+        self.console = Console(file=sys.stdout, highlight=False)
+        self.path = Path(out_dir) / METRICS_FILE if (active and out_dir is not None) else None
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            truncate_metrics(self.path, start_step)
+        self.progress: Progress | None = None
+        if active and progress:
+            self.progress = Progress(
+                TextColumn(f"[bold]{title}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[loss]}"),
+                TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, transient=False,
+            )
+            self.task = self.progress.add_task(title, total=total_steps, completed=start_step, loss="")
+
+    def __enter__(self) -> MetricsLog:
+        if self.progress is not None:
+            self.progress.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+    def print(self, text: str) -> None:
+        """A console line (rank 0 only), above the progress bar."""
+        if self.active:
+            self.console.print(text, markup=False)
+
+    def log(self, step: int, loss: float, step_s: float, samples: int) -> StepMetrics:
+        """Record one step; prints every ``log_every`` steps and always appends to the JSONL file."""
+        m = StepMetrics(step=step, loss=loss, step_s=step_s, samples_per_s=samples / step_s if step_s > 0 else 0.0, time=time.time())
+        if not self.active:
+            return m
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(asdict(m)) + "\n")
+        if step % self.log_every == 0 or step == self.total_steps:
+            self.print(f"step {step}/{self.total_steps}  loss {loss:.4f}  {step_s * 1e3:.1f} ms  {m.samples_per_s:.1f} samples/s")
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step, loss=f"loss {loss:.4f}")
+        return m

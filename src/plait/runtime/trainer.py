@@ -1,0 +1,209 @@
+"""The Trainer: seeded build, plan application, AdamW steps over micro-batches, metrics, checkpoints, resume."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from plait.errors import PlaitError
+from plait.plan.ir import Plan
+from plait.runtime import state as rstate
+from plait.runtime.apply import AppliedPlan, apply_plan
+from plait.runtime.checkpoint import checkpoint_dir, latest_checkpoint, load_checkpoint, save_checkpoint
+from plait.runtime.context import DistContext, init_distributed, teardown
+from plait.runtime.data import Batch, DataSource, local_micro_batches, to_device
+from plait.runtime.envvars import OUT_ENV, RESUME_ENV, env_flag
+from plait.runtime.metrics import MetricsLog
+from plait.runtime.wfbp import StepTrace
+
+FINAL_FILE = "final.pt"
+LossFn = Callable[[nn.Module, Batch], torch.Tensor]
+OptimizerFn = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Optimizer, seeding, logging and checkpoint settings of a training run."""
+
+    steps: int
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    seed: int = 0
+    out_dir: str | None = None  # metrics.jsonl, checkpoints/ and final.pt go here (rank 0 writes)
+    checkpoint_every: int = 0  # 0: no checkpoints
+    keep_checkpoints: int = 2
+    resume: bool = False  # continue from the latest checkpoint in out_dir when there is one
+    log_every: int = 1
+    progress: bool = True
+    title: str = "train"
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.checkpoint_every < 0:
+            raise PlaitError(f"steps ({self.steps}) and checkpoint_every ({self.checkpoint_every}) must not be negative")
+        if self.checkpoint_every and self.out_dir is None:
+            raise PlaitError("checkpoint_every needs out_dir (or `plait run --out DIR`) to know where to write")
+        if self.resume and self.out_dir is None:
+            raise PlaitError("resume needs out_dir (or `plait run --out DIR`) to find the checkpoints")
+
+    @classmethod
+    def from_env(cls, **kwargs: Any) -> TrainConfig:
+        """A config whose ``out_dir`` and ``resume`` default to what ``plait run --out/--resume`` set."""
+        kwargs.setdefault("out_dir", os.environ.get(OUT_ENV) or None)
+        kwargs.setdefault("resume", env_flag(RESUME_ENV))
+        return cls(**kwargs)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainResult:
+    """What a run did: losses and step times of the steps it ran, and the final parameters."""
+
+    start_step: int  # optimizer steps already done when this run began (from a checkpoint)
+    losses: tuple[float, ...]  # one per step run, averaged over ranks
+    step_times: tuple[float, ...]  # seconds per step
+    final_state: dict[str, torch.Tensor] = field(repr=False)  # full model state dict on rank 0, {} elsewhere
+    traces: tuple[StepTrace, ...] = ()  # WFBP timings (replicate plans)
+
+
+class Trainer:
+    """Trains ``model_fn()`` with a Plan on the ranks of the current job.
+
+    ``data(step)`` must return the *global* batch of ``step`` (the same on every rank); each rank takes
+    its slice per ``plan.batch``. ``loss_fn(model, batch)`` returns the mean loss of a micro-batch.
+    """
+
+    def __init__(
+        self,
+        *,
+        model_fn: Callable[[], nn.Module],
+        loss_fn: LossFn,
+        data: DataSource,
+        plan: Plan,
+        config: TrainConfig,
+        ctx: DistContext | None = None,
+        optimizer_fn: OptimizerFn | None = None,
+        before_step: Callable[[int, nn.Module], None] | None = None,
+    ) -> None:
+        self.model_fn, self.loss_fn, self.data = model_fn, loss_fn, data
+        self.plan, self.config, self.ctx = plan, config, ctx
+        self.optimizer_fn = optimizer_fn
+        self.before_step = before_step
+        self.applied: AppliedPlan | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._active: DistContext | None = None
+
+    def fit(self) -> TrainResult:
+        """Run the remaining steps (all, or those after the latest checkpoint when resuming)."""
+        own = self.ctx is None
+        ctx = self._active = self.ctx or init_distributed()
+        try:
+            return self._fit(ctx)
+        finally:
+            self._active = None
+            if own:
+                teardown()
+
+    # ---- set-up ------------------------------------------------------------------------------
+
+    def _setup(self, ctx: DistContext) -> tuple[AppliedPlan, torch.optim.Optimizer]:
+        cfg = self.config
+        torch.manual_seed(cfg.seed)  # the same initial parameters on every rank
+        model = self.model_fn()
+        applied = apply_plan(model, self.plan, ctx)
+        rstate.seed_rank(cfg.seed, step=0, rank=ctx.rank)  # per-rank randomness (dropout) from here on
+        params = applied.model.parameters()
+        if self.optimizer_fn is not None:
+            optimizer = self.optimizer_fn(params)
+        else:
+            optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+        self.applied, self.optimizer = applied, optimizer
+        return applied, optimizer
+
+    def _resume(self, ctx: DistContext, applied: AppliedPlan, optimizer: torch.optim.Optimizer) -> tuple[int, str]:
+        """Load the latest checkpoint into model and optimizer; the step it was taken after (0 if none) and a note."""
+        assert self.config.out_dir is not None
+        found = None
+        if ctx.is_main:  # rank 0 reads the pointer, so every rank loads the same checkpoint
+            path = latest_checkpoint(checkpoint_dir(self.config.out_dir))
+            found = None if path is None else str(path)
+        found = rstate.broadcast_value(found, ctx)
+        if found is None:
+            return 0, "resume: no checkpoint yet; starting from step 0"
+        state = load_checkpoint(Path(found))
+        step = int(state["step"])
+        rstate.load_full_state(applied.model, optimizer, state)
+        saved_world = rstate.restore_rng(state.get("rng"), ctx, seed=self.config.seed, step=step)
+        return step, f"resume: continuing after step {step} (checkpoint of a {saved_world}-rank run)"
+
+    # ---- the loop ----------------------------------------------------------------------------
+
+    def _fit(self, ctx: DistContext) -> TrainResult:
+        cfg = self.config
+        applied, optimizer = self._setup(ctx)
+        losses: list[float] = []
+        times: list[float] = []
+        start, note = self._resume(ctx, applied, optimizer) if cfg.resume else (0, "")
+        with MetricsLog(
+            active=ctx.is_main, total_steps=cfg.steps, start_step=start, out_dir=cfg.out_dir,
+            log_every=cfg.log_every, progress=cfg.progress, title=cfg.title,
+        ) as log:
+            if note:
+                log.print(note)
+            for step in range(start, cfg.steps):
+                t0 = time.perf_counter()
+                loss = self._step(step, ctx, applied, optimizer)
+                dt = time.perf_counter() - t0
+                losses.append(loss)
+                times.append(dt)
+                log.log(step + 1, loss, dt, self.plan.batch.global_size)
+                if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+                    self.save(step + 1)
+        final = rstate.full_model_state(applied.model)
+        if ctx.is_main and cfg.out_dir is not None:
+            rstate.save_tensors_atomic(final, Path(cfg.out_dir) / FINAL_FILE)
+        traces = tuple(applied.replicate.traces) if applied.replicate is not None else ()
+        return TrainResult(start_step=start, losses=tuple(losses), step_times=tuple(times), final_state=final, traces=traces)
+
+    def _step(self, step: int, ctx: DistContext, applied: AppliedPlan, optimizer: torch.optim.Optimizer) -> float:
+        """One optimizer step over this rank's micro-batches; the loss averaged over all ranks."""
+        spec = self.plan.batch
+        micro = local_micro_batches(self.data(step), spec, dp_rank=applied.dp_rank, dp_size=applied.dp_size)
+        applied.zero_grad(optimizer)
+        total = torch.zeros((), device=ctx.device)
+        for j, mb in enumerate(micro):
+            last = j == len(micro) - 1
+            with nullcontext() if last else applied.accumulate():
+                loss = self.loss_fn(applied.model, to_device(mb, ctx.device))
+                (loss / spec.num_micro).backward()
+            total += loss.detach() / spec.num_micro
+        if self.before_step is not None:
+            self.before_step(step, applied.model)
+        optimizer.step()
+        dist.all_reduce(total)  # every rank holds a data-parallel share of the batch
+        return float(total.item()) / applied.dp_size
+
+    def save(self, step: int) -> None:
+        """Write the checkpoint of ``step`` (collective: every rank calls it; rank 0 writes)."""
+        ctx = self._active
+        if ctx is None or self.applied is None or self.optimizer is None:
+            raise PlaitError("Trainer.save() works only while fit() runs (it is called every checkpoint_every steps)")
+        model_sd, optim_sd = rstate.full_state(self.applied.model, self.optimizer)
+        rng = rstate.gather_rng(ctx)
+        if ctx.is_main:
+            assert self.config.out_dir is not None
+            payload = {
+                "step": step, "model": model_sd, "optimizer": optim_sd, "rng": rng, "world_size": ctx.world_size,
+                "kind": self.plan.data_parallel.kind, "config": asdict(self.config),
+            }
+            save_checkpoint(checkpoint_dir(self.config.out_dir), step, payload, keep=self.config.keep_checkpoints)
+        dist.barrier()

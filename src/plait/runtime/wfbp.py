@@ -1,0 +1,216 @@
+"""Replicated data parallelism with wait-free backprop (Poseidon WFBP) over bucketed all-reduce.
+
+Each parameter's gradient lives as a view of its bucket's flat buffer. A post-accumulate-grad hook
+counts the bucket's ready gradients; once a bucket is complete its all-reduce is launched
+asynchronously (buckets launch in index order on every rank, so the collectives match), while
+autograd goes on computing earlier layers. A callback queued on the autograd engine runs when
+backward ends: it launches any bucket still pending (parameters unused in this step), waits for
+every all-reduce and records the step's timings.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from plait.errors import PlaitError
+
+MAX_TRACES = 256
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepTrace:
+    """Timings of one synchronised backward (``time.perf_counter`` seconds, comparable across local ranks)."""
+
+    first_grad_s: float  # first gradient ready (backward is under way)
+    bucket_launch_s: tuple[float, ...]  # all-reduce launch time, by bucket index
+    bucket_done_s: tuple[float, ...]  # all-reduce completion time, by bucket index
+    backward_end_s: float  # autograd finished computing every gradient
+    sync_end_s: float  # every all-reduce finished
+
+
+class _Bucket:
+    """One flat gradient buffer and the parameters whose gradients are views of it."""
+
+    def __init__(self, index: int, names: Sequence[str], params: Sequence[nn.Parameter]) -> None:
+        self.index = index
+        self.names = tuple(names)
+        self.params = tuple(params)
+        numel = sum(p.numel() for p in params)
+        self.buffer = torch.zeros(numel, dtype=params[0].dtype, device=params[0].device)
+        self.views: list[torch.Tensor] = []
+        offset = 0
+        for p in params:
+            self.views.append(self.buffer[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+        self.num_ready = 0
+        self.work: dist.Work | None = None
+        self.launch_s = 0.0
+        self.done_s = 0.0
+
+    def mark_done(self, _future: object) -> None:
+        """Record when the bucket's all-reduce finished (called by the communication thread)."""
+        self.done_s = time.perf_counter()
+
+    def attach_grads(self) -> None:
+        """Make every parameter's ``.grad`` a view of this bucket (keeping any gradient already there)."""
+        for p, view in zip(self.params, self.views, strict=True):
+            if p.grad is not None and p.grad is not view:
+                view.copy_(p.grad)
+            elif p.grad is None:
+                view.zero_()
+            p.grad = view
+
+
+class WaitFreeReplicate:
+    """Bucketed, overlapped gradient all-reduce for a model replicated on every rank of ``group``."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        buckets: Sequence[Sequence[str]],
+        *,
+        group: dist.ProcessGroup | None = None,
+        broadcast_from: int | None = 0,
+    ) -> None:
+        self.model = model
+        self.group = group
+        self.size = dist.get_world_size(group)
+        self.buckets = _build_buckets(model, buckets)
+        self._sync = True
+        self._in_backward = False
+        self._next = 0
+        self._first_grad_s = 0.0
+        self.traces: collections.deque[StepTrace] = collections.deque(maxlen=MAX_TRACES)
+        self.num_launches = 0
+        if broadcast_from is not None:
+            self.broadcast(broadcast_from)
+        for bucket in self.buckets:
+            bucket.attach_grads()
+            for param, view in zip(bucket.params, bucket.views, strict=True):
+                param.register_post_accumulate_grad_hook(self._hook(bucket, view))
+
+    # ---- user-facing -------------------------------------------------------------------------
+
+    @contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Accumulate gradients locally (no communication) for the backward passes inside the block."""
+        previous, self._sync = self._sync, False
+        try:
+            yield
+        finally:
+            self._sync = previous
+
+    def zero_grad(self) -> None:
+        """Zero every bucket buffer in place (the gradients stay views of it)."""
+        for bucket in self.buckets:
+            if any(p.grad is not v for p, v in zip(bucket.params, bucket.views, strict=True)):
+                bucket.attach_grads()
+            bucket.buffer.zero_()
+
+    def broadcast(self, src: int = 0) -> None:
+        """Copy parameters and buffers from rank ``src`` of the group to every rank."""
+        global_src = dist.get_global_rank(self.group, src) if self.group is not None else src
+        with torch.no_grad():
+            for bucket in self.buckets:
+                flat = torch.cat([p.detach().reshape(-1) for p in bucket.params])
+                dist.broadcast(flat, src=global_src, group=self.group)
+                offset = 0
+                for p in bucket.params:
+                    p.copy_(flat[offset : offset + p.numel()].view_as(p))
+                    offset += p.numel()
+            for buf in self.model.buffers():
+                dist.broadcast(buf, src=global_src, group=self.group)
+
+    # ---- autograd side -----------------------------------------------------------------------
+
+    def _hook(self, bucket: _Bucket, view: torch.Tensor) -> Callable[[torch.Tensor], None]:
+        def on_grad_ready(param: torch.Tensor) -> None:
+            if not self._in_backward:
+                self._in_backward = True
+                self._first_grad_s = time.perf_counter()
+                torch.autograd.Variable._execution_engine.queue_callback(self._on_backward_end)
+            if param.grad is not view:  # the user set grads to None: keep the bucket view
+                assert param.grad is not None
+                view.copy_(param.grad)
+                param.grad = view
+            if self._sync:
+                bucket.num_ready += 1
+                if bucket.num_ready == len(bucket.params):
+                    self._launch_ready(force=False)
+
+        return on_grad_ready
+
+    def _launch_ready(self, *, force: bool) -> None:
+        """Launch complete buckets in index order (all of the rest when ``force``)."""
+        while self._next < len(self.buckets):
+            bucket = self.buckets[self._next]
+            if not force and bucket.num_ready < len(bucket.params):
+                return
+            if force:
+                bucket.attach_grads()  # unused parameters contribute zeros
+            bucket.buffer.div_(self.size)
+            bucket.launch_s = time.perf_counter()
+            bucket.work = dist.all_reduce(bucket.buffer, group=self.group, async_op=True)
+            bucket.work.get_future().add_done_callback(bucket.mark_done)
+            self.num_launches += 1
+            self._next += 1
+
+    def _on_backward_end(self) -> None:
+        end_s = time.perf_counter()
+        try:
+            if self._sync:
+                self._launch_ready(force=True)
+                for bucket in self.buckets:
+                    assert bucket.work is not None
+                    bucket.work.wait()
+                self.traces.append(self._trace(end_s))
+        finally:
+            for bucket in self.buckets:
+                bucket.num_ready, bucket.work = 0, None
+            self._next = 0
+            self._in_backward = False
+
+    def _trace(self, end_s: float) -> StepTrace:
+        sync_end = time.perf_counter()
+        return StepTrace(
+            first_grad_s=self._first_grad_s,
+            bucket_launch_s=tuple(b.launch_s for b in self.buckets),
+            bucket_done_s=tuple(b.done_s or sync_end for b in self.buckets),
+            backward_end_s=end_s,
+            sync_end_s=sync_end,
+        )
+
+
+def _build_buckets(model: nn.Module, buckets: Sequence[Sequence[str]]) -> list[_Bucket]:
+    """Check that the plan's buckets name each trainable parameter exactly once, then build them."""
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    seen: dict[str, int] = {}
+    for i, names in enumerate(buckets):
+        if not names:
+            raise PlaitError(f"bucket {i} of the plan is empty; re-run `plait plan` for this model")
+        for name in names:
+            if name not in params:
+                raise PlaitError(f"the plan's bucket {i} names parameter {name!r}, which the model does not have "
+                                 "(or which does not require grad); the plan was made for another model: re-run `plait plan`")
+            if name in seen:
+                raise PlaitError(f"parameter {name!r} is in buckets {seen[name]} and {i}; each parameter belongs to one bucket")
+            seen[name] = i
+    missing = [n for n in params if n not in seen]
+    if missing:
+        raise PlaitError(f"the plan's buckets leave out {len(missing)} parameters ({', '.join(missing[:5])}"
+                         f"{', ...' if len(missing) > 5 else ''}); re-run `plait plan` for this model")
+    built = []
+    for i, names in enumerate(buckets):
+        group = [params[n] for n in names]
+        if len({(p.dtype, p.device) for p in group}) > 1:
+            raise PlaitError(f"bucket {i} mixes dtypes or devices; a bucket holds parameters of one dtype on one device")
+        built.append(_Bucket(i, names, group))
+    return built
