@@ -67,7 +67,9 @@ def _from_yaml_file(path: Path) -> Cluster:
         raise ClusterSpecError(f"cluster file {path} must hold a mapping with keys {sorted(_TOP_KEYS)}")
     raw.setdefault("name", path.stem)
     cluster = cluster_from_dict(raw, where=str(path))
-    if cluster.profile and not os.path.isabs(cluster.profile):
+    # A relative profile path is relative to the YAML file; a bare name (``h200``) is a packaged profile.
+    is_path = cluster.profile is not None and (cluster.profile.endswith(".json") or "/" in cluster.profile)
+    if cluster.profile and is_path and not os.path.isabs(cluster.profile):
         resolved = str((path.parent / cluster.profile).resolve())
         cluster = Cluster(**{**cluster.__dict__, "profile": resolved})
     return cluster

@@ -9,20 +9,26 @@ CollectiveOp = Literal["all_reduce", "all_gather", "reduce_scatter", "broadcast"
 COLLECTIVE_OPS: tuple[CollectiveOp, ...] = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "all_to_all")
 
 
-def ring_time(op: CollectiveOp, nbytes: float, n: int, latency_s: float, bandwidth: float) -> float:
-    """Ring algorithm on ``n`` ranks; ``nbytes`` is the full (unsharded) tensor size.
+def ring_coefficients(op: CollectiveOp, n: int) -> tuple[float, float]:
+    """``(steps, fraction)`` of the ring algorithm: time = steps * latency + fraction * nbytes / bandwidth.
 
-    all_reduce moves 2(n-1)/n of the bytes per rank in 2(n-1) steps; all_gather and
-    reduce_scatter half of that; broadcast is pipelined along the ring.
+    all_reduce moves 2(n-1)/n of the bytes per rank in 2(n-1) steps; all_gather, reduce_scatter and
+    all_to_all half of that; broadcast is pipelined along the ring (n-1 steps, all bytes).
     """
     if n <= 1:
-        return 0.0
+        return 0.0, 0.0
     frac = (n - 1) / n
     if op == "all_reduce":
-        return 2 * (n - 1) * latency_s + 2 * frac * nbytes / bandwidth
+        return 2.0 * (n - 1), 2.0 * frac
     if op in ("all_gather", "reduce_scatter", "all_to_all"):
-        return (n - 1) * latency_s + frac * nbytes / bandwidth
-    return (n - 1) * latency_s + nbytes / bandwidth  # broadcast
+        return float(n - 1), frac
+    return float(n - 1), 1.0  # broadcast
+
+
+def ring_time(op: CollectiveOp, nbytes: float, n: int, latency_s: float, bandwidth: float) -> float:
+    """Ring algorithm on ``n`` ranks; ``nbytes`` is the full (unsharded) tensor size."""
+    steps, frac = ring_coefficients(op, n)
+    return steps * latency_s + frac * nbytes / bandwidth
 
 
 def tree_time(op: CollectiveOp, nbytes: float, n: int, latency_s: float, bandwidth: float) -> float:
@@ -35,6 +41,40 @@ def tree_time(op: CollectiveOp, nbytes: float, n: int, latency_s: float, bandwid
     if op == "broadcast":
         return depth * latency_s + nbytes / bandwidth
     return ring_time(op, nbytes, n, latency_s, bandwidth)  # gathers have no tree advantage
+
+
+def flat_time(op: CollectiveOp, nbytes: float, n: int, latency_s: float, bandwidth: float) -> float:
+    """The faster of ring and tree on one level of links (what NCCL picks)."""
+    return min(ring_time(op, nbytes, n, latency_s, bandwidth), tree_time(op, nbytes, n, latency_s, bandwidth))
+
+
+def hierarchical_time(
+    op: CollectiveOp,
+    nbytes: float,
+    *,
+    num_nodes: int,
+    per_node: int,
+    intra: tuple[float, float],
+    inter: tuple[float, float],
+) -> float:
+    """A collective over ``num_nodes`` x ``per_node`` ranks in three phases.
+
+    Intra-node reduce-scatter (ring) of the full tensor, the collective across nodes on each rank's
+    1/per_node slice (ring or tree), and for all_reduce an intra-node all-gather that mirrors the first
+    phase. ``intra`` and ``inter`` are ``(latency_s, bandwidth)`` of the two link levels.
+    """
+    inner = ring_time("reduce_scatter", nbytes, per_node, *intra)
+    outer = flat_time(op, nbytes / per_node, num_nodes, *inter)
+    return (2 * inner if op == "all_reduce" else inner) + outer
+
+
+def link_from_fit(op: CollectiveOp, n: int, alpha: float, beta: float) -> tuple[float, float]:
+    """The ``(latency_s, bandwidth)`` for which the ring formula gives ``alpha + beta * nbytes`` on ``n`` ranks."""
+    steps, frac = ring_coefficients(op, n)
+    if steps <= 0:
+        raise ValueError(f"a {op} on {n} rank(s) moves nothing; cannot infer a link from it")
+    bandwidth = frac / beta if beta > 0 else math.inf
+    return alpha / steps, bandwidth
 
 
 def p2p_time(nbytes: float, latency_s: float, bandwidth: float) -> float:

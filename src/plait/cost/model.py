@@ -1,12 +1,25 @@
-"""The CostModel: the one place every planner and the simulator get times from."""
+"""The CostModel: the one place every planner and the simulator get times from.
+
+Compute (see docs/cost_model.md): a block of ``num_kernels`` kernels doing ``flops`` FLOPs and moving
+``bytes_moved`` bytes costs device time ``flops / rate(dtype, flops / num_kernels) + bytes_moved /
+elementwise_bandwidth`` (the GEMM rate is read at the block's FLOPs per kernel) and host time
+``num_kernels * kernel_s``. A CPU rank does both in one thread (they add); a GPU runs kernels while the
+host queues the next ones (the larger wins). Rates come from the cluster's measured profile when it has
+one, else from the datasheet with a default efficiency.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
 from typing import Literal
 
 from plait.cluster.spec import Cluster
-from plait.cost.comm import CollectiveOp, p2p_time, ring_time, tree_time
+from plait.cost.calibration import Calibration
+from plait.cost.comm import CollectiveOp, flat_time, p2p_time
+from plait.cost.profile import Profile, ProfileError, load_profile
 from plait.graph.model_graph import LayerInfo
 
 # Datasheet peaks are never reached; without a measured profile, assume this fraction.
@@ -14,29 +27,91 @@ DEFAULT_MATMUL_EFFICIENCY = {"cuda": 0.6, "cpu": 1.0}
 DEFAULT_KERNEL_OVERHEAD_S = {"cuda": 10e-6, "cpu": 5e-6}
 ADAMW_BYTES_PER_PARAM = 4 * 4 * 2  # read+write of param, grad, two moments (fp32)
 
+ProfileRef = Profile | str | os.PathLike[str]
+
+
+@lru_cache(maxsize=16)
+def _load_cached(ref: str, mtime: float) -> Profile:
+    return load_profile(ref)
+
+
+def resolve_profile(ref: ProfileRef) -> Profile:
+    """A Profile object, a packaged name (``h200``) or a path, as a Profile (files are cached by mtime)."""
+    if isinstance(ref, Profile):
+        return ref
+    text = os.fspath(ref)
+    path = Path(text)
+    return _load_cached(text, path.stat().st_mtime if path.is_file() else 0.0)
+
 
 class CostModel:
-    """Times of compute, collectives and transfers on one cluster (datasheet numbers, alpha-beta)."""
+    """Times of compute, collectives and transfers on one cluster, calibrated by a profile when it has one."""
 
-    def __init__(self, cluster: Cluster) -> None:
+    def __init__(self, cluster: Cluster, profile: ProfileRef | None = None, *, concurrency: int | None = None) -> None:
         self.cluster = cluster
         kind = cluster.device.kind
+        ref = profile if profile is not None else cluster.profile
+        self.profile: Profile | None = resolve_profile(ref) if ref is not None else None
+        if self.profile is not None and self.profile.device.kind != kind:
+            raise ProfileError(
+                f"profile of {self.profile.device.name} ({self.profile.device.kind}) cannot calibrate cluster "
+                f"{cluster.name} of {kind} devices; measure a matching machine with `plait profile --device {kind}`"
+            )
+        # CPU ranks of one machine compute at the same time (SPMD) and share its cores.
+        self.concurrency = concurrency or (cluster.devices_per_node if kind == "cpu" else 1)
+        self.calibration = Calibration(self.profile, concurrency=self.concurrency) if self.profile else None
+        self.synchronous = kind == "cpu"  # host dispatch and kernel work add up on a CPU rank
         self.matmul_efficiency = DEFAULT_MATMUL_EFFICIENCY[kind]
-        self.kernel_overhead_s = DEFAULT_KERNEL_OVERHEAD_S[kind]
+        rates = self.calibration.rates if self.calibration else None
+        self.kernel_overhead_s = rates.kernel_s if rates else DEFAULT_KERNEL_OVERHEAD_S[kind]
+        self.elementwise_bandwidth = rates.elementwise_bandwidth if rates else cluster.device.memory_bandwidth
+        self.copy_bandwidth = rates.copy_bandwidth if rates else cluster.device.memory_bandwidth
+
+    @classmethod
+    def for_cluster(cls, cluster: Cluster, profile: ProfileRef | None = None) -> CostModel:
+        """The cost model of ``cluster``: ``profile`` (object, path or packaged name) overrides the cluster's."""
+        return cls(cluster, profile)
+
+    @property
+    def source(self) -> str:
+        """Where the numbers come from, in words."""
+        if self.profile is None:
+            return f"datasheet ({self.cluster.source or self.cluster.name}), efficiency {self.matmul_efficiency:g}"
+        p = self.profile.provenance
+        when = f"{p.date}, " if p.date else ""
+        return f"profile of {self.profile.device.name} ({when}torch {p.torch_version}, {p.num_ranks} rank(s))"
 
     # ---- compute -----------------------------------------------------------------------------
 
-    def compute_time(self, flops: float, bytes_moved: float = 0.0, *, dtype: str = "fp32", num_kernels: int = 1) -> float:
-        """Roofline time of a block of kernels: the slower of FLOPs and memory traffic, plus launch overhead."""
+    def matmul_time(self, flops: float, *, dtype: str = "fp32", gemm_flops: float | None = None) -> float:
+        """Seconds of GEMM work ``flops`` done by GEMMs of ``gemm_flops`` each (default: one GEMM)."""
+        if flops <= 0:
+            return 0.0
+        gemm = flops if gemm_flops is None else gemm_flops
         device = self.cluster.device
-        flop_s = flops / (device.flops_for(dtype) * self.matmul_efficiency)
-        mem_s = bytes_moved / device.memory_bandwidth
-        return max(flop_s, mem_s) + num_kernels * self.kernel_overhead_s
+        if self.calibration is not None:
+            t = self.calibration.matmul_time(flops, dtype=dtype, gemm_flops=gemm)
+            if t is not None:
+                return t
+            base = self.calibration.matmul_time(flops, dtype="fp32", gemm_flops=gemm)
+            if base is not None:  # an unmeasured dtype: fp32's curve scaled by the datasheet ratio
+                return base * device.flops_for("fp32") / device.flops_for(dtype)
+        return flops / (device.flops_for(dtype) * self.matmul_efficiency)
+
+    def compute_time(self, flops: float, bytes_moved: float = 0.0, *, dtype: str = "fp32", num_kernels: int = 1) -> float:
+        """Time of a block of ``num_kernels`` kernels: GEMM rate read at FLOPs per kernel, memory traffic, launches."""
+        gemm = flops / max(1, num_kernels)
+        device_s = self.matmul_time(flops, dtype=dtype, gemm_flops=gemm) + bytes_moved / self.copy_bandwidth
+        host_s = num_kernels * self.kernel_overhead_s
+        return device_s + host_s if self.synchronous else max(device_s, host_s)
 
     def layer_time(
         self, layer: LayerInfo, *, phase: Literal["fwd", "bwd"], batch_scale: float = 1.0, dtype: str = "fp32"
     ) -> float:
-        """Forward or backward time of one layer at ``batch_scale`` times the captured batch."""
+        """Forward or backward time of one layer at ``batch_scale`` times the captured batch.
+
+        Backward does ``bwd_flops``, twice the forward's memory traffic and twice its kernels.
+        """
         if phase == "fwd":
             return self.compute_time(
                 layer.fwd_flops * batch_scale, layer.fwd_bytes_moved * batch_scale, dtype=dtype, num_kernels=layer.num_kernels
@@ -45,17 +120,23 @@ class CostModel:
             layer.bwd_flops * batch_scale, 2 * layer.fwd_bytes_moved * batch_scale, dtype=dtype, num_kernels=2 * layer.num_kernels
         )
 
-    def optimizer_time(self, num_params: float) -> float:
-        """Time of a fused AdamW update of ``num_params`` elements (memory bound)."""
-        return self.compute_time(10 * num_params, ADAMW_BYTES_PER_PARAM * num_params, num_kernels=1)
+    def optimizer_time(self, num_params: float, *, num_tensors: int = 0) -> float:
+        """Time of an AdamW step over ``num_params`` elements in ``num_tensors`` tensors (memory bound)."""
+        rates = self.calibration.rates if self.calibration else None
+        if rates is not None and rates.adamw_param_s is not None:
+            return num_params * rates.adamw_param_s + num_tensors * (rates.adamw_tensor_s or 0.0)
+        host_s = max(1, num_tensors) * self.kernel_overhead_s
+        return ADAMW_BYTES_PER_PARAM * num_params / self.copy_bandwidth + host_s
 
     # ---- communication -----------------------------------------------------------------------
 
     def collective_time(self, op: CollectiveOp, nbytes: float, group: Sequence[int]) -> float:
         """Time of one collective over the ranks in ``group``; ``nbytes`` is the full tensor size.
 
-        Picks the faster of ring and tree (as NCCL does); a group spanning several nodes runs
-        hierarchically: intra-node reduce-scatter, inter-node collective on a 1/d slice, intra-node all-gather.
+        Inside a node: the profile's measured table for this op and group size, else the faster of ring
+        and tree on the node's link. A group spanning nodes runs flat on the inter-node link or
+        hierarchically (intra-node reduce-scatter, inter-node collective on a 1/d slice, intra-node
+        all-gather), whichever is faster.
         """
         n = len(group)
         if n <= 1:
@@ -64,25 +145,45 @@ class CostModel:
         for r in group:
             nodes[self.cluster.node_of(r)] = nodes.get(self.cluster.node_of(r), 0) + 1
         if len(nodes) == 1:
-            return self._flat_time(op, nbytes, n, self.cluster.intra_node.latency_s, self.cluster.intra_node.bandwidth)
+            return self._intra_time(op, nbytes, n)
         per_node = min(nodes.values())
-        flat = self._flat_time(op, nbytes, n, self.cluster.inter_node.latency_s, self.cluster.inter_node.bandwidth)
+        inter = self.cluster.inter_node
+        flat = flat_time(op, nbytes, n, inter.latency_s, inter.bandwidth)
         if per_node <= 1 or op in ("broadcast", "all_to_all"):
             return flat
         return min(flat, self._hierarchical_time(op, nbytes, len(nodes), per_node))
 
     def p2p_time(self, nbytes: float, src: int, dst: int) -> float:
         """One transfer of ``nbytes`` from ``src`` to ``dst``."""
+        if self.cluster.node_of(src) == self.cluster.node_of(dst) and self.calibration is not None:
+            measured = self.calibration.collective_time("p2p", 2, nbytes)
+            if measured is not None:
+                return measured
         link = self.cluster.link_between((src, dst))
         return p2p_time(nbytes, link.latency_s, link.bandwidth)
 
-    def _flat_time(self, op: CollectiveOp, nbytes: float, n: int, latency_s: float, bandwidth: float) -> float:
-        return min(ring_time(op, nbytes, n, latency_s, bandwidth), tree_time(op, nbytes, n, latency_s, bandwidth))
+    def intra_link(self, op: CollectiveOp | None = None) -> tuple[float, float]:
+        """``(latency_s, bandwidth)`` of the intra-node link as measured for ``op`` (else p2p, else datasheet)."""
+        if self.calibration is not None:
+            choices: list[CollectiveOp | None] = [op] if op is not None else []
+            if op == "all_to_all":
+                choices.append("all_gather")  # the same exchange pattern
+            for choice in [*choices, None]:
+                found = self.calibration.link(choice)
+                if found is not None:
+                    return found
+        return self.cluster.intra_node.latency_s, self.cluster.intra_node.bandwidth
+
+    def _intra_time(self, op: CollectiveOp, nbytes: float, n: int) -> float:
+        if self.calibration is not None:
+            measured = self.calibration.collective_time(op, n, nbytes)
+            if measured is not None:
+                return measured
+        latency, bandwidth = self.intra_link(op)
+        return flat_time(op, nbytes, n, latency, bandwidth)
 
     def _hierarchical_time(self, op: CollectiveOp, nbytes: float, num_nodes: int, per_node: int) -> float:
-        intra, inter = self.cluster.intra_node, self.cluster.inter_node
-        inner = ring_time("reduce_scatter", nbytes, per_node, intra.latency_s, intra.bandwidth)
-        outer = self._flat_time(op, nbytes / per_node, num_nodes, inter.latency_s, inter.bandwidth)
-        if op == "all_reduce":
-            return 2 * inner + outer
-        return inner + outer
+        inter = self.cluster.inter_node
+        inner = self._intra_time("reduce_scatter", nbytes, per_node)
+        outer = flat_time(op, nbytes / per_node, num_nodes, inter.latency_s, inter.bandwidth)
+        return (2 * inner if op == "all_reduce" else inner) + outer

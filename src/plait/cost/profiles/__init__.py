@@ -1,0 +1,1 @@
+"""Profiles shipped with plait (``Cluster.profile: NAME``); see README.md."""

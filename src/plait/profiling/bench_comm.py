@@ -1,0 +1,94 @@
+"""Collective benchmarks among the ranks of one `plait profile` run (gloo on CPU, NCCL on CUDA)."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from plait.profiling.config import ProfileConfig
+from plait.profiling.timing import Timer
+
+GROUP_OPS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast")
+MIN_REPEATS = 5  # collectives wait on every rank being scheduled: more repeats than compute needs
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def inner_calls(nbytes: int) -> int:
+    """Back-to-back calls per timed repeat: more for small (latency-bound) messages."""
+    if nbytes <= 64 * 1024:
+        return 10
+    return 3 if nbytes <= 1024 * 1024 else 1
+
+
+def _op_call(op: str, nbytes: int, group: Any, size: int, device: torch.device) -> Callable[[], Any]:
+    """One collective of ``nbytes`` (full tensor size) on ``group``, as a callable."""
+    numel = max(size, nbytes // 4 // size * size)  # float32, divisible by the group size
+    full = torch.ones(numel, device=device)
+    shard = torch.ones(numel // size, device=device)
+    if op == "all_reduce":
+        return lambda: dist.all_reduce(full, group=group)
+    if op == "all_gather":
+        return lambda: _all_gather(full, shard, group=group)
+    if op == "reduce_scatter":
+        return lambda: _reduce_scatter(shard, full, group=group)
+    if op == "broadcast":
+        src = dist.get_global_rank(group, 0) if group is not None else 0
+        return lambda: dist.broadcast(full, src=src, group=group)
+    raise ValueError(f"unknown collective {op!r}")
+
+
+def _timed(fn: Callable[[], Any], cfg: ProfileConfig, timer: Timer, group: Any, inner: int) -> float:
+    """Median seconds per call; each repeat starts together after a barrier."""
+    for _ in range(max(1, cfg.warmup)):
+        fn()
+    timer.synchronize()
+    samples = []
+    for _ in range(max(MIN_REPEATS, cfg.repeats)):
+        dist.barrier(group=group)
+        samples.append(timer.elapsed(fn, inner) / inner)
+    return statistics.median(samples)
+
+
+def _ping_pong(rank: int, t: torch.Tensor) -> None:
+    if rank == 0:
+        dist.send(t, dst=1)
+        dist.recv(t, src=1)
+    else:
+        dist.recv(t, src=0)
+        dist.send(t, dst=0)
+
+
+def collective_results(cfg: ProfileConfig, timer: Timer, device: torch.device, tick: Callable[[], None]) -> list[dict[str, Any]]:
+    """This rank's median time per (op, group size, bytes); the job's time is the slowest rank's.
+
+    Every rank creates every group (ranks 0..n-1 for n = 2..nproc), as ``new_group`` requires; ranks
+    outside a group skip its measurements. ``tick`` marks one finished table entry (rank 0 reports it).
+    """
+    rank = dist.get_rank()
+    rows: list[dict[str, Any]] = []
+    groups = {n: dist.new_group(list(range(n))) for n in range(2, cfg.nproc + 1)}
+    for n, group in groups.items():
+        for op in GROUP_OPS:
+            for nbytes in cfg.collective_bytes:
+                if rank < n:
+                    fn = _op_call(op, nbytes, group, n, device)
+                    seconds = _timed(fn, cfg, timer, group, inner_calls(nbytes))
+                    rows.append({"op": op, "group_size": n, "nbytes": nbytes, "seconds": seconds})
+                tick()
+    if cfg.nproc >= 2:
+        for nbytes in cfg.collective_bytes:
+            if rank < 2:
+                message = torch.ones(max(1, nbytes // 4), device=device)
+
+                def ping_pong(t: torch.Tensor = message) -> None:
+                    _ping_pong(rank, t)
+
+                round_trip = _timed(ping_pong, cfg, timer, groups[2], inner_calls(nbytes))
+                rows.append({"op": "p2p", "group_size": 2, "nbytes": nbytes, "seconds": round_trip / 2})
+            tick()
+    return rows

@@ -1,0 +1,87 @@
+"""One rank of `plait profile`: ``python -m plait.profiling.worker`` (started by ``plait.profiling.launch``).
+
+The parent holds a TCPStore; the rank reads its config from it, joins the process group through it,
+reports progress (rank 0) and writes its results back to it as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import traceback
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from plait.profiling.bench_comm import collective_results
+from plait.profiling.bench_compute import compute_results
+from plait.profiling.config import ProfileConfig
+from plait.profiling.timing import timer_for
+from plait.serde import from_dict
+
+STORE_ENV = "PLAIT_PROFILE_STORE"  # host:port of the parent's TCPStore
+KEY_CONFIG, KEY_PROGRESS = "plait/config", "plait/progress"
+
+
+def result_key(rank: int) -> str:
+    """Store key of one rank's results."""
+    return f"plait/result/{rank}"
+
+
+def _connect() -> tuple[dist.TCPStore, int, int]:
+    host, port = os.environ[STORE_ENV].rsplit(":", 1)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    store = dist.TCPStore(host, int(port), is_master=False, timeout=timedelta(seconds=120))
+    return store, rank, world
+
+
+def _device(cfg: ProfileConfig, rank: int) -> torch.device:
+    if cfg.device == "cuda":
+        device = torch.device("cuda", rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        return device
+    return torch.device("cpu")
+
+
+def run_rank(store: dist.TCPStore, rank: int, world: int) -> dict[str, Any]:
+    """Measure compute at each concurrency level, then collectives; returns this rank's results."""
+    cfg = from_dict(ProfileConfig, json.loads(store.get(KEY_CONFIG)))
+    torch.set_num_threads(cfg.threads_per_rank)
+    device = _device(cfg, rank)
+    backend = "nccl" if cfg.device == "cuda" else "gloo"
+    dist.init_process_group(backend, store=dist.PrefixStore("plait/pg", store), rank=rank, world_size=world,
+                            timeout=timedelta(seconds=cfg.timeout_s))
+    timer = timer_for(device)
+
+    def tick() -> None:
+        if rank == 0:
+            store.add(KEY_PROGRESS, 1)
+
+    compute: dict[str, Any] = {}
+    for level in cfg.concurrency:
+        dist.barrier()
+        if rank < level:  # the other ranks wait in the next barrier and use no CPU meanwhile
+            compute[str(level)] = compute_results(cfg, timer, device)
+        dist.barrier()
+        tick()
+    collectives = collective_results(cfg, timer, device, tick) if world >= 2 else []
+    dist.barrier()
+    dist.destroy_process_group()
+    return {"rank": rank, "compute": compute, "collectives": collectives}
+
+
+def main() -> None:
+    """Entry point of one rank; a failure is reported to the parent through the store, then re-raised."""
+    store, rank, world = _connect()
+    try:
+        result = run_rank(store, rank, world)
+    except BaseException:
+        store.set(f"plait/error/{rank}", traceback.format_exc())
+        raise
+    store.set(result_key(rank), json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

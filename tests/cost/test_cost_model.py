@@ -1,0 +1,106 @@
+"""The CostModel with and without a profile: compute, concurrency scaling, collectives, optimizer."""
+
+from __future__ import annotations
+
+import pytest
+from costkit import GB, alpha_beta_table, cpu_profile, tiny_graph
+
+from plait.cluster import load_cluster, local_cluster
+from plait.cost import CostModel
+from plait.cost.comm import ring_time
+from plait.cost.model import DEFAULT_KERNEL_OVERHEAD_S, DEFAULT_MATMUL_EFFICIENCY
+
+
+def test_datasheet_cpu_time_adds_device_and_host_work() -> None:
+    cluster = local_cluster(2)
+    cost = CostModel(cluster)
+    assert cost.profile is None
+    peak = cluster.device.flops_for("fp32") * DEFAULT_MATMUL_EFFICIENCY["cpu"]
+    expected = 1e9 / peak + 1e6 / cluster.device.memory_bandwidth + 3 * DEFAULT_KERNEL_OVERHEAD_S["cpu"]
+    assert cost.compute_time(1e9, 1e6, num_kernels=3) == pytest.approx(expected)
+
+
+def test_datasheet_gpu_time_overlaps_launches_with_kernels() -> None:
+    cluster = load_cluster("dgx-a100:1")
+    cost = CostModel(cluster)
+    device_s = 1e12 / (312e12 * 0.6)
+    assert cost.compute_time(1e12, dtype="bf16", num_kernels=10) == pytest.approx(device_s)  # compute bound
+    assert cost.compute_time(1e6, dtype="bf16", num_kernels=10) == pytest.approx(10 * 10e-6)  # launch bound
+
+
+def test_profile_curve_sets_the_gemm_rate() -> None:
+    cost = CostModel(local_cluster(1), cpu_profile())
+    for n, rate in ((64, 50e9), (256, 100e9)):
+        flops = 2.0 * n**3
+        assert cost.matmul_time(flops) == pytest.approx(flops / rate)
+    mid = 2.0 * 128**3  # half way in log size: the time is the geometric mean of the neighbours' laws
+    t64, t256 = 2.0 * 64**3 / 50e9, 2.0 * 256**3 / 100e9
+    assert cost.matmul_time(mid) == pytest.approx((t64 * t256) ** 0.5)
+    # A block of kernels reads the rate at its FLOPs per kernel: 4 kernels of a 64^3 GEMM each.
+    flops = 4 * 2.0 * 64**3
+    assert cost.compute_time(flops, 2e6, num_kernels=4) == pytest.approx(flops / 50e9 + 2e6 / (20 * GB) + 4 * 5e-6)
+
+
+def test_layer_time_backward_has_twice_the_traffic_and_kernels() -> None:
+    cost = CostModel(local_cluster(1), cpu_profile())
+    layer = tiny_graph(batch=4).layers[0]
+    fwd = cost.layer_time(layer, phase="fwd", batch_scale=2.0)
+    bwd = cost.layer_time(layer, phase="bwd", batch_scale=2.0)
+    assert fwd == pytest.approx(cost.compute_time(2 * layer.fwd_flops, 0, num_kernels=1))
+    assert bwd == pytest.approx(cost.compute_time(2 * layer.bwd_flops, 0, num_kernels=2))
+
+
+def test_concurrency_reads_the_measured_level_and_scales_beyond_it() -> None:
+    profile = cpu_profile(cores=2)
+    flops = 2.0 * 256**3
+    one = CostModel(local_cluster(1), profile)
+    two = CostModel(local_cluster(2), profile)
+    four = CostModel(local_cluster(4), profile)  # 4 ranks on 2 cores: level 2's times, doubled
+    assert (one.concurrency, two.concurrency, four.concurrency) == (1, 2, 4)
+    assert two.matmul_time(flops) == pytest.approx(2 * one.matmul_time(flops))
+    assert four.matmul_time(flops) == pytest.approx(2 * two.matmul_time(flops))
+    assert (one.kernel_overhead_s, two.kernel_overhead_s, four.kernel_overhead_s) == pytest.approx((5e-6, 8e-6, 16e-6))
+    assert four.copy_bandwidth == pytest.approx(5 * GB)
+
+
+def test_unmeasured_dtype_scales_fp32_by_the_datasheet() -> None:
+    cluster = local_cluster(1)
+    cost = CostModel(cluster, cpu_profile())
+    ratio = cluster.device.flops_for("fp32") / cluster.device.flops_for("bf16")
+    assert cost.matmul_time(1e9, dtype="bf16") == pytest.approx(ratio * cost.matmul_time(1e9, dtype="fp32"))
+
+
+def test_collectives_follow_the_measured_table() -> None:
+    alpha, beta = 200e-6, 1e-9
+    sizes = (4096, 65536, 1048576)
+    table = alpha_beta_table("all_reduce", 2, alpha, beta, sizes) + alpha_beta_table("p2p", 2, 50e-6, 0.5e-9, sizes)
+    cost = CostModel(local_cluster(2), cpu_profile(collectives=table))
+    for s in sizes:
+        assert cost.collective_time("all_reduce", s, [0, 1]) == pytest.approx(alpha + beta * s)
+    assert cost.collective_time("all_reduce", 300_000, [0, 1]) == pytest.approx(alpha + beta * 300_000, rel=0.05)
+    assert cost.collective_time("all_reduce", 64 * 2**20, [0, 1]) == pytest.approx(alpha + beta * 64 * 2**20, rel=1e-6)
+    assert cost.p2p_time(65536, 0, 1) == pytest.approx(50e-6 + 0.5e-9 * 65536)
+
+
+def test_unmeasured_group_size_uses_the_link_fitted_on_the_largest_group() -> None:
+    alpha, beta = 200e-6, 1e-9
+    table = alpha_beta_table("all_reduce", 2, alpha, beta, (4096, 65536, 1048576))
+    cost = CostModel(local_cluster(4), cpu_profile(collectives=table))
+    latency, bandwidth = alpha / 2, 1 / beta  # ring on 2 ranks: 2 steps, all bytes once
+    nbytes = 2**20
+    expected = min(ring_time("all_reduce", nbytes, 4, latency, bandwidth), 2 * 2 * latency + 2 * nbytes / bandwidth)
+    assert cost.collective_time("all_reduce", nbytes, [0, 1, 2, 3]) == pytest.approx(expected)
+
+
+def test_optimizer_time_from_measured_rates_or_bandwidth() -> None:
+    calibrated = CostModel(local_cluster(1), cpu_profile())
+    assert calibrated.optimizer_time(1e6, num_tensors=10) == pytest.approx(1e6 * 2e-9 + 10 * 10e-6)
+    datasheet = CostModel(local_cluster(1))
+    assert datasheet.optimizer_time(1e6) == pytest.approx(32e6 / datasheet.copy_bandwidth + DEFAULT_KERNEL_OVERHEAD_S["cpu"])
+
+
+def test_for_cluster_accepts_objects_paths_and_names(tmp_path: object) -> None:
+    profile = cpu_profile()
+    assert CostModel.for_cluster(local_cluster(2), profile).profile is profile
+    assert CostModel.for_cluster(load_cluster("h200:1"), "h200").profile is not None
+    assert "datasheet" in CostModel.for_cluster(load_cluster("dgx-a100:1")).source
