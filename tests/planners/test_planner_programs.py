@@ -28,7 +28,7 @@ def test_single_rank_step_is_the_sum_of_layer_times() -> None:
     cost = CostModel(cluster)
     scale = 8 / graph.batch_size
     per_micro = sum(cost.layer_time(ly, phase="fwd", batch_scale=scale) + cost.layer_time(ly, phase="bwd", batch_scale=scale) for ly in graph.layers)
-    expected = 2 * per_micro + cost.optimizer_time(graph.num_params)
+    expected = 2 * per_micro + cost.optimizer_time(graph.num_params, num_tensors=len(graph.params))
     assert plan.predicted is not None
     assert plan.predicted.step_s == pytest.approx(expected, rel=1e-12)
     assert plan.predicted.comm_s == 0 and plan.predicted.exposed_comm_s == 0

@@ -103,7 +103,7 @@ def lower_replicate(graph: ModelGraph, mesh: MeshSpec, batch: BatchSpec, dp: Dat
                     collective="all_reduce", nbytes=bk.nbytes, group=group, axes=("dp",), deps=(scaled,),
                 )
                 reduces.append(b.add(ar))
-    b.add(_optimizer(graph.num_params, tuple(reduces)))
+    b.add(_optimizer(graph.num_params, len(graph.params), tuple(reduces)))
     return RankProgram(ranks=tuple(range(mesh.size)), instrs=tuple(b.instrs))
 
 
@@ -192,7 +192,7 @@ def lower_sharded(graph: ModelGraph, mesh: MeshSpec, batch: BatchSpec, dp: DataP
             window.release(unit, f"free[{m}] {layer.name} (bwd)", done)
             if unit:
                 finals += _reduce_grad(b, layer.name, unit, m, m == batch.num_micro - 1, done, groups, dp)
-    b.add(_optimizer(-(-graph.num_params // n), tuple(finals)))
+    b.add(_optimizer(-(-graph.num_params // n), len(graph.params), tuple(finals)))
     return RankProgram(ranks=tuple(range(mesh.size)), instrs=tuple(b.instrs))
 
 
@@ -239,5 +239,7 @@ def _reduce_grad(
     return [ar]
 
 
-def _optimizer(numel: int, deps: tuple[int, ...]) -> Instr:
-    return Instr(op="optimizer", stream="compute", name="optimizer step", phase="step", numel=numel, num_kernels=1, deps=deps)
+def _optimizer(numel: int, num_tensors: int, deps: tuple[int, ...]) -> Instr:
+    """The optimizer step over this rank's ``numel`` elements in ``num_tensors`` tensors (one update each)."""
+    return Instr(op="optimizer", stream="compute", name="optimizer step", phase="step", numel=numel,
+                 num_kernels=num_tensors, deps=deps)

@@ -55,7 +55,7 @@ def instruction_time(instr: Instr, plan: Plan, cost: CostModel) -> float:
             return cost.layer_time(layer, phase="bwd", batch_scale=scale, dtype=plan.model.dtype)
         return cost.compute_time(instr.flops, instr.bytes_moved, dtype=plan.model.dtype, num_kernels=instr.num_kernels)
     if instr.op == "optimizer":
-        return cost.optimizer_time(instr.numel)
+        return cost.optimizer_time(instr.numel, num_tensors=instr.num_kernels)
     if instr.op == "collective":
         if instr.collective is None:
             raise SimulationError(f"collective instruction {instr.name!r} names no collective op")

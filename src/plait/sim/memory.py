@@ -24,6 +24,7 @@ def static_memory(plan: Plan) -> MemoryEstimate:
         micro_batch=plan.batch.micro_size,
         bucket_bytes=plan.data_parallel.bucket_bytes,
         optimizer=plan.optimizer,
+        device_kind=plan.cluster.device.kind,
     )
 
 
