@@ -34,6 +34,15 @@ def test_wait_free_backprop_overlaps(plan_of: Callable[..., Plan], unit_cost: Un
     assert p.overlap == pytest.approx(0.5)
 
 
+def test_shared_cores_serialise_comm_in_program_order(plan_of: Callable[..., Plan]) -> None:
+    # CPU ranks: gloo's threads share the cores, so the same program as above runs on one lane
+    shared = UnitCost(overlaps_comm=False)
+    plan = plan_of(((0,), [comp("bwd1", 2), coll("ar1", 3, 0), comp("bwd0", 2), coll("ar0", 1, 2), comp("opt", 1, 1, 3)]))
+    assert _spans(plan, shared) == {"bwd1": (0, 2), "ar1": (2, 5), "bwd0": (5, 7), "ar0": (7, 8), "opt": (8, 9)}
+    p = simulate(plan, shared).prediction  # type: ignore[arg-type]
+    assert (p.step_s, p.compute_s, p.comm_s, p.exposed_comm_s, p.overlap) == (9, 5, 4, 4, 0)
+
+
 def test_comm_fully_hidden(plan_of: Callable[..., Plan], unit_cost: UnitCost) -> None:
     plan = plan_of(((0,), [comp("a", 1), coll("x", 2, 0), comp("b", 5), comp("c", 1, 1)]))
     p = simulate(plan, unit_cost).prediction  # type: ignore[arg-type]

@@ -61,6 +61,9 @@ class CostModel:
         self.concurrency = concurrency or (cluster.devices_per_node if kind == "cpu" else 1)
         self.calibration = Calibration(self.profile, concurrency=self.concurrency) if self.profile else None
         self.synchronous = kind == "cpu"  # host dispatch and kernel work add up on a CPU rank
+        # gloo's communication threads run on the same cores as a CPU rank's compute, so the two take
+        # turns; a GPU computes while its copy engines and NCCL kernels move data.
+        self.overlaps_comm = kind != "cpu"
         self.matmul_efficiency = DEFAULT_MATMUL_EFFICIENCY[kind]
         rates = self.calibration.rates if self.calibration else None
         self.kernel_overhead_s = rates.kernel_s if rates else DEFAULT_KERNEL_OVERHEAD_S[kind]

@@ -18,11 +18,11 @@ _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_t
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
-def inner_calls(nbytes: int) -> int:
-    """Back-to-back calls per timed repeat: more for small (latency-bound) messages."""
+def repeats_for(nbytes: int, cfg: ProfileConfig) -> int:
+    """Timed calls of one message size: many for small (latency-bound, heavy-tailed) messages."""
     if nbytes <= 64 * 1024:
-        return 10
-    return 3 if nbytes <= 1024 * 1024 else 1
+        return max(40, cfg.repeats)
+    return max(12 if nbytes <= 1024 * 1024 else MIN_REPEATS, cfg.repeats)
 
 
 def _op_call(op: str, nbytes: int, group: Any, size: int, device: torch.device) -> Callable[[], Any]:
@@ -42,16 +42,20 @@ def _op_call(op: str, nbytes: int, group: Any, size: int, device: torch.device) 
     raise ValueError(f"unknown collective {op!r}")
 
 
-def _timed(fn: Callable[[], Any], cfg: ProfileConfig, timer: Timer, group: Any, inner: int) -> float:
-    """Median seconds per call; each repeat starts together after a barrier."""
+def _timed(fn: Callable[[], Any], cfg: ProfileConfig, timer: Timer, group: Any, repeats: int) -> float:
+    """Mean seconds of one call, each started together after a barrier.
+
+    The mean, not the median: a rank waiting in a collective sleeps, and on a busy (or virtual) machine
+    its wake-up now and then costs a scheduler slice; training pays that tail on every collective.
+    """
     for _ in range(max(1, cfg.warmup)):
         fn()
     timer.synchronize()
     samples = []
-    for _ in range(max(MIN_REPEATS, cfg.repeats)):
+    for _ in range(repeats):
         dist.barrier(group=group)
-        samples.append(timer.elapsed(fn, inner) / inner)
-    return statistics.median(samples)
+        samples.append(timer.elapsed(fn, 1))
+    return statistics.fmean(samples)
 
 
 def _ping_pong(rank: int, t: torch.Tensor) -> None:
@@ -77,7 +81,7 @@ def collective_results(cfg: ProfileConfig, timer: Timer, device: torch.device, t
             for nbytes in cfg.collective_bytes:
                 if rank < n:
                     fn = _op_call(op, nbytes, group, n, device)
-                    seconds = _timed(fn, cfg, timer, group, inner_calls(nbytes))
+                    seconds = _timed(fn, cfg, timer, group, repeats_for(nbytes, cfg))
                     rows.append({"op": op, "group_size": n, "nbytes": nbytes, "seconds": seconds})
                 tick()
     if cfg.nproc >= 2:
@@ -88,7 +92,7 @@ def collective_results(cfg: ProfileConfig, timer: Timer, device: torch.device, t
                 def ping_pong(t: torch.Tensor = message) -> None:
                     _ping_pong(rank, t)
 
-                round_trip = _timed(ping_pong, cfg, timer, groups[2], inner_calls(nbytes))
+                round_trip = _timed(ping_pong, cfg, timer, groups[2], repeats_for(nbytes, cfg))
                 rows.append({"op": "p2p", "group_size": 2, "nbytes": nbytes, "seconds": round_trip / 2})
             tick()
     return rows

@@ -16,8 +16,9 @@ class Timer:
 
     name = "perf_counter"
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, *, min_time_s: float = 2e-3) -> None:
         self.device = device
+        self.min_time_s = min_time_s  # each timed window lasts at least this long
 
     def elapsed(self, fn: Callable[[], Any], inner: int) -> float:
         """Seconds for ``inner`` back-to-back calls of ``fn``."""
@@ -29,8 +30,9 @@ class Timer:
     def synchronize(self) -> None:
         """Wait for queued device work (nothing to wait for on the CPU)."""
 
-    def per_call(self, fn: Callable[[], Any], *, warmup: int, repeats: int, min_time_s: float = 2e-3) -> float:
+    def per_call(self, fn: Callable[[], Any], *, warmup: int, repeats: int, min_time_s: float | None = None) -> float:
         """Median seconds per call over ``repeats`` repeats of enough back-to-back calls to last ``min_time_s``."""
+        min_time_s = self.min_time_s if min_time_s is None else min_time_s
         for _ in range(max(1, warmup)):
             fn()
         self.synchronize()

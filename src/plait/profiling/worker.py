@@ -37,6 +37,10 @@ def _connect() -> tuple[dist.TCPStore, int, int]:
     return store, rank, world
 
 
+BASE_WINDOW_S = 2e-3
+CONTENDED_WINDOW_S = 0.1
+
+
 def _device(cfg: ProfileConfig, rank: int) -> torch.device:
     if cfg.device == "cuda":
         device = torch.device("cuda", rank % torch.cuda.device_count())
@@ -62,6 +66,9 @@ def run_rank(store: dist.TCPStore, rank: int, world: int) -> dict[str, Any]:
     compute: dict[str, Any] = {}
     for level in cfg.concurrency:
         dist.barrier()
+        # Ranks sharing cores take turns in scheduler time slices (a few ms): a short window would catch
+        # one rank running alone, so with several ranks busy every window spans many slices.
+        timer.min_time_s = CONTENDED_WINDOW_S if level > 1 and cfg.device == "cpu" else BASE_WINDOW_S
         if rank < level:  # the other ranks wait in the next barrier and use no CPU meanwhile
             compute[str(level)] = compute_results(cfg, timer, device)
         dist.barrier()

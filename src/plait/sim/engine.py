@@ -7,7 +7,7 @@ every partner instruction (same name) is ready too; then all partners run togeth
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from plait.cost import CostModel
@@ -74,7 +74,7 @@ def simulate(plan: Plan, cost: CostModel) -> SimResult:
     for program in plan.programs:
         _validate(program)
     durations = [[instruction_time(i, plan, cost) for i in p.instrs] for p in plan.programs]
-    times = _schedule(plan.programs, durations)
+    times = _schedule(plan.programs, durations, overlap=cost.overlaps_comm)
     static = static_memory(plan)
     traces = []
     for program, (starts, ends) in zip(plan.programs, times, strict=True):
@@ -107,9 +107,16 @@ def _validate(program: RankProgram) -> None:
                 )
 
 
-def _schedule(programs: Sequence[RankProgram], durations: list[list[float]]) -> list[tuple[list[float], list[float]]]:
-    """List-schedule every program; returns (starts, ends) per program."""
-    queues = [{s: [k for k, i in enumerate(p.instrs) if i.stream == s] for s in ("compute", "comm")} for p in programs]
+def _schedule(
+    programs: Sequence[RankProgram], durations: list[list[float]], *, overlap: bool = True
+) -> list[tuple[list[float], list[float]]]:
+    """List-schedule every program; returns (starts, ends) per program.
+
+    Without ``overlap`` (CPU ranks) both streams run on one lane in program order: communication
+    takes turns with compute on the rank's cores.
+    """
+    lane = _lane if overlap else _one_lane
+    queues = [{s: [k for k, i in enumerate(p.instrs) if lane(i) == s] for s in ("compute", "comm")} for p in programs]
     heads = [{"compute": 0, "comm": 0} for _ in programs]
     free_at = [{"compute": 0.0, "comm": 0.0} for _ in programs]
     starts = [[-1.0] * len(p.instrs) for p in programs]
@@ -123,14 +130,14 @@ def _schedule(programs: Sequence[RankProgram], durations: list[list[float]]) -> 
                 queue = queues[pi][stream]
                 while heads[pi][stream] < len(queue):
                     k = queue[heads[pi][stream]]
-                    parts = _ready_parts(pi, k, programs, queues, heads, ends, by_name)
+                    parts = _ready_parts(pi, k, programs, queues, heads, ends, by_name, lane)
                     if parts is None:
                         break
-                    start = max(max([free_at[q][programs[q].instrs[j].stream]] + [ends[q][d] for d in programs[q].instrs[j].deps]) for q, j in parts)
+                    start = max(max([free_at[q][lane(programs[q].instrs[j])]] + [ends[q][d] for d in programs[q].instrs[j].deps]) for q, j in parts)
                     for q, j in parts:
                         starts[q][j], ends[q][j] = start, start + durations[q][j]
-                        free_at[q][programs[q].instrs[j].stream] = ends[q][j]
-                        heads[q][programs[q].instrs[j].stream] += 1
+                        free_at[q][lane(programs[q].instrs[j])] = ends[q][j]
+                        heads[q][lane(programs[q].instrs[j])] += 1
                         remaining -= 1
                     progressed = True
         if not progressed:
@@ -146,6 +153,7 @@ def _ready_parts(
     heads: list[dict[str, int]],
     ends: list[list[float]],
     by_name: list[dict[str, int]],
+    lane: Callable[[Instr], str],
 ) -> list[tuple[int, int]] | None:
     """The (program, index) pairs that run together with instruction ``k`` of program ``pi``, or None
     when one of them is not at the head of its stream or waits for a dependency."""
@@ -163,12 +171,20 @@ def _ready_parts(
             parts.append((q, by_name[q][ins.name]))
     for q, j in parts:
         partner = programs[q].instrs[j]
-        queue = queues[q][partner.stream]
-        if heads[q][partner.stream] >= len(queue) or queue[heads[q][partner.stream]] != j:
+        queue = queues[q][lane(partner)]
+        if heads[q][lane(partner)] >= len(queue) or queue[heads[q][lane(partner)]] != j:
             return None
         if any(ends[q][d] < 0 for d in partner.deps):
             return None
     return parts
+
+
+def _lane(instr: Instr) -> str:
+    return instr.stream
+
+
+def _one_lane(instr: Instr) -> str:
+    return "compute"
 
 
 def _deadlock_message(programs: Sequence[RankProgram], queues: list[dict[str, list[int]]], heads: list[dict[str, int]]) -> str:
