@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from plait.cost.curves import LogLogCurve, MessageCurve, fit_alpha_beta
+from plait.cost.curves import LogLogCurve, MessageCurve, fit_alpha_beta, isotonic
 
 
 def test_fit_recovers_exact_alpha_beta() -> None:
@@ -43,7 +43,13 @@ def test_curve_extends_by_rate_or_flat() -> None:
 
 def test_curve_merges_repeats_and_never_decreases() -> None:
     curve = LogLogCurve([(10.0, 3.0), (10.0, 1.0), (10.0, 2.0), (100.0, 1.5), (1000.0, 9.0)])
-    assert curve.times == [2.0, 2.0, 9.0]  # median of the repeats, then raised to stay monotone
+    assert curve.times == [1.75, 1.75, 9.0]  # median of the repeats, then pooled to stay monotone
+
+
+def test_isotonic_pools_violators_by_least_squares() -> None:
+    assert isotonic([1.0, 2.0, 3.0]) == [1.0, 2.0, 3.0]
+    assert isotonic([3.0, 2.0, 1.0]) == [2.0, 2.0, 2.0]
+    assert isotonic([7.0, 1.0, 4.0, 10.0]) == [4.0, 4.0, 4.0, 10.0]  # one high outlier does not lift the rest
 
 
 @settings(max_examples=60, deadline=None)

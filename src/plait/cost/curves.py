@@ -53,11 +53,23 @@ def _relative_sse(f: AlphaBeta, pts: list[tuple[float, float]]) -> float:
     return sum(((f(x) - t) / t) ** 2 for x, t in pts)
 
 
+def isotonic(values: list[float]) -> list[float]:
+    """The non-decreasing sequence closest to ``values`` in least squares (pool adjacent violators)."""
+    blocks: list[list[float]] = []  # [mean, count]
+    for v in values:
+        blocks.append([v, 1.0])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            (m1, c1), (m2, c2) = blocks[-2], blocks.pop()
+            blocks[-1] = [(m1 * c1 + m2 * c2) / (c1 + c2), c1 + c2]
+    return [m for m, c in blocks for _ in range(int(c))]
+
+
 class LogLogCurve:
     """Time as a function of size through measured points, monotone non-decreasing in size.
 
     Between points: linear in (log size, log time). Repeated sizes are merged by their median time, and
-    a time lower than an earlier (smaller) point's is raised to it, so a bigger job never takes less time.
+    the times are made non-decreasing by isotonic regression (pool adjacent violators), so a bigger job
+    never takes less time and one noisy small-size point does not lift every larger one.
     Outside the points: ``below`` and ``above`` say how to extend (``"rate"`` keeps the end point's
     time per unit of size; ``"flat"`` keeps its time).
     """
@@ -71,10 +83,7 @@ class LogLogCurve:
         if not merged:
             raise ValueError("a curve needs at least one point")
         sizes = sorted(merged)
-        times: list[float] = []
-        for s in sizes:
-            t = statistics.median(merged[s])
-            times.append(max(t, times[-1]) if times else t)
+        times = isotonic([statistics.median(merged[s]) for s in sizes])
         self.sizes = sizes
         self.times = times
         self._log_sizes = [math.log(s) for s in sizes]

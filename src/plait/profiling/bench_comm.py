@@ -21,7 +21,7 @@ _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_sc
 def repeats_for(nbytes: int, cfg: ProfileConfig) -> int:
     """Timed calls of one message size: many for small (latency-bound, heavy-tailed) messages."""
     if nbytes <= 64 * 1024:
-        return max(40, cfg.repeats)
+        return max(100, cfg.repeats)
     return max(12 if nbytes <= 1024 * 1024 else MIN_REPEATS, cfg.repeats)
 
 
