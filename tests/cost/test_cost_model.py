@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from costkit import GB, alpha_beta_table, cpu_profile, tiny_graph
 
 from plait.cluster import load_cluster, local_cluster
 from plait.cost import CostModel
+from plait.cost.calibration import Calibration
 from plait.cost.comm import ring_time
 from plait.cost.model import DEFAULT_KERNEL_OVERHEAD_S, DEFAULT_MATMUL_EFFICIENCY
+from plait.cost.profile import SyncPoint
 
 
 def test_datasheet_cpu_time_adds_device_and_host_work() -> None:
@@ -80,6 +84,15 @@ def test_collectives_follow_the_measured_table() -> None:
     assert cost.collective_time("all_reduce", 300_000, [0, 1]) == pytest.approx(alpha + beta * 300_000, rel=0.05)
     assert cost.collective_time("all_reduce", 64 * 2**20, [0, 1]) == pytest.approx(alpha + beta * 64 * 2**20, rel=1e-6)
     assert cost.p2p_time(65536, 0, 1) == pytest.approx(50e-6 + 0.5e-9 * 65536)
+
+
+def test_measured_sync_cost_is_added_to_each_collective_among_computing_ranks() -> None:
+    table = alpha_beta_table("all_reduce", 2, 200e-6, 1e-9, (4096, 65536)) + alpha_beta_table("all_reduce", 3, 300e-6, 1e-9, (4096, 65536))
+    profile = replace(cpu_profile(collectives=table), sync=(SyncPoint(group_size=2, seconds=1e-3), SyncPoint(group_size=3, seconds=2e-3)))
+    assert CostModel(local_cluster(2), profile).collective_time("all_reduce", 4096, [0, 1]) == pytest.approx(200e-6 + 4096e-9 + 1e-3)
+    assert CostModel(local_cluster(3), profile).collective_time("all_reduce", 4096, [0, 1, 2]) == pytest.approx(300e-6 + 4096e-9 + 2e-3)
+    assert Calibration(profile).sync_time(4) == 2e-3  # nearest measured group size
+    assert Calibration(cpu_profile()).sync_time(2) == 0.0  # none measured
 
 
 def test_unmeasured_group_size_uses_the_link_fitted_on_the_largest_group() -> None:

@@ -57,6 +57,7 @@ def test_profile_holds_every_measurement(measured: Profile) -> None:
     assert {(p.concurrent, p.m) for p in measured.matmul} == {(1, 32), (2, 32), (1, 128), (2, 128)}
     table = {(c.op, c.group_size, c.nbytes) for c in measured.collectives}
     assert table == {(op, 2, b) for op in MEASURED_OPS for b in TABLE_BYTES}
+    assert [sp.group_size for sp in measured.sync] == [2] and measured.sync[0].seconds >= 0
     for rates in measured.rates:
         assert 0 < rates.op_s < rates.kernel_s < 1e-3  # a kernel in a training block costs more than a bare add
         assert rates.copy_bandwidth > 1e8 and rates.adamw_param_s and rates.adamw_param_s > 0

@@ -100,6 +100,14 @@ class Calibration:
             tables.setdefault((c.op, c.group_size), []).append((float(c.nbytes), c.seconds))
         return {key: MessageCurve(points) for key, points in tables.items()}
 
+    def sync_time(self, n: int) -> float:
+        """Extra time of a blocking collective among ``n`` computing ranks (nearest measured group size; 0 if none)."""
+        points = {p.group_size: p.seconds for p in self.profile.sync}
+        if not points:
+            return 0.0
+        nearest = min(points, key=lambda size: (abs(size - n), size))
+        return points[nearest]
+
     def measured_group_sizes(self, op: str) -> list[int]:
         """Group sizes with a measured table for ``op`` (``"p2p"`` for point-to-point)."""
         return sorted(n for o, n in self._comm if o == op)

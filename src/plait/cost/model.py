@@ -181,7 +181,7 @@ class CostModel:
         if self.calibration is not None:
             measured = self.calibration.collective_time(op, n, nbytes)
             if measured is not None:
-                return measured
+                return measured + self.calibration.sync_time(n)
         latency, bandwidth = self.intra_link(op)
         return flat_time(op, nbytes, n, latency, bandwidth)
 

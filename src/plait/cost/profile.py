@@ -107,6 +107,15 @@ class CollectivePoint:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SyncPoint:
+    """What a small collective right after a compute burst costs beyond its own transfer, on ``group_size``
+    CPU ranks that all compute: the wait for the slowest rank and the wake-up of the sleeping ones."""
+
+    group_size: int
+    seconds: float
+
+
+@dataclass(frozen=True, kw_only=True)
 class Profile:
     """A measured machine profile (see the module docstring)."""
 
@@ -115,6 +124,7 @@ class Profile:
     matmul: tuple[MatmulPoint, ...]
     rates: tuple[RankRates, ...]
     collectives: tuple[CollectivePoint, ...] = ()
+    sync: tuple[SyncPoint, ...] = ()  # CPU only: per group size
     host_to_device_bandwidth: float | None = None  # bytes/s, pinned memory (CUDA only)
     device_to_host_bandwidth: float | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
@@ -168,6 +178,9 @@ def validate_profile(profile: Profile, *, where: str = "profile") -> None:
     for r in profile.rates:
         if r.concurrent < 1 or not min(r.op_s, r.kernel_s, r.copy_bandwidth, r.elementwise_bandwidth) > 0:
             raise ProfileError(f"{where}: rates at concurrency {r.concurrent} need positive values, got {r}")
+    for sp in profile.sync:
+        if sp.group_size < 2 or sp.seconds < 0:
+            raise ProfileError(f"{where}: sync point {sp} needs group_size >= 2 and a time >= 0")
     for c in profile.collectives:
         if c.group_size < 2 or c.nbytes < 1 or not c.seconds > 0:
             raise ProfileError(f"{where}: collective point {c} needs group_size >= 2, nbytes >= 1 and a positive time")

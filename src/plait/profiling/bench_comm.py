@@ -96,3 +96,42 @@ def collective_results(cfg: ProfileConfig, timer: Timer, device: torch.device, t
                 rows.append({"op": "p2p", "group_size": 2, "nbytes": nbytes, "seconds": round_trip / 2})
             tick()
     return rows
+
+
+SYNC_BURST_FLOPS = 2e8  # a compute burst of about one small layer (a few ms on one core)
+SYNC_REPEATS = 40
+
+
+def _burst(device: torch.device) -> Callable[[], Any]:
+    a = torch.randn(256, 256, device=device)
+    calls = max(1, int(SYNC_BURST_FLOPS / (2 * 256**3)))
+
+    def burst() -> None:
+        for _ in range(calls):
+            torch.mm(a, a)
+
+    return burst
+
+
+def sync_results(cfg: ProfileConfig, timer: Timer, device: torch.device, tick: Callable[[], None]) -> list[dict[str, Any]]:
+    """Per group size: mean time of (compute burst + tiny all_reduce) minus the burst alone and the tiny
+    all_reduce alone (started together after a barrier) -- what blocking on a collective in the middle of
+    compute costs on CPU ranks that share cores (waiting for the slowest rank, waking up)."""
+    rank = dist.get_rank()
+    rows: list[dict[str, Any]] = []
+    burst = _burst(device)
+    for n in range(2, cfg.nproc + 1):
+        group = dist.new_group(list(range(n)))
+        if rank < n:
+            flag = torch.ones(1, device=device)
+            reduce_alone = _timed(lambda: dist.all_reduce(flag, group=group), cfg, timer, group, SYNC_REPEATS)  # noqa: B023
+            burst_alone = _timed(burst, cfg, timer, group, SYNC_REPEATS)
+
+            def burst_then_reduce() -> None:
+                burst()
+                dist.all_reduce(flag, group=group)  # noqa: B023
+
+            both = _timed(burst_then_reduce, cfg, timer, group, SYNC_REPEATS)
+            rows.append({"group_size": n, "seconds": max(0.0, both - burst_alone - reduce_alone)})
+        tick()
+    return rows

@@ -44,7 +44,8 @@ class ProfileConfig:
         """Progress steps: one per concurrency level and one per measured collective table entry."""
         groups = max(0, self.nproc - 1)
         per_size = 4 * groups + (1 if self.nproc >= 2 else 0)  # four collectives per group size, then p2p
-        return len(self.concurrency) + per_size * len(self.collective_bytes)
+        sync = groups if self.device == "cpu" else 0  # one synchronisation measurement per group size
+        return len(self.concurrency) + per_size * len(self.collective_bytes) + sync
 
 
 def default_config(*, device: ProfileDevice, nproc: int, quick: bool) -> ProfileConfig:

@@ -11,7 +11,15 @@ from typing import Any
 import torch
 
 from plait.cluster.local import host_memory_bytes, num_cores
-from plait.cost.profile import CollectivePoint, DeviceInfo, MatmulPoint, Profile, Provenance, RankRates
+from plait.cost.profile import (
+    CollectivePoint,
+    DeviceInfo,
+    MatmulPoint,
+    Profile,
+    Provenance,
+    RankRates,
+    SyncPoint,
+)
 from plait.graph import capture
 from plait.profiling.bench_compute import tiny_blocks
 from plait.profiling.config import ProfileConfig, ProfilingError
@@ -62,6 +70,7 @@ def assemble(cfg: ProfileConfig, results: list[dict[str, Any]], block_kernels: l
         matmul=tuple(matmul),
         rates=tuple(rates),
         collectives=_collective_points(results),
+        sync=_sync_points(results),
         host_to_device_bandwidth=first.get("h2d_bandwidth"),
         device_to_host_bandwidth=first.get("d2h_bandwidth"),
     )
@@ -106,6 +115,15 @@ def _collective_points(results: list[dict[str, Any]]) -> tuple[CollectivePoint, 
         CollectivePoint(op=op, group_size=n, nbytes=b, seconds=s)  # type: ignore[arg-type]
         for (op, n, b), s in sorted(slowest.items())
     )
+
+
+def _sync_points(results: list[dict[str, Any]]) -> tuple[SyncPoint, ...]:
+    """The mean over ranks: each rank's extra time is what the step loses on average at a blocking collective."""
+    by_size: dict[int, list[float]] = {}
+    for rank in results:
+        for row in rank.get("sync", []):
+            by_size.setdefault(row["group_size"], []).append(row["seconds"])
+    return tuple(SyncPoint(group_size=n, seconds=statistics.fmean(v)) for n, v in sorted(by_size.items()))
 
 
 def _device_info(cfg: ProfileConfig) -> DeviceInfo:

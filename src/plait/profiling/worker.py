@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from plait.profiling.bench_comm import collective_results
+from plait.profiling.bench_comm import collective_results, sync_results
 from plait.profiling.bench_compute import compute_results
 from plait.profiling.config import ProfileConfig
 from plait.profiling.timing import timer_for
@@ -74,9 +74,10 @@ def run_rank(store: dist.TCPStore, rank: int, world: int) -> dict[str, Any]:
         dist.barrier()
         tick()
     collectives = collective_results(cfg, timer, device, tick) if world >= 2 else []
+    sync = sync_results(cfg, timer, device, tick) if world >= 2 and cfg.device == "cpu" else []
     dist.barrier()
     dist.destroy_process_group()
-    return {"rank": rank, "compute": compute, "collectives": collectives}
+    return {"rank": rank, "compute": compute, "collectives": collectives, "sync": sync}
 
 
 def main() -> None:
