@@ -107,7 +107,10 @@ class Trainer:
         own = self.ctx is None
         ctx = self._active = self.ctx or init_distributed()
         try:
-            return self._fit(ctx)
+            result = self._fit(ctx)
+            if own:  # leave together: a rank tearing gloo down early can abort a slower rank's threads
+                dist.barrier()
+            return result
         finally:
             self._active = None
             if own:
