@@ -6,8 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-
-from test_cli import run_plait
+from clikit import run_plait
 
 
 @pytest.mark.slow
