@@ -1,0 +1,1 @@
+"""Trace-driven simulation of cluster scheduling policies on the Pollux artifact's workloads."""
