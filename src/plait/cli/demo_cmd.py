@@ -46,7 +46,7 @@ def demo(out_dir: str, steps: int, nproc: int, no_reference: bool, no_profile: b
     cluster = load_cluster(f"local:{nproc}")
     plan = _plan(console, job, cluster, out)
     plait_losses, plait_times = _train(console, job, out)
-    console.print(_compare(console, job, out, plan, plait_losses, plait_times, no_reference))
+    _compare(console, job, out, plan, plait_losses, plait_times, no_reference)
     console.print(f"demo finished in {time.perf_counter() - t_start:.0f} s; outputs in {out}/")
 
 
@@ -92,7 +92,7 @@ def _train(console: Console, job: DemoJob, out: Path) -> tuple[list[float], list
     return [r.loss for r in records], [r.step_s for r in records]
 
 
-def _compare(console: Console, job: DemoJob, out: Path, plan: Plan, losses: list[float], times: list[float], no_reference: bool) -> Table:
+def _compare(console: Console, job: DemoJob, out: Path, plan: Plan, losses: list[float], times: list[float], no_reference: bool) -> None:
     from plait.demo.reference import train_reference
     from plait.demo.report import Comparison, draw_losses, max_param_diff, measured_step_time
     from plait.runtime.trainer import FINAL_FILE
@@ -107,7 +107,8 @@ def _compare(console: Console, job: DemoJob, out: Path, plan: Plan, losses: list
     table.add_row("prediction error", f"{abs(predicted - measured) / measured:.0%}")
     table.add_row("plait final loss", f"{losses[-1]:.4f}")
     if no_reference:
-        return table
+        console.print(table)
+        return
     console.rule("single-process reference (plain PyTorch, same global batch)")
     with console.status("training the reference"):
         ref_losses, ref_state, ref_step = train_reference(job)
@@ -131,4 +132,6 @@ def _compare(console: Console, job: DemoJob, out: Path, plan: Plan, losses: list
     if not cmp.matches(TOLERANCE):
         console.print(table)
         raise PlaitError(f"plait's run differs from the single-process reference by more than {TOLERANCE} (see the table)")
-    return table
+    console.print(table)
+    console.print(f"check passed: plait on {job.nproc} ranks matches the single-process reference "
+                  f"(losses within {cmp.max_loss_diff:.1e}, parameters within {cmp.max_param_diff:.1e})")
