@@ -17,6 +17,7 @@ from plait.cost import CostModel
 from plait.demo.job import DemoJob
 from plait.errors import LaunchError, PlaitError
 from plait.plan import Plan
+from plait.plan.table import console_for_tables
 
 TOLERANCE = 1e-3
 
@@ -36,7 +37,7 @@ def demo(out_dir: str, steps: int, nproc: int, no_reference: bool, no_profile: b
     """
     from plait.cluster import default_profile_path, load_cluster
 
-    console = Console()
+    console = console_for_tables(120)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     job = DemoJob(steps=steps, nproc=nproc)
