@@ -123,7 +123,11 @@ def init_distributed(*, device: str | None = None, timeout_s: float = DEFAULT_TI
 
 
 def teardown() -> None:
-    """Leave the process group (no-op when none is initialised)."""
+    """Leave the process group (no-op when none is initialised).
+
+    After a successful run call ``dist.barrier()`` first (``distributed()`` and ``Trainer.fit`` do), so
+    no rank tears gloo down while another still talks to it; never on an error path, where a peer may be gone.
+    """
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -134,5 +138,6 @@ def distributed(*, device: str | None = None, timeout_s: float = DEFAULT_TIMEOUT
     ctx = init_distributed(device=device, timeout_s=timeout_s)
     try:
         yield ctx
+        dist.barrier()  # leave together: a rank tearing gloo down early can abort a slower rank's threads
     finally:
         teardown()
