@@ -60,6 +60,8 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
             return tuple(_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
         return tuple(_convert(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
     if origin in (dict, collections.abc.Mapping) or tp is dict:
+        if not isinstance(value, dict):
+            raise TypeError(f"{where}: expected a mapping, got {type(value).__name__} ({value!r})")
         args = get_args(tp) or (str, Any)
         return {_convert(args[0], k, where): _convert(args[1], v, f"{where}.{k}") for k, v in value.items()}
     if origin is list:

@@ -77,3 +77,8 @@ def _alive(pid: int) -> bool:
         return False
     status = Path(f"/proc/{pid}/status")
     return status.exists() and "zombie" not in status.read_text()
+
+
+def test_unwritable_output_is_one_clear_error() -> None:
+    result = run_plait("plan", "mlp-tiny", "--cluster", "local:2", "--out", "/proc/no/such/dir/plan.json")
+    assert_one_clear_error(result, "cannot access /proc/no")

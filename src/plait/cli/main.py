@@ -53,6 +53,10 @@ def main(argv: list[str] | None = None) -> None:
     except PlaitError as exc:
         click.secho(f"error: {exc}", fg="red", err=True)
         sys.exit(exc.exit_code)
+    except OSError as exc:  # a path that cannot be read or written, a full disk: the user's environment
+        where = f" {exc.filename}" if exc.filename else ""
+        click.secho(f"error: cannot access{where}: {exc.strerror or exc} (check the path and its permissions)", fg="red", err=True)
+        sys.exit(1)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
