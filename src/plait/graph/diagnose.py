@@ -103,9 +103,15 @@ def _describe_inputs(inputs: tuple[Any, ...]) -> str:
     return ", ".join(parts)
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message ("" when it has none)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
 def capture_error(graph_name: str, where: str, exc: BaseException, inputs: tuple[Any, ...]) -> CaptureError:
     """The CaptureError for ``exc`` raised in ``where`` while capturing ``graph_name``."""
-    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    reason = first_line(exc)
     if isinstance(exc, fake_tensor.DataDependentOutputException):
         reason = f"it reads a tensor value ({reason}: .item(), .tolist(), bool(tensor), ...)"
     elif isinstance(exc, fake_tensor.UnsupportedOperatorException):

@@ -44,9 +44,9 @@ def order_by_call(candidates: list[tuple[str, nn.Module]], call_order: list[int]
     return called + rest
 
 
-def structural_owner(param_name: str, layer_names: list[str]) -> int | None:
-    """Index of the layer whose module holds ``param_name`` by its FQN, or ``None`` (a root parameter)."""
+def structural_owner(fqn: str, layer_names: list[str]) -> int | None:
+    """Index of the layer whose module is, or holds, the module or parameter ``fqn``; ``None`` outside every layer."""
     for i, name in enumerate(layer_names):
-        if name == "" or param_name.startswith(f"{name}."):
+        if name == "" or fqn == name or fqn.startswith(f"{name}."):
             return i
     return None

@@ -17,7 +17,9 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._pytree import tree_leaves, tree_map
 
 from plait.errors import CaptureError
+from plait.graph.diagnose import first_line
 from plait.graph.fake import dtype_name
+from plait.graph.layers import structural_owner
 from plait.graph.model_graph import OpNode, TensorMeta
 from plait.graph.trace import LayerTracker, LossFn, OpRecorder, compute_loss
 
@@ -75,10 +77,8 @@ def _producers(node: fx.Node, names: dict[str, str]) -> tuple[str, ...]:
 
 def _layer_of(module: str, layer_names: list[str], previous: int) -> int:
     """Layer holding ``module``; an op outside every layer belongs to the layer that ran before it."""
-    for i, name in enumerate(layer_names):
-        if name == "" or module == name or module.startswith(f"{name}."):
-            return i
-    return previous
+    owner = structural_owner(module, layer_names)
+    return previous if owner is None else owner
 
 
 def _placeholder_names(ep: torch.export.ExportedProgram) -> dict[str, str]:
@@ -91,9 +91,8 @@ def _export(model: nn.Module, inputs: tuple[Any, ...], loss_fn: LossFn | None, g
     try:
         return torch.export.export(_LossModule(model, loss_fn), inputs, strict=False)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise CaptureError(
-            f"cannot export the op graph of {graph_name}: {type(exc).__name__}: {first}. "
+            f"cannot export the op graph of {graph_name}: {type(exc).__name__}: {first_line(exc)}. "
             "The layer view was captured; torch.export could not trace the model (see its message). "
             "Pass with_ops=False to capture without the op graph."
         ) from exc

@@ -1,6 +1,6 @@
 """plait's model zoo: plain PyTorch models that accept the meta device."""
 
-from plait.models.gpt import GPT, GPT_CONFIGS, GPTConfig, lm_batch, lm_loss
+from plait.models.gpt import GPT, GPT_CONFIGS, GPTConfig, lm_batch, lm_loss, token_batch
 from plait.models.mlp import MLP, MLP_CONFIGS, MLPConfig, mse_loss, regression_batch
 from plait.models.zoo import ZOO, ZooModel, zoo_model
 
@@ -17,5 +17,6 @@ __all__ = [
     "lm_loss",
     "mse_loss",
     "regression_batch",
+    "token_batch",
     "zoo_model",
 ]

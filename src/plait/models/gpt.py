@@ -156,10 +156,17 @@ def lm_loss(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
+def token_batch(
+    vocab_size: int, seq_len: int, batch_size: int, *, device: str | torch.device = "cpu", generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random ``(tokens, targets)`` of ``seq_len`` tokens, targets shifted by one; empty on the meta device."""
+    if str(device) == "meta":
+        shape = (batch_size, seq_len)
+        return torch.empty(shape, dtype=torch.long, device="meta"), torch.empty(shape, dtype=torch.long, device="meta")
+    data = torch.randint(0, vocab_size, (batch_size, seq_len + 1), generator=generator)
+    return data[:, :-1].to(device), data[:, 1:].to(device)
+
+
 def lm_batch(cfg: GPTConfig, batch_size: int, *, device: str | torch.device = "cpu", generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch of random ``(tokens, targets)`` of the config's sequence length."""
-    if str(device) == "meta":
-        shape = (batch_size, cfg.seq_len)
-        return torch.empty(shape, dtype=torch.long, device="meta"), torch.empty(shape, dtype=torch.long, device="meta")
-    data = torch.randint(0, cfg.vocab_size, (batch_size, cfg.seq_len + 1), generator=generator)
-    return data[:, :-1].to(device), data[:, 1:].to(device)
+    return token_batch(cfg.vocab_size, cfg.seq_len, batch_size, device=device, generator=generator)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from plait.errors import PlaitError
+from plait.models.gpt import token_batch
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,10 +83,4 @@ def hf_lm_batch(
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Random ``(tokens, targets)`` of the config's full context length."""
-    shape = (batch_size, cfg.n_positions)
-    if str(device) == "meta":
-        return torch.empty(shape, dtype=torch.long, device="meta"), torch.empty(
-            shape, dtype=torch.long, device="meta"
-        )
-    data = torch.randint(0, cfg.vocab_size, (batch_size, cfg.n_positions + 1), generator=generator)
-    return data[:, :-1].to(device), data[:, 1:].to(device)
+    return token_batch(cfg.vocab_size, cfg.n_positions, batch_size, device=device, generator=generator)
