@@ -30,10 +30,11 @@ from scipy.stats import spearmanr
 from torch import nn
 
 from plait.cluster import default_profile_path, local_cluster
+from plait.cost import CostModel
 from plait.graph import capture
 from plait.models import GPT, MLP, GPTConfig, MLPConfig, lm_batch, lm_loss, mse_loss, regression_batch
 from plait.plan import Plan
-from plait.planners import build_dp_plan, default_cost
+from plait.planners import build_dp_plan
 from plait.profiling.memory import track_peak_memory
 from plait.runtime import apply_plan, init_distributed, local_micro_batches, run_ranks, teardown
 
@@ -96,12 +97,12 @@ def make_plan(cfg: Config, bucket_mb: float) -> Plan:
     graph = capture(model, make_batch(micro, device="meta"), name=cfg.model, loss_fn=loss, with_ops=False)
     cluster = local_cluster(cfg.nproc)
     return build_dp_plan(graph, cluster, kind=cfg.kind, global_batch=micro * cfg.nproc, micro_batch=micro,  # type: ignore[arg-type]
-                         bucket_bytes=int(bucket_mb * MiB), cost=default_cost(cluster))
+                         bucket_bytes=int(bucket_mb * MiB), cost=CostModel(cluster))
 
 
 def _step(model: nn.Module, applied: Any, opt: torch.optim.Optimizer, batch: Any, loss: Callable[..., torch.Tensor], plan: Plan) -> None:
     applied.zero_grad(opt)
-    for mb in local_micro_batches(batch, plan.batch, dp_rank=applied.dp_rank, dp_size=applied.dp_size):
+    for mb in local_micro_batches(batch, plan.batch, dp_rank=applied.dp_rank):
         (loss(model, mb) / plan.batch.num_micro).backward()
     opt.step()
 

@@ -23,9 +23,8 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from plait.scheduler.policies import make_policy  # noqa: E402
-from plait.scheduler.sim.simulator import Simulator  # noqa: E402
-from plait.scheduler.sim.workload import load_workload, published_average  # noqa: E402
+from plait.scheduler.sim.simulator import simulate_schedule  # noqa: E402
+from plait.scheduler.sim.workload import published_average  # noqa: E402
 
 PUBLISHED_POLLUX_WALL_S = 19 * 60  # the artifact's Pollux run of workload 6 (pymoo, one core)
 TARGETS = {"optimus": 0.03, "tiresias": 0.03, "pollux": 0.07}
@@ -38,8 +37,7 @@ def simulate(task: tuple[str, int, int]) -> dict[str, object]:
     policy, workload, seed = task
     t0 = time.perf_counter()
     cpu0 = time.process_time()
-    result = Simulator(load_workload(str(workload)), make_policy(policy, seed=seed),
-                       workload_name=f"workload-{workload}").run()
+    result = simulate_schedule(str(workload), policy, seed=seed)
     return {"policy": policy, "workload": workload, "seed": seed, "avg_jct": result.avg_jct,
             "published_avg_jct": published_average(policy, f"workload-{workload}"),
             "makespan": result.makespan, "gpu_utilization": result.gpu_utilization,

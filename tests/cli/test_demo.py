@@ -8,6 +8,12 @@ from pathlib import Path
 import pytest
 from clikit import run_plait
 
+from plait.cli import demo_cmd
+from plait.cli.main import main
+from plait.cluster import load_cluster
+from plait.demo import DemoJob
+from plait.plan.table import console_for_tables
+
 
 @pytest.mark.slow
 def test_demo_trains_matches_reference_and_writes_outputs(tmp_path: Path) -> None:
@@ -22,3 +28,25 @@ def test_demo_trains_matches_reference_and_writes_outputs(tmp_path: Path) -> Non
         assert (out / name).is_file(), name
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 7))
+
+
+def test_demo_refuses_an_unusable_output_folder_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    def no_profiling(*args: object) -> None:
+        raise AssertionError("the demo profiled the machine before checking its output folder")
+
+    monkeypatch.setattr(demo_cmd, "_quick_profile", no_profiling)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit) as info:
+        main(["demo", "--out", str(blocker / "demo")])
+    assert info.value.code == 2
+    assert f"cannot write to the output folder {blocker / 'demo'}" in capsys.readouterr().err
+
+
+def test_demo_batch_splits_over_any_number_of_ranks(tmp_path: Path) -> None:
+    assert DemoJob().global_batch == DemoJob.for_ranks(4, steps=1).global_batch == 32
+    job = DemoJob.for_ranks(3, steps=1)
+    plan = demo_cmd._plan(console_for_tables(120), job, load_cluster("local:3"), tmp_path)
+    assert plan.world_size == 3 and plan.batch.global_size == 24
+    assert (tmp_path / "plan.json").is_file() and (tmp_path / "timeline.png").is_file()

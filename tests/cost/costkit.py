@@ -4,15 +4,22 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from plait.cost.profile import CollectivePoint, DeviceInfo, MatmulPoint, Profile, Provenance, RankRates
+from plait.cost.profile import (
+    CollectivePoint,
+    DeviceInfo,
+    MatmulPoint,
+    MeasuredProvenance,
+    Profile,
+    RankRates,
+)
 from plait.graph.model_graph import LayerInfo, ModelGraph, ParamInfo
 
 GB = 1e9
 
 
-def provenance(**changes: object) -> Provenance:
+def provenance(**changes: object) -> MeasuredProvenance:
     """A plausible provenance record."""
-    base = Provenance(
+    base = MeasuredProvenance(
         torch_version="2.13.0", backend="gloo", timer="perf_counter", threads_per_rank=1, num_ranks=2,
         date="2026-01-01T00:00:00+00:00", warmup=1, repeats=3,
     )

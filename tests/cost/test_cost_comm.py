@@ -62,7 +62,7 @@ def test_hierarchical_all_reduce_on_two_dgx_nodes_by_hand() -> None:
     flat = min(2 * 15 * a2 + 2 * 15 / 16 * nbytes / b2, 2 * 4 * a2 + 2 * nbytes / b2)
     assert hierarchical < flat
     assert cost.collective_time("all_reduce", nbytes, list(range(16))) == pytest.approx(hierarchical)
-    assert hierarchical_time("all_reduce", nbytes, num_nodes=2, per_node=8, intra=(a1, b1), inter=(a2, b2)) == pytest.approx(
+    assert hierarchical_time("all_reduce", nbytes, num_nodes=2, per_node=8, reduce_scatter_s=rs, inter=(a2, b2)) == pytest.approx(
         hierarchical
     )
 

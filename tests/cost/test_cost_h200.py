@@ -15,7 +15,9 @@ from plait.cost import CostModel
 from plait.cost.profile import load_profile, profile_to_json
 from plait.graph import capture
 from plait.models.gpt import Block, GPTConfig
+from plait.planners.lowering import backward, forward
 from plait.profiling.h200 import h200_profile
+from plait.sim import instruction_time
 
 DATA = Path(__file__).parent / "data"  # copies of data/device_profiles/h200_*.json (see README there)
 MEDIAN_TOLERANCE, MAX_TOLERANCE = 0.08, 0.25  # measured: 4.7 % and 19.6 %
@@ -38,8 +40,9 @@ def test_h200_reproduces_measured_transformer_layers() -> None:
         with torch.device("meta"):
             layer = nn.Sequential(Block(cfg)).to(torch.bfloat16)
         x = torch.empty(row["b"], row["T"], row["h"], dtype=torch.bfloat16, device="meta")
-        (info,) = capture(layer, x, with_ops=False).layers
-        predicted = cost.layer_time(info, phase="fwd", dtype="bf16") + cost.layer_time(info, phase="bwd", dtype="bf16")
+        graph = capture(layer, x, with_ops=False)
+        assert len(graph.layers) == 1
+        predicted = sum(instruction_time(work(graph, 0, 0, 1.0), cost, dtype="bf16") for work in (forward, backward))
         errors.append(abs(predicted / row["fwdbwd_s"] - 1))
     assert len(errors) == 16
     assert statistics.median(errors) <= MEDIAN_TOLERANCE, errors

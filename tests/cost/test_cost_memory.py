@@ -23,7 +23,7 @@ HERE = Path(__file__).parent
 
 
 def test_replicated_by_hand() -> None:
-    est = memory_estimate(tiny_graph(batch=4), kind="replicate", shard_degree=2, micro_batch=8, bucket_bytes=1 << 20)
+    est = memory_estimate(tiny_graph(batch=4), kind="replicate", shard_degree=2, micro_batch=8)
     assert (est.params, est.grads) == (192, 192)  # 24 + 6 + 18 fp32 elements; grads are the buckets
     assert est.optimizer == 2 * 192 + 4 * 3  # two AdamW moments and a 4-byte step per tensor
     assert est.activations == 2 * (64 + 96)  # saved bytes at batch 4, scaled to micro-batch 8
@@ -34,13 +34,13 @@ def test_replicated_by_hand() -> None:
 
 def test_sharded_by_hand() -> None:
     graph = tiny_graph(batch=4)
-    est = memory_estimate(graph, kind="fsdp", shard_degree=4, micro_batch=8, bucket_bytes=1 << 20)
+    est = memory_estimate(graph, kind="fsdp", shard_degree=4, micro_batch=8)
     shard = 2 * 4 * 4 + 2 * 4 + 1 * 6 * 4  # dim 0 padded to a multiple of 4: 6 -> 2 rows, 3 -> 1 row
     assert (est.params, est.grads) == (shard, shard)
     assert est.optimizer == 2 * shard + 4 * 3
     backward = 320 + 5 * 120 + 30  # activations, five units of the largest layer, its all-gather input
     assert est.buffers == 16 + backward - 320 - shard
-    hybrid = memory_estimate(graph, kind="hybrid", shard_degree=4, micro_batch=8, bucket_bytes=1 << 20)
+    hybrid = memory_estimate(graph, kind="hybrid", shard_degree=4, micro_batch=8)
     assert hybrid == est
 
 
@@ -54,8 +54,8 @@ def test_padding_of_dim_zero() -> None:
 def test_foreach_step_on_cuda_holds_a_copy_of_all_parameters() -> None:
     params = tuple(ParamInfo(name=f"p{i}", shape=(6,), dtype="fp32", layer=0) for i in range(8))  # 8 x 24 B
     graph = replace(tiny_graph(batch=4), params=params)
-    cpu = memory_estimate(graph, kind="replicate", shard_degree=1, micro_batch=1, bucket_bytes=1)
-    cuda = memory_estimate(graph, kind="replicate", shard_degree=1, micro_batch=1, bucket_bytes=1, device_kind="cuda")
+    cpu = memory_estimate(graph, kind="replicate", shard_degree=1, micro_batch=1)
+    cuda = memory_estimate(graph, kind="replicate", shard_degree=1, micro_batch=1, device_kind="cuda")
     # micro-batch 1: activations 40 B, boundary 2 x 24 B. The CPU step's two temporaries of one 24-byte
     # parameter stay below the backward moment; the foreach step's copy of all 192 bytes does not.
     assert cpu.buffers == 16 + 24 + 48
@@ -64,7 +64,7 @@ def test_foreach_step_on_cuda_holds_a_copy_of_all_parameters() -> None:
 
 def test_unknown_optimizer_is_a_user_error() -> None:
     with pytest.raises(PlaitError, match="unknown optimizer 'lion'"):
-        memory_estimate(tiny_graph(), kind="replicate", shard_degree=1, micro_batch=1, bucket_bytes=1, optimizer="lion")
+        memory_estimate(tiny_graph(), kind="replicate", shard_degree=1, micro_batch=1, optimizer="lion")
 
 
 @pytest.mark.parametrize(("name", "batch"), [("gpt-mini", 8), ("mlp-small", 8)])
@@ -80,5 +80,5 @@ def test_estimate_matches_measured_peak_on_two_ranks(name: str, batch: int) -> N
         model = zm.build()
     graph = capture(model, zm.make_batch(batch, device="meta"), loss_fn=zm.loss, with_ops=False)
     for kind in ("replicate", "fsdp"):
-        est = memory_estimate(graph, kind=kind, shard_degree=2, micro_batch=batch, bucket_bytes=1 << 30)
+        est = memory_estimate(graph, kind=kind, shard_degree=2, micro_batch=batch)
         assert est.total == pytest.approx(measured[kind], rel=0.15), (kind, est, measured[kind])

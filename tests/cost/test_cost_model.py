@@ -5,12 +5,13 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
-from costkit import GB, alpha_beta_table, cpu_profile, tiny_graph
+from costkit import GB, alpha_beta_table, cpu_profile
 
 from plait.cluster import load_cluster, local_cluster
+from plait.cluster.spec import LinkSpec
 from plait.cost import CostModel
 from plait.cost.calibration import Calibration
-from plait.cost.comm import ring_time
+from plait.cost.comm import flat_time, hierarchical_time, ring_time
 from plait.cost.model import DEFAULT_KERNEL_OVERHEAD_S, DEFAULT_MATMUL_EFFICIENCY
 from plait.cost.profile import SyncPoint
 
@@ -43,15 +44,6 @@ def test_profile_curve_sets_the_gemm_rate() -> None:
     # A block of kernels reads the rate at its FLOPs per kernel: 4 kernels of a 64^3 GEMM each.
     flops = 4 * 2.0 * 64**3
     assert cost.compute_time(flops, 2e6, num_kernels=4) == pytest.approx(flops / 50e9 + 2e6 / (20 * GB) + 4 * 5e-6)
-
-
-def test_layer_time_backward_has_twice_the_traffic_and_kernels() -> None:
-    cost = CostModel(local_cluster(1), cpu_profile())
-    layer = tiny_graph(batch=4).layers[0]
-    fwd = cost.layer_time(layer, phase="fwd", batch_scale=2.0)
-    bwd = cost.layer_time(layer, phase="bwd", batch_scale=2.0)
-    assert fwd == pytest.approx(cost.compute_time(2 * layer.fwd_flops, 0, num_kernels=1))
-    assert bwd == pytest.approx(cost.compute_time(2 * layer.bwd_flops, 0, num_kernels=2))
 
 
 def test_concurrency_reads_the_measured_level_and_scales_beyond_it() -> None:
@@ -95,6 +87,18 @@ def test_measured_sync_cost_is_added_to_each_collective_among_computing_ranks() 
     assert Calibration(cpu_profile()).sync_time(2) == 0.0  # none measured
 
 
+def test_hierarchical_collective_reduces_inside_nodes_with_the_measured_table() -> None:
+    table = alpha_beta_table("reduce_scatter", 2, 40e-6, 1e-9, (4096, 65536, 1048576))
+    profile = replace(cpu_profile(collectives=table), sync=(SyncPoint(group_size=2, seconds=1e-3),))
+    slow = LinkSpec(latency_s=60e-6, bandwidth=0.1e9)
+    cluster = replace(local_cluster(2), num_nodes=2, inter_node=slow)
+    nbytes = 2**20
+    inner = 40e-6 + 1e-9 * nbytes + 1e-3  # measured on the 2 ranks of a node, plus their sync cost
+    expected = hierarchical_time("all_reduce", nbytes, num_nodes=2, per_node=2, reduce_scatter_s=inner, inter=(60e-6, 0.1e9))
+    assert expected < flat_time("all_reduce", nbytes, 4, 60e-6, 0.1e9)
+    assert CostModel(cluster, profile).collective_time("all_reduce", nbytes, [0, 1, 2, 3]) == pytest.approx(expected)
+
+
 def test_unmeasured_group_size_uses_the_link_fitted_on_the_largest_group() -> None:
     alpha, beta = 200e-6, 1e-9
     table = alpha_beta_table("all_reduce", 2, alpha, beta, (4096, 65536, 1048576))
@@ -112,8 +116,8 @@ def test_optimizer_time_from_measured_rates_or_bandwidth() -> None:
     assert datasheet.optimizer_time(1e6) == pytest.approx(32e6 / datasheet.copy_bandwidth + DEFAULT_KERNEL_OVERHEAD_S["cpu"])
 
 
-def test_for_cluster_accepts_objects_paths_and_names(tmp_path: object) -> None:
+def test_profile_may_be_an_object_a_path_or_a_packaged_name() -> None:
     profile = cpu_profile()
-    assert CostModel.for_cluster(local_cluster(2), profile).profile is profile
-    assert CostModel.for_cluster(load_cluster("h200:1"), "h200").profile is not None
-    assert "datasheet" in CostModel.for_cluster(load_cluster("dgx-a100:1")).source
+    assert CostModel(local_cluster(2), profile).profile is profile
+    assert CostModel(load_cluster("h200:1"), "h200").profile is not None
+    assert "datasheet" in CostModel(load_cluster("dgx-a100:1")).source

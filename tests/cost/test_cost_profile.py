@@ -92,7 +92,7 @@ def test_local_cluster_picks_up_the_default_profile(tmp_path: Path, monkeypatch:
 
 def test_profile_of_another_device_kind_is_refused() -> None:
     with pytest.raises(ProfileError, match="cannot calibrate cluster local:2 of cpu devices"):
-        CostModel.for_cluster(local_cluster(2), "h200")
+        CostModel(local_cluster(2), "h200")
 
 
 CLUSTER_YAML = """

@@ -7,7 +7,8 @@ from plankit import dense_graph, gpu_cluster
 
 from plait.cost import CostModel
 from plait.planners import build_dp_plan
-from plait.sim import simulate
+from plait.planners.lowering import backward, forward
+from plait.sim import instruction_time, simulate
 
 
 @pytest.mark.parametrize("kind,nodes", [("replicate", 1), ("fsdp", 1), ("hybrid", 2)])
@@ -27,11 +28,24 @@ def test_single_rank_step_is_the_sum_of_layer_times() -> None:
     plan = build_dp_plan(graph, cluster, kind="replicate", global_batch=16, num_micro=2)
     cost = CostModel(cluster)
     scale = 8 / graph.batch_size
-    per_micro = sum(cost.layer_time(ly, phase="fwd", batch_scale=scale) + cost.layer_time(ly, phase="bwd", batch_scale=scale) for ly in graph.layers)
+    per_micro = sum(
+        instruction_time(forward(graph, ly.index, 0, scale), cost) + instruction_time(backward(graph, ly.index, 0, scale), cost)
+        for ly in graph.layers
+    )
     expected = 2 * per_micro + cost.optimizer_time(graph.num_params, num_tensors=len(graph.params))
     assert plan.predicted is not None
     assert plan.predicted.step_s == pytest.approx(expected, rel=1e-12)
     assert plan.predicted.comm_s == 0 and plan.predicted.exposed_comm_s == 0
+
+
+def test_backward_has_twice_the_forward_traffic_and_kernels() -> None:
+    graph = dense_graph(2, 64, 4)
+    layer = graph.layers[1]
+    fwd, bwd = forward(graph, 1, 0, 2.0), backward(graph, 1, 0, 2.0)
+    assert (fwd.flops, fwd.bytes_moved, fwd.num_kernels) == (2 * layer.fwd_flops, 2 * layer.fwd_bytes_moved, layer.num_kernels)
+    assert (bwd.flops, bwd.bytes_moved, bwd.num_kernels) == (2 * layer.bwd_flops, 4 * layer.fwd_bytes_moved, 2 * layer.num_kernels)
+    cost = CostModel(gpu_cluster(devices=1))
+    assert instruction_time(bwd, cost) == cost.compute_time(2 * layer.bwd_flops, 4 * layer.fwd_bytes_moved, num_kernels=2 * layer.num_kernels)
 
 
 def test_first_bucket_reduce_starts_before_backward_ends() -> None:

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -21,6 +22,8 @@ from plait.cost import CostModel
 from plait.cost.profile import MEASURED_OPS, Profile, load_profile
 from plait.profiling import ProfileConfig, ProfilingError, measure_profile
 from plait.profiling import launch as launch_module
+from plait.runtime.launch import LaunchResult, launch_argv
+from plait.runtime.procs import pid_alive
 
 HERE = Path(__file__).parent
 TABLE_BYTES = (4096, 65536, 1048576)
@@ -108,17 +111,17 @@ def test_calibrated_model_predicts_a_fresh_all_reduce(measured: Profile) -> None
 
 
 def test_failing_rank_stops_every_rank(monkeypatch: pytest.MonkeyPatch) -> None:
-    started: list[launch_module.RankProcesses] = []
-    original_enter = launch_module.RankProcesses.__enter__
+    launched: list[LaunchResult] = []
 
-    def remember(self: launch_module.RankProcesses) -> launch_module.RankProcesses:
-        started.append(self)
-        return original_enter(self)
+    def remember(*args: Any, **kwargs: Any) -> LaunchResult:
+        launched.append(launch_argv(*args, **kwargs))
+        return launched[-1]
 
-    monkeypatch.setattr(launch_module.RankProcesses, "__enter__", remember)
-    with pytest.raises(ProfilingError, match=r"rank \d of `plait profile` failed(.|\n)*KeyError: 'fp8'"):
-        measure_profile(tiny_config(dtypes=("fp8",), nproc=1, concurrency=(1,)))
-    assert started and all(p.poll() is not None for p in started[0].procs)
+    monkeypatch.setattr(launch_module, "launch_argv", remember)
+    with pytest.raises(ProfilingError, match=r"rank \d of `plait profile` failed with exit code 1(.|\n)*Traceback(.|\n)*KeyError: 'fp8'"):
+        measure_profile(tiny_config(dtypes=("fp8",), nproc=2, concurrency=(1,)))
+    (result,) = launched
+    assert all(ex.exit_code is not None and not pid_alive(ex.pid) for ex in result.ranks)
 
 
 def test_bad_options_are_user_errors(capsys: pytest.CaptureFixture[str]) -> None:

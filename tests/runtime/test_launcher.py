@@ -21,7 +21,7 @@ from plait.runtime import launch
 ENV_SCRIPT = """
 import os, sys
 keys = ["RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-        "OMP_NUM_THREADS", "GLOO_SOCKET_IFNAME", "PLAIT_OUT", "PLAIT_RESUME"]
+        "OMP_NUM_THREADS", "GLOO_SOCKET_IFNAME", "PLAIT_OUT", "PLAIT_RESUME", "MKL_NUM_THREADS"]
 print(" ".join(f"{k}={os.environ.get(k)}" for k in keys))
 print("args", sys.argv[1:])
 print(f"note from {os.environ['RANK']}", file=sys.stderr)
@@ -63,6 +63,7 @@ def test_environment_and_prefixed_output(tmp_path: Path) -> None:
         (env_line,) = [line for line in lines if line.startswith(f"[rank {r}] RANK=")]
         assert f"RANK={r} LOCAL_RANK={r} WORLD_SIZE=3 LOCAL_WORLD_SIZE=3 MASTER_ADDR=127.0.0.1" in env_line
         assert f"OMP_NUM_THREADS=1 GLOO_SOCKET_IFNAME=lo PLAIT_OUT={(tmp_path / 'o').resolve()} PLAIT_RESUME=0" in env_line
+        assert env_line.endswith("MKL_NUM_THREADS=1")
         assert f"[rank {r}] args ['--flag', 'x']" in lines
         assert f"[rank {r}] note from {r}" in err.getvalue().splitlines()
     assert all(ex.exit_code == 0 for ex in result.ranks)
@@ -137,3 +138,12 @@ def test_plan_fixes_the_number_of_ranks(tmp_path: Path) -> None:
     assert "WORLD_SIZE=2" in done.stdout and "[rank 1]" in done.stdout and "[rank 2]" not in done.stdout
     assert "all 2 ranks finished" in done.stderr
     assert os.environ.get("PLAIT_PLAN") is None
+
+
+def test_module_runs_with_python_m(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write(tmp_path, "envmod.py", ENV_SCRIPT)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    done = plait_run(["-m", "envmod", "--nproc", "2", "--", "--flag"])
+    assert done.returncode == 0, done.stderr
+    assert "[rank 1] RANK=1" in done.stdout and "[rank 0] args ['--flag']" in done.stdout
+    assert "all 2 ranks finished" in done.stderr

@@ -100,6 +100,8 @@ def test_plan_must_fit_the_job() -> None:
     bad_axes = replace(plan, data_parallel=replace(plan.data_parallel, kind="hybrid", shard_axis="dp_shard"))
     with pytest.raises(PlanMismatchError, match="needs mesh axes"):
         check_plan(bad_axes, _ctx(2))
+    with pytest.raises(PlanMismatchError, match="optimizer 'lion' is not one the runtime builds"):
+        check_plan(replace(plan, optimizer="lion"), _ctx(2))
 
 
 def wrong_model_rank(kind: str) -> str:

@@ -25,7 +25,7 @@ def overlap_rank(plan) -> list[tuple[float, float, object]]:
     rows = []
     for step in range(STEPS):
         batch = zm.make_batch(plan.batch.global_size, generator=torch.Generator().manual_seed(step))
-        (mine,) = local_micro_batches(batch, plan.batch, dp_rank=applied.dp_rank, dp_size=applied.dp_size)
+        (mine,) = local_micro_batches(batch, plan.batch, dp_rank=applied.dp_rank)
         applied.zero_grad(optimizer)
         loss = zm.loss(applied.model, mine)
         t0 = time.perf_counter()

@@ -35,6 +35,11 @@ def test_efficiency_is_one_at_m0_and_falls_with_batch() -> None:
     assert np.all(np.diff(eff) < 0)
 
 
+def test_gain_is_the_adascale_form_and_one_where_undefined() -> None:
+    assert GradParams(sqr=2.0, var=6.0).gain(4.0) == pytest.approx(8.0 / 3.5, rel=1e-15)
+    assert np.all(GradParams(sqr=-1.0, var=0.5).gain(np.array([4.0, 8.0])) == 1.0)  # var / scale + sqr < 0
+
+
 def test_iteration_time_by_hand() -> None:
     # 2 nodes, 6 replicas, micro-batch 32, 3 accumulation steps.
     t_grad = 0.02 + 0.001 * 32

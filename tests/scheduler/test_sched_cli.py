@@ -71,6 +71,25 @@ def test_user_mistakes_are_reported(args: list[str], message: str, capsys: pytes
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag,target", [("--json", "r.json"), ("--out", "plots")])
+def test_unwritable_output_fails_before_simulating(flag: str, target: str, workload: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    args = [flag, str(blocker / target)] + (["--no-plots"] if flag == "--json" else [])
+    assert _run(["sched", "sim", "--workload", str(workload), "--policy", "tiresias", "--cluster", "2x4", *args]) == 2
+    captured = capsys.readouterr()
+    assert f"cannot write {flag} output {blocker / target}" in captured.err.replace("\n", "")
+    assert "average JCT" not in captured.out
+
+
+def test_output_check_leaves_no_file_behind(workload: Path, tmp_path: Path) -> None:
+    out = tmp_path / "new" / "r.json"
+    assert _run(["sched", "sim", "--workload", str(workload), "--interval", "0", "--no-plots",
+                 "--json", str(out)]) == 2
+    assert not out.exists()
+
+
 def test_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert _run(["sched", "--help"]) == 0
     assert "sim" in capsys.readouterr().out

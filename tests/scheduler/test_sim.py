@@ -14,8 +14,8 @@ from plait.scheduler.policies.base import JobMode
 from plait.scheduler.policies.ga import GAConfig
 from plait.scheduler.sim.job import JobSpec
 from plait.scheduler.sim.metrics import isolated_jct
-from plait.scheduler.sim.profiles import ProfileError, data_root, load_application
-from plait.scheduler.sim.simulator import SimConfig, Simulator
+from plait.scheduler.sim.profiles import TraceError, data_root, load_application, packed_placement
+from plait.scheduler.sim.simulator import SimConfig, Simulator, simulate_schedule
 from plait.scheduler.sim.workload import load_workload, published_results
 
 
@@ -45,7 +45,7 @@ def test_throughput_beyond_the_placement_table_interpolates_in_3d() -> None:
                if r["num_nodes"] == "6" and r["num_replicas"] == "24"]
     assert hi_rows and 0 < sync < step
     assert min(lo, *(float(r["step_time"]) for r in hi_rows)) * 0.5 < step < 2 * lo
-    with pytest.raises(ProfileError, match="outside"):
+    with pytest.raises(TraceError, match="outside"):
         app.throughput((4,), 10_000)
 
 
@@ -62,6 +62,16 @@ def test_grad_stats_and_progress_follow_the_validation_files() -> None:
     assert (app.init_batch_size, app.max_batch_size, app.max_epochs) == (128, 4096, 100)
 
 
+def test_packed_placement_step_time_gain_and_batch_cap() -> None:
+    assert packed_placement(10, 4) == (4, 4, 2) and packed_placement(8, 4) == (4, 4) and packed_placement(3, 8) == (3,)
+    app = load_application("cifar10")
+    step, sync = app.throughput((4, 2), 256)
+    assert app.step_time((4, 2), 256, 3) == step + 3 * (step - sync)
+    sqr, var = app.grad_stats(512, 7)
+    assert app.gain(512, 7) == pytest.approx((var + sqr) / (var / 4 + sqr), rel=1e-15)
+    assert app.cap_local_bsz(1000, 2, 1) == 1000 and app.cap_local_bsz(1000, 4, 1) == 512  # 4096 / (4 * 2)
+
+
 @pytest.mark.parametrize("policy_cls,name", [(TiresiasPolicy, "tiresias"), (OptimusPolicy, "optimus")])
 @pytest.mark.parametrize("workload", ["workload-3", "workload-6"])
 def test_baselines_reproduce_published_jcts_exactly(policy_cls, name: str, workload: str) -> None:  # type: ignore[no-untyped-def]
@@ -69,6 +79,14 @@ def test_baselines_reproduce_published_jcts_exactly(policy_cls, name: str, workl
     published = published_results(name)[workload]
     assert result.jcts().keys() == published.keys()
     assert max(abs(result.jcts()[k] - v) for k, v in published.items()) < 1e-6
+
+
+def test_simulate_schedule_takes_names_or_objects() -> None:
+    specs = [s for s in load_workload("workload-6")[:8] if s.num_replicas <= 8]
+    by_name = simulate_schedule(specs, "tiresias", cluster="2x4", interval=120)
+    direct = Simulator(specs, TiresiasPolicy(), SimConfig(cluster=ClusterView(num_nodes=2, gpus_per_node=4),
+                                                          interval=120)).run()
+    assert by_name.jcts() == direct.jcts() and (by_name.cluster, by_name.interval) == ("2x4", 120)
 
 
 def test_a_lone_job_takes_its_isolated_time_plus_waiting_and_restart() -> None:

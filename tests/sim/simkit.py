@@ -11,16 +11,13 @@ from plait.plan import BatchSpec, DataParallelSpec, Instr, MeshSpec, Plan, RankP
 
 class UnitCost:
     """Times in whole seconds: a compute instruction takes ``flops`` s, a collective ``nbytes`` s,
-    a layer ``fwd_flops`` (or ``bwd_flops``) x batch scale s, the optimizer ``numel`` s, a transfer ``nbytes`` s."""
+    the optimizer ``numel`` s, a transfer ``nbytes`` s."""
 
     def __init__(self, *, overlaps_comm: bool = True) -> None:
         self.overlaps_comm = overlaps_comm
 
     def compute_time(self, flops: float, bytes_moved: float = 0.0, *, dtype: str = "fp32", num_kernels: int = 1) -> float:
         return flops
-
-    def layer_time(self, layer: LayerInfo, *, phase: str, batch_scale: float = 1.0, dtype: str = "fp32") -> float:
-        return (layer.fwd_flops if phase == "fwd" else layer.bwd_flops) * batch_scale
 
     def optimizer_time(self, num_params: float, *, num_tensors: int = 0) -> float:
         return num_params

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import pytest
 from simkit import UnitCost, coll, comp
@@ -117,3 +117,32 @@ def test_bad_programs_raise(plan_of: Callable[..., Plan], unit_cost: UnitCost) -
         simulate(lonely, unit_cost)  # type: ignore[arg-type]
     with pytest.raises(SimulationError, match="no programs"):
         simulate(plan_of(((0,), [])).__class__(**{**plan_of(((0,), [])).__dict__, "programs": ()}), unit_cost)  # type: ignore[arg-type]
+
+
+def test_compute_is_timed_from_the_instruction_not_its_layer(plan_of: Callable[..., Plan], unit_cost: UnitCost) -> None:
+    # the tiny graph's layer does 1 forward FLOP at this batch; the lowering's instruction says 5
+    ins = Instr(op="compute", stream="compute", name="fwd[0] fc", phase="fwd", layer=0, flops=5)
+    assert simulate(plan_of(((0,), [ins])), unit_cost).prediction.step_s == 5  # type: ignore[arg-type]
+
+
+class CountingCost(UnitCost):
+    """UnitCost that counts how often each kind of instruction is timed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = {"compute": 0, "collective": 0}
+
+    def compute_time(self, flops: float, bytes_moved: float = 0.0, *, dtype: str = "fp32", num_kernels: int = 1) -> float:
+        self.calls["compute"] += 1
+        return flops
+
+    def collective_time(self, op: str, nbytes: float, group: Sequence[int]) -> float:
+        self.calls["collective"] += 1
+        return nbytes
+
+
+def test_repeated_work_is_timed_once(plan_of: Callable[..., Plan]) -> None:
+    cost = CountingCost()
+    instrs = [comp("fwd[0]", 2), comp("fwd[1]", 2, 0), coll("ar[0]", 3, 1), coll("ar[1]", 3, 2), comp("step", 1, 3)]
+    assert simulate(plan_of(((0,), instrs)), cost).prediction.step_s == 11  # type: ignore[arg-type]
+    assert cost.calls == {"compute": 2, "collective": 1}

@@ -81,12 +81,12 @@ def plan(model: str, cluster_spec: str, batch: int | None, micro_batch: int | No
     callable with no arguments that returns (model, example_batch) or (model, example_batch, loss_fn);
     example_batch may hold meta tensors, its first dimension is the per-rank batch.
     """
-    from plait.planners import default_cost
+    from plait.cost import CostModel
     from plait.planners import plan as choose
 
     cluster = load_cluster(cluster_spec)
     graph = resolve_model(model, _per_rank_batch(cluster, batch, micro_batch))
-    cost = default_cost(cluster, profile)
+    cost = CostModel(cluster, profile)
     chosen = choose(graph, None, cluster, global_batch=batch, micro_batch=micro_batch, cost=cost, memory_fraction=memory_fraction)
     if as_json:
         click.echo(plan_to_json(chosen), nl=False)

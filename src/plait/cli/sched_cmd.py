@@ -7,16 +7,15 @@ from pathlib import Path
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from plait.errors import PlaitError
 from plait.scheduler.decisions import ClusterView, Policy, SchedulerError
 from plait.scheduler.policies import POLICY_NAMES, make_policy
-from plait.scheduler.sim.job import JobSpec
-from plait.scheduler.sim.metrics import SimResult
-from plait.scheduler.sim.simulator import SimConfig, Simulator
-from plait.scheduler.sim.workload import load_workload, workload_path
+from plait.scheduler.sim.metrics import ScheduleResult, write_results_json
+from plait.scheduler.sim.simulator import simulate_schedule
+from plait.scheduler.sim.workload import workload_path
 
 COMPARE_DEFAULT = ("pollux", "optimus", "tiresias", "fifo")
 
@@ -51,12 +50,51 @@ def sim(workload: str, policies: str, cluster_text: str, interval: int, compare:
         names = list(COMPARE_DEFAULT)
     if not compare and len(names) != 1:
         raise SchedulerError(f"--policy {policies!r} names {len(names)} policies; add --compare to run several")
+    chosen = [make_policy(n, seed=seed) for n in names]
     cluster = ClusterView.parse(cluster_text)
-    config = SimConfig(cluster=cluster, interval=interval)
-    specs = load_workload(workload)
     label = workload_path(workload).stem
+    plots = [] if no_plots else _plot_paths(out_dir, label)
+    outputs = ([(json_path, "--json")] if json_path else []) + [(p, "--out") for p in plots]
+    for path, flag in outputs:
+        _check_writable(path, flag)
+    results = [_run(workload, p, cluster, interval, label) for p in chosen]
+    _print_results(results, compare, show_jobs)
+    if json_path is not None:
+        write_results_json(results, json_path)
+        Console().print(f"wrote {json_path}")
+    if plots:
+        _write_plots(results, plots)
+
+
+def _check_writable(path: Path, flag: str) -> None:
+    """Create the folder of output file ``path`` and check that the file can be written."""
+    existed = path.exists()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a"):
+            pass
+    except OSError as exc:
+        raise PlaitError(f"cannot write {flag} output {path}: {exc.strerror or exc}; "
+                         "choose a path in a writable folder") from exc
+    if not existed:
+        path.unlink()
+
+
+def _run(workload: str, policy: Policy, cluster: ClusterView, interval: int, label: str) -> ScheduleResult:
+    err = Console(stderr=True)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("jobs"),
+                  TextColumn("t={task.fields[sim_h]:.1f} h"), TimeElapsedColumn(), console=err, transient=True,
+                  disable=not err.is_terminal) as bar:
+        task = bar.add_task(f"{policy.name} on {label}", total=None, sim_h=0.0)
+
+        def progress(now: float, done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total, sim_h=now / 3600)
+
+        return simulate_schedule(workload, policy, cluster=cluster, interval=interval, progress=progress)
+
+
+def _print_results(results: Sequence[ScheduleResult], compare: bool, show_jobs: bool) -> None:
     console = Console()
-    results = [_run(make_policy(n, seed=seed), specs, config, label) for n in names]
     if compare:
         console.print(_compare_table(results))
     else:
@@ -65,33 +103,13 @@ def sim(workload: str, policies: str, cluster_text: str, interval: int, compare:
     if show_jobs:
         for r in results:
             console.print(_jobs_table(r))
-    if json_path is not None:
-        _write_json(results, json_path)
-        console.print(f"wrote {json_path}")
-    if not no_plots:
-        for path in _plots(results, out_dir, label):
-            console.print(f"wrote {path}")
-
-
-def _run(policy: Policy, specs: Sequence[JobSpec], config: SimConfig, label: str) -> SimResult:
-    err = Console(stderr=True)
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} jobs"),
-                  TextColumn("t={task.fields[sim_h]:.1f} h"), TimeElapsedColumn(), console=err, transient=True,
-                  disable=not err.is_terminal) as bar:
-        task = bar.add_task(f"{policy.name} on {label}", total=len(specs), sim_h=0.0)
-
-        def progress(now: float, done: int, total: int) -> None:
-            bar.update(task, completed=done, sim_h=now / 3600)
-
-        sim = Simulator(specs, policy, config, progress=progress, workload_name=label)
-        return sim.run()
 
 
 def _hours(seconds: float) -> str:
     return f"{seconds / 3600:.3f}"
 
 
-def _summary_table(r: SimResult) -> Table:
+def _summary_table(r: ScheduleResult) -> Table:
     t = Table(title=f"{r.policy} on {r.workload} ({r.cluster}, {r.interval} s rounds, {len(r.jobs)} jobs)")
     t.add_column("metric")
     t.add_column("value", justify="right")
@@ -105,7 +123,7 @@ def _summary_table(r: SimResult) -> Table:
     return t
 
 
-def _app_table(r: SimResult) -> Table:
+def _app_table(r: ScheduleResult) -> Table:
     t = Table(title="JCT by application")
     for col in ("application", "jobs", "avg JCT (h)", "max JCT (h)", "restarts"):
         t.add_column(col, justify="left" if col == "application" else "right")
@@ -116,7 +134,7 @@ def _app_table(r: SimResult) -> Table:
     return t
 
 
-def _compare_table(results: Sequence[SimResult]) -> Table:
+def _compare_table(results: Sequence[ScheduleResult]) -> Table:
     first = results[0]
     t = Table(title=f"{first.workload} on {first.cluster}, {first.interval} s rounds")
     t.add_column("metric")
@@ -134,7 +152,7 @@ def _compare_table(results: Sequence[SimResult]) -> Table:
     return t
 
 
-def _jobs_table(r: SimResult) -> Table:
+def _jobs_table(r: ScheduleResult) -> Table:
     t = Table(title=f"{r.policy}: jobs")
     for col in ("job", "application", "submitted (s)", "JCT (s)", "restarts", "fairness"):
         t.add_column(col, justify="left" if col in ("job", "application") else "right")
@@ -144,25 +162,16 @@ def _jobs_table(r: SimResult) -> Table:
     return t
 
 
-def _write_json(results: Sequence[SimResult], path: Path) -> None:
-    import json
-
-    from plait.serde import to_dict
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = [dict(to_dict(r), jct_by_job=r.jcts()) for r in results]
-    path.write_text(json.dumps(data[0] if len(data) == 1 else {"results": data}, indent=1))
+def _plot_paths(out_dir: Path, label: str) -> list[Path]:
+    """The JCT CDF and utilisation PNGs that ``--out`` receives."""
+    return [out_dir / f"sched-{label}-jct-cdf.png", out_dir / f"sched-{label}-utilization.png"]
 
 
-def _plots(results: Sequence[SimResult], out_dir: Path, label: str) -> list[Path]:
+def _write_plots(results: Sequence[ScheduleResult], paths: Sequence[Path]) -> None:
     from plait.scheduler.sim.plots import plot_jct_cdf, plot_utilization
 
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise PlaitError(f"cannot create --out folder {out_dir}: {exc}") from exc
-    cdf = out_dir / f"sched-{label}-jct-cdf.png"
-    util = out_dir / f"sched-{label}-utilization.png"
+    cdf, util = paths
     plot_jct_cdf(results, cdf)
     plot_utilization(results, util)
-    return [cdf, util]
+    for path in paths:
+        Console().print(f"wrote {path}")

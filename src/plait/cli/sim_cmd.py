@@ -6,12 +6,8 @@ import click
 from rich.table import Table
 
 from plait.plan import Plan, load_plan
-from plait.plan.table import console_for_tables, fmt_seconds
+from plait.plan.table import console_for_tables, fmt_bytes, fmt_seconds
 from plait.sim import SimResult
-
-
-def _fmt_bytes(n: float) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
 def _rank_ranges(ranks: list[int]) -> str:
@@ -39,12 +35,12 @@ def summary_table(plan: Plan, result: SimResult) -> Table:
     for rank, peak in enumerate(p.peak_memory_bytes):
         by_peak.setdefault(peak, []).append(rank)
     for peak, ranks in sorted(by_peak.items(), reverse=True):
-        table.add_row(f"peak memory, ranks {_rank_ranges(ranks)}", f"{_fmt_bytes(peak)} of {_fmt_bytes(limit)} ({peak / limit:.0%})")
+        table.add_row(f"peak memory, ranks {_rank_ranges(ranks)}", f"{fmt_bytes(peak)} of {fmt_bytes(limit)} ({peak / limit:.0%})")
     m = p.memory
     table.add_row(
         "memory at peak",
-        f"params {_fmt_bytes(m.params)}, grads {_fmt_bytes(m.grads)}, optimizer {_fmt_bytes(m.optimizer)}, "
-        f"activations {_fmt_bytes(m.activations)}, buffers {_fmt_bytes(m.buffers)}",
+        f"params {fmt_bytes(m.params)}, grads {fmt_bytes(m.grads)}, optimizer {fmt_bytes(m.optimizer)}, "
+        f"activations {fmt_bytes(m.activations)}, buffers {fmt_bytes(m.buffers)}",
     )
     if plan.predicted and abs(plan.predicted.step_s - p.step_s) > 1e-9 * max(1.0, p.step_s):
         table.add_row("when planned", f"{fmt_seconds(plan.predicted.step_s)} (the cost model has changed since)")
@@ -57,11 +53,11 @@ def summary_table(plan: Plan, result: SimResult) -> Table:
 @click.option("--profile", type=click.Path(dir_okay=False), help="A measured profile JSON for the cost model.")
 def sim(plan_file: str, timeline: str | None, profile: str | None) -> None:
     """Simulate PLAN_FILE (from `plait plan --out`): step time, overlap, peak memory, timeline image."""
-    from plait.planners import default_cost
+    from plait.cost import CostModel
     from plait.sim import draw_timeline, simulate
 
     plan = load_plan(plan_file)
-    result = simulate(plan, default_cost(plan.cluster, profile))
+    result = simulate(plan, CostModel(plan.cluster, profile))
     console_for_tables().print(summary_table(plan, result))
     if timeline:
         click.echo(f"timeline written to {draw_timeline(result, timeline)}")

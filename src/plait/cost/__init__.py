@@ -9,7 +9,7 @@ from plait.cost.comm import (
     ring_time,
     tree_time,
 )
-from plait.cost.memory import OPTIMIZER_STATES, memory_estimate
+from plait.cost.memory import OPTIMIZER_STATES, check_optimizer, memory_estimate
 from plait.cost.model import CostModel
 from plait.cost.profile import Profile, ProfileError, load_profile, save_profile
 
@@ -20,6 +20,7 @@ __all__ = [
     "CostModel",
     "Profile",
     "ProfileError",
+    "check_optimizer",
     "flat_time",
     "hierarchical_time",
     "load_profile",

@@ -19,7 +19,6 @@ class ScaledRates:
     op_s: float
     kernel_s: float
     copy_bandwidth: float
-    elementwise_bandwidth: float
     adamw_param_s: float | None
     adamw_tensor_s: float | None
 
@@ -38,6 +37,7 @@ class Calibration:
         self.rates = self._scaled_rates()
         self._matmul = {dtype: self._matmul_curve(dtype) for dtype in profile.dtypes()}
         self._comm = self._comm_curves()
+        self._sync = {p.group_size: p.seconds for p in profile.sync}
 
     # ---- levels ------------------------------------------------------------------------------
 
@@ -60,7 +60,6 @@ class Calibration:
             op_s=r.op_s * slow,
             kernel_s=r.kernel_s * slow,
             copy_bandwidth=r.copy_bandwidth / slow,
-            elementwise_bandwidth=r.elementwise_bandwidth / slow,
             adamw_param_s=None if r.adamw_param_s is None else r.adamw_param_s * slow,
             adamw_tensor_s=None if r.adamw_tensor_s is None else r.adamw_tensor_s * slow,
         )
@@ -72,25 +71,18 @@ class Calibration:
         level, slow = self._nearest_level(sorted({p.concurrent for p in points}))
         return LogLogCurve([(p.flops, p.seconds * slow) for p in points if p.concurrent == level])
 
-    def has_dtype(self, dtype: str) -> bool:
-        """Whether matmul times for ``dtype`` (or its twin) were measured."""
-        return dtype in self._matmul or DTYPE_TWINS.get(dtype, "") in self._matmul
+    def _curve(self, dtype: str) -> LogLogCurve | None:
+        """The matmul curve of ``dtype``, else of its twin; ``None`` when neither was measured."""
+        return self._matmul.get(dtype) or self._matmul.get(DTYPE_TWINS.get(dtype, ""))
 
     def matmul_time(self, flops: float, *, dtype: str, gemm_flops: float) -> float | None:
         """Seconds for ``flops`` done by GEMMs of ``gemm_flops`` each; ``None`` when ``dtype`` was not measured."""
-        curve = self._matmul.get(dtype) or self._matmul.get(DTYPE_TWINS.get(dtype, ""))
+        curve = self._curve(dtype)
         if curve is None:
             return None
         if flops <= 0:
             return 0.0
         return flops / curve.rate(max(gemm_flops, 1.0))
-
-    def peak_rate(self, dtype: str) -> float | None:
-        """The best measured FLOP/s for ``dtype`` at this concurrency."""
-        curve = self._matmul.get(dtype) or self._matmul.get(DTYPE_TWINS.get(dtype, ""))
-        if curve is None:
-            return None
-        return max(s / t for s, t in zip(curve.sizes, curve.times, strict=True))
 
     # ---- communication -----------------------------------------------------------------------
 
@@ -102,11 +94,10 @@ class Calibration:
 
     def sync_time(self, n: int) -> float:
         """Extra time of a blocking collective among ``n`` computing ranks (nearest measured group size; 0 if none)."""
-        points = {p.group_size: p.seconds for p in self.profile.sync}
-        if not points:
+        if not self._sync:
             return 0.0
-        nearest = min(points, key=lambda size: (abs(size - n), size))
-        return points[nearest]
+        nearest = min(self._sync, key=lambda size: (abs(size - n), size))
+        return self._sync[nearest]
 
     def measured_group_sizes(self, op: str) -> list[int]:
         """Group sizes with a measured table for ``op`` (``"p2p"`` for point-to-point)."""

@@ -54,18 +54,17 @@ def hierarchical_time(
     *,
     num_nodes: int,
     per_node: int,
-    intra: tuple[float, float],
+    reduce_scatter_s: float,
     inter: tuple[float, float],
 ) -> float:
     """A collective over ``num_nodes`` x ``per_node`` ranks in three phases.
 
-    Intra-node reduce-scatter (ring) of the full tensor, the collective across nodes on each rank's
-    1/per_node slice (ring or tree), and for all_reduce an intra-node all-gather that mirrors the first
-    phase. ``intra`` and ``inter`` are ``(latency_s, bandwidth)`` of the two link levels.
+    Intra-node reduce-scatter of the full tensor (``reduce_scatter_s``, measured or from a formula), the
+    collective across nodes on each rank's 1/per_node slice (ring or tree on ``inter``, the inter-node
+    ``(latency_s, bandwidth)``), and for all_reduce an intra-node all-gather that mirrors the first phase.
     """
-    inner = ring_time("reduce_scatter", nbytes, per_node, *intra)
     outer = flat_time(op, nbytes / per_node, num_nodes, *inter)
-    return (2 * inner if op == "all_reduce" else inner) + outer
+    return (2 * reduce_scatter_s if op == "all_reduce" else reduce_scatter_s) + outer
 
 
 def link_from_fit(op: CollectiveOp, n: int, alpha: float, beta: float) -> tuple[float, float]:

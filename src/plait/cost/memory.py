@@ -28,6 +28,12 @@ FSDP_UNITS_LIVE_BACKWARD = 5
 ADAMW_TEMPORARIES = 2
 
 
+def check_optimizer(optimizer: str) -> None:
+    """Raise a PlaitError naming the known optimizers when ``optimizer`` is not one of them."""
+    if optimizer not in OPTIMIZER_STATES:
+        raise PlaitError(f"unknown optimizer {optimizer!r}; plait knows {', '.join(OPTIMIZER_STATES)}")
+
+
 def sharded_bytes(param: ParamInfo, shard_degree: int) -> int:
     """Bytes of one rank's dim-0 shard (FSDP2 pads dim 0 up to a multiple of the shard degree)."""
     if shard_degree <= 1 or not param.shape:
@@ -61,7 +67,6 @@ def memory_estimate(
     kind: DataParallelKind,
     shard_degree: int,
     micro_batch: int,
-    bucket_bytes: int,
     optimizer: str = "adamw",
     unit_bytes: Sequence[int] | None = None,
     device_kind: str = "cpu",
@@ -79,10 +84,9 @@ def memory_estimate(
       plus the all-gather input shard, while the activations are still alive;
     * the optimizer step: its temporaries (``device_kind="cuda"`` selects the foreach AdamW).
 
-    ``bucket_bytes`` does not change the replicated total: the buckets are the gradients.
+    The bucket size does not change the replicated total: the buckets are the gradients.
     """
-    if optimizer not in OPTIMIZER_STATES:
-        raise PlaitError(f"unknown optimizer {optimizer!r}; plait knows {', '.join(OPTIMIZER_STATES)}")
+    check_optimizer(optimizer)
     activations = int(graph.activation_bytes * micro_batch / graph.batch_size)
     boundary = boundary_bytes(graph, micro_batch)
     foreach = device_kind == "cuda"

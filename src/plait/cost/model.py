@@ -2,7 +2,7 @@
 
 Compute (see docs/cost_model.md): a block of ``num_kernels`` kernels doing ``flops`` FLOPs and moving
 ``bytes_moved`` bytes costs device time ``flops / rate(dtype, flops / num_kernels) + bytes_moved /
-elementwise_bandwidth`` (the GEMM rate is read at the block's FLOPs per kernel) and host time
+copy_bandwidth`` (the GEMM rate is read at the block's FLOPs per kernel) and host time
 ``num_kernels * kernel_s``. A CPU rank does both in one thread (they add); a GPU runs kernels while the
 host queues the next ones (the larger wins). Rates come from the cluster's measured profile when it has
 one, else from the datasheet with a default efficiency.
@@ -11,16 +11,15 @@ one, else from the datasheet with a default efficiency.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
 
 from plait.cluster.spec import Cluster
 from plait.cost.calibration import Calibration
-from plait.cost.comm import CollectiveOp, flat_time, p2p_time
+from plait.cost.comm import CollectiveOp, flat_time, hierarchical_time, p2p_time
 from plait.cost.profile import Profile, ProfileError, load_profile
-from plait.graph.model_graph import LayerInfo
 
 # Datasheet peaks are never reached; without a measured profile, assume this fraction.
 DEFAULT_MATMUL_EFFICIENCY = {"cuda": 0.6, "cpu": 1.0}
@@ -67,13 +66,7 @@ class CostModel:
         self.matmul_efficiency = DEFAULT_MATMUL_EFFICIENCY[kind]
         rates = self.calibration.rates if self.calibration else None
         self.kernel_overhead_s = rates.kernel_s if rates else DEFAULT_KERNEL_OVERHEAD_S[kind]
-        self.elementwise_bandwidth = rates.elementwise_bandwidth if rates else cluster.device.memory_bandwidth
         self.copy_bandwidth = rates.copy_bandwidth if rates else cluster.device.memory_bandwidth
-
-    @classmethod
-    def for_cluster(cls, cluster: Cluster, profile: ProfileRef | None = None) -> CostModel:
-        """The cost model of ``cluster``: ``profile`` (object, path or packaged name) overrides the cluster's."""
-        return cls(cluster, profile)
 
     @property
     def source(self) -> str:
@@ -108,21 +101,6 @@ class CostModel:
         host_s = num_kernels * self.kernel_overhead_s
         return device_s + host_s if self.synchronous else max(device_s, host_s)
 
-    def layer_time(
-        self, layer: LayerInfo, *, phase: Literal["fwd", "bwd"], batch_scale: float = 1.0, dtype: str = "fp32"
-    ) -> float:
-        """Forward or backward time of one layer at ``batch_scale`` times the captured batch.
-
-        Backward does ``bwd_flops``, twice the forward's memory traffic and twice its kernels.
-        """
-        if phase == "fwd":
-            return self.compute_time(
-                layer.fwd_flops * batch_scale, layer.fwd_bytes_moved * batch_scale, dtype=dtype, num_kernels=layer.num_kernels
-            )
-        return self.compute_time(
-            layer.bwd_flops * batch_scale, 2 * layer.fwd_bytes_moved * batch_scale, dtype=dtype, num_kernels=2 * layer.num_kernels
-        )
-
     def optimizer_time(self, num_params: float, *, num_tensors: int = 0) -> float:
         """Time of an AdamW step over ``num_params`` elements in ``num_tensors`` tensors (memory bound)."""
         rates = self.calibration.rates if self.calibration else None
@@ -144,9 +122,7 @@ class CostModel:
         n = len(group)
         if n <= 1:
             return 0.0
-        nodes: dict[int, int] = {}
-        for r in group:
-            nodes[self.cluster.node_of(r)] = nodes.get(self.cluster.node_of(r), 0) + 1
+        nodes = Counter(self.cluster.node_of(r) for r in group)
         if len(nodes) == 1:
             return self._intra_time(op, nbytes, n)
         per_node = min(nodes.values())
@@ -154,7 +130,11 @@ class CostModel:
         flat = flat_time(op, nbytes, n, inter.latency_s, inter.bandwidth)
         if per_node <= 1 or op in ("broadcast", "all_to_all"):
             return flat
-        return min(flat, self._hierarchical_time(op, nbytes, len(nodes), per_node))
+        inner = self._intra_time("reduce_scatter", nbytes, per_node)
+        hierarchical = hierarchical_time(
+            op, nbytes, num_nodes=len(nodes), per_node=per_node, reduce_scatter_s=inner, inter=(inter.latency_s, inter.bandwidth)
+        )
+        return min(flat, hierarchical)
 
     def p2p_time(self, nbytes: float, src: int, dst: int) -> float:
         """One transfer of ``nbytes`` from ``src`` to ``dst``."""
@@ -178,15 +158,11 @@ class CostModel:
         return self.cluster.intra_node.latency_s, self.cluster.intra_node.bandwidth
 
     def _intra_time(self, op: CollectiveOp, nbytes: float, n: int) -> float:
+        """Inside one node: the measured table plus the profile's sync cost (a blocking collective among
+        computing ranks), else ring/tree on the intra-node link."""
         if self.calibration is not None:
             measured = self.calibration.collective_time(op, n, nbytes)
             if measured is not None:
                 return measured + self.calibration.sync_time(n)
         latency, bandwidth = self.intra_link(op)
         return flat_time(op, nbytes, n, latency, bandwidth)
-
-    def _hierarchical_time(self, op: CollectiveOp, nbytes: float, num_nodes: int, per_node: int) -> float:
-        inter = self.cluster.inter_node
-        inner = self._intra_time("reduce_scatter", nbytes, per_node)
-        outer = flat_time(op, nbytes / per_node, num_nodes, inter.latency_s, inter.bandwidth)
-        return (2 * inner if op == "all_reduce" else inner) + outer

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 from plait.errors import PlaitError
+from plait.fileio import atomic_write
 from plait.serde import from_dict, to_dict
 
 PROFILE_VERSION = 1
@@ -40,7 +41,7 @@ class DeviceInfo:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Provenance:
+class MeasuredProvenance:
     """How and when the numbers were measured."""
 
     torch_version: str
@@ -120,7 +121,7 @@ class Profile:
     """A measured machine profile (see the module docstring)."""
 
     device: DeviceInfo
-    provenance: Provenance
+    provenance: MeasuredProvenance
     matmul: tuple[MatmulPoint, ...]
     rates: tuple[RankRates, ...]
     collectives: tuple[CollectivePoint, ...] = ()
@@ -189,15 +190,7 @@ def validate_profile(profile: Profile, *, where: str = "profile") -> None:
 def save_profile(profile: Profile, path: str | os.PathLike[str]) -> Path:
     """Write ``profile`` atomically (a temporary file in the same folder renamed over the target)."""
     validate_profile(profile, where=str(path))
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(profile_to_json(profile))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, target)
-    return target
+    return atomic_write(path, profile_to_json(profile))
 
 
 def packaged_profile_names() -> list[str]:

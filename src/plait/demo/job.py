@@ -11,7 +11,9 @@ import torch
 from plait.data import CharTokenizer, TextBatches, generate_corpus
 from plait.models.gpt import GPT, GPTConfig, lm_loss
 
-__all__ = ["DemoJob", "lm_loss"]
+__all__ = ["BATCH_PER_RANK", "DemoJob", "lm_loss"]
+
+BATCH_PER_RANK = 8  # the global batch is 8 per rank, so it splits over any number of ranks (32 on the default 4)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -29,6 +31,11 @@ class DemoJob:
     weight_decay: float = 0.01
     seed: int = 0
     corpus_chars: int = 200_000
+
+    @classmethod
+    def for_ranks(cls, nproc: int, *, steps: int) -> DemoJob:
+        """The demo job on ``nproc`` ranks, with a global batch of ``BATCH_PER_RANK`` per rank."""
+        return cls(steps=steps, nproc=nproc, global_batch=BATCH_PER_RANK * nproc)
 
     def to_json(self) -> str:
         """The job as JSON, passed to each rank."""

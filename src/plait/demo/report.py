@@ -12,21 +12,27 @@ WARMUP_STEPS = 5  # first steps pay for allocation and rendezvous; the measured 
 
 
 @dataclass(frozen=True, kw_only=True)
+class StepTimes:
+    """plait's predicted step time against the one its run measured."""
+
+    predicted_s: float
+    measured_s: float
+
+    @property
+    def error(self) -> float:
+        """Relative error of the predicted step time."""
+        return abs(self.predicted_s - self.measured_s) / self.measured_s
+
+
+@dataclass(frozen=True, kw_only=True)
 class Comparison:
-    """How plait's run compares with the reference and with its prediction."""
+    """How plait's run compares with the single-process reference."""
 
     max_loss_diff: float
     max_param_diff: float
     final_loss: float
     reference_final_loss: float
-    predicted_step_s: float
-    measured_step_s: float
     reference_step_s: float
-
-    @property
-    def step_error(self) -> float:
-        """Relative error of the predicted step time."""
-        return abs(self.predicted_step_s - self.measured_step_s) / self.measured_step_s
 
     def matches(self, tolerance: float) -> bool:
         """Whether losses and parameters agree with the reference within ``tolerance`` (relative to the loss)."""

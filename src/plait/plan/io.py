@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from plait.errors import PlaitError
+from plait.fileio import atomic_write
 from plait.plan.ir import PLAN_VERSION, Plan
 from plait.serde import from_dict, to_dict
 
@@ -26,13 +27,8 @@ def plan_from_json(text: str) -> Plan:
 
 
 def save_plan(plan: Plan, path: str | os.PathLike[str]) -> Path:
-    """Write the plan atomically (a temporary file renamed over the target)."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    tmp.write_text(plan_to_json(plan))
-    os.replace(tmp, target)
-    return target
+    """Write the plan atomically (a temporary file, fsynced, renamed over the target)."""
+    return atomic_write(path, plan_to_json(plan))
 
 
 def load_plan(path: str | os.PathLike[str]) -> Plan:

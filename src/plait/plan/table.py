@@ -13,7 +13,8 @@ MB = 1e6
 GB = 1e9
 
 
-def _fmt_bytes(n: float) -> str:
+def fmt_bytes(n: float) -> str:
+    """Bytes as GB (or MB below one GB), decimal units as on datasheets."""
     return f"{n / GB:.2f} GB" if n >= GB else f"{n / MB:.1f} MB"
 
 
@@ -26,14 +27,14 @@ def _data_parallel(dp: DataParallelSpec, mesh: MeshSpec) -> str:
     if dp.kind == "replicate":
         sizes = [b.nbytes for b in dp.buckets]
         if len(sizes) == 1:
-            return f"replicate over dp={mesh.size}: 1 gradient bucket of {_fmt_bytes(sizes[0])} (cap {_fmt_bytes(dp.bucket_bytes)})"
-        spread = f" ({_fmt_bytes(min(sizes))} to {_fmt_bytes(max(sizes))})" if sizes else ""
-        return f"replicate over dp={mesh.size}: {len(sizes)} gradient buckets of up to {_fmt_bytes(dp.bucket_bytes)}{spread}"
+            return f"replicate over dp={mesh.size}: 1 gradient bucket of {fmt_bytes(sizes[0])} (cap {fmt_bytes(dp.bucket_bytes)})"
+        spread = f" ({fmt_bytes(min(sizes))} to {fmt_bytes(max(sizes))})" if sizes else ""
+        return f"replicate over dp={mesh.size}: {len(sizes)} gradient buckets of up to {fmt_bytes(dp.bucket_bytes)}{spread}"
     where = f"shard over {dp.shard_axis}={mesh.axis_size(dp.shard_axis or '')}"
     if dp.replicate_axis:
         where = f"replicate over {dp.replicate_axis}={mesh.axis_size(dp.replicate_axis)}, {where}"
     reshard = ", reshard after forward" if dp.reshard_after_forward else ""
-    return f"{dp.kind} ({where}): {len(dp.shard_units)} units, largest {_fmt_bytes(dp.bucket_bytes)}{reshard}"
+    return f"{dp.kind} ({where}): {len(dp.shard_units)} units, largest {fmt_bytes(dp.bucket_bytes)}{reshard}"
 
 
 def _prediction_rows(table: Table, p: Prediction) -> None:
@@ -45,9 +46,9 @@ def _prediction_rows(table: Table, p: Prediction) -> None:
     m = p.memory
     table.add_row(
         "predicted memory",
-        f"{_fmt_bytes(max(p.peak_memory_bytes))} peak per device = params {_fmt_bytes(m.params)} + grads "
-        f"{_fmt_bytes(m.grads)} + optimizer {_fmt_bytes(m.optimizer)} + activations {_fmt_bytes(m.activations)} "
-        f"+ buffers {_fmt_bytes(m.buffers)}",
+        f"{fmt_bytes(max(p.peak_memory_bytes))} peak per device = params {fmt_bytes(m.params)} + grads "
+        f"{fmt_bytes(m.grads)} + optimizer {fmt_bytes(m.optimizer)} + activations {fmt_bytes(m.activations)} "
+        f"+ buffers {fmt_bytes(m.buffers)}",
     )
 
 
@@ -59,7 +60,7 @@ def _head(plan: Plan) -> Table:
     head.add_row("data parallel", _data_parallel(plan.data_parallel, plan.mesh))
     b = plan.batch
     head.add_row("batch", f"global {b.global_size} = micro {b.micro_size} x {b.num_micro} micro-batches x dp {plan.mesh.size}")
-    head.add_row("parameters", f"{plan.model.num_params / 1e6:,.2f} M ({_fmt_bytes(plan.model.param_bytes)}, {plan.model.dtype}), optimizer {plan.optimizer}")
+    head.add_row("parameters", f"{plan.model.num_params / 1e6:,.2f} M ({fmt_bytes(plan.model.param_bytes)}, {plan.model.dtype}), optimizer {plan.optimizer}")
     if plan.programs:
         head.add_row("program", f"{sum(len(p.instrs) for p in plan.programs)} instructions in {len(plan.programs)} program(s)")
     if plan.predicted:
@@ -82,8 +83,8 @@ def candidates_table(candidates: tuple[CandidateReport, ...]) -> Table:
             "yes" if c.fits else "no",
             f"{c.micro_size} x {c.num_micro}" if scored else "-",
             fmt_seconds(c.step_s) if scored else "-",
-            _fmt_bytes(c.peak_memory_bytes) if scored else "-",
-            _fmt_bytes(c.memory_limit_bytes),
+            fmt_bytes(c.peak_memory_bytes) if scored else "-",
+            fmt_bytes(c.memory_limit_bytes),
             c.note,
             style="bold" if c.note.startswith("chosen") else None,
         )

@@ -6,28 +6,16 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from datetime import UTC, datetime
 from typing import Any
 
 from plait.cluster import Cluster, load_cluster
 from plait.cost import CostModel
 from plait.errors import NoFeasiblePlanError, PlaitError
 from plait.graph.model_graph import ModelGraph
-from plait.plan.ir import Plan, Provenance
+from plait.plan.ir import Plan
 from plait.planners.candidates import DEFAULT_BUCKET_SIZES, options, score
-from plait.planners.data_parallel import planner_version
+from plait.planners.data_parallel import provenance_of
 from plait.planners.explain import explain, infeasible_message, winner_of
-
-
-def default_cost(cluster: Cluster, profile: str | os.PathLike[str] | None = None) -> CostModel:
-    """The cluster's cost model: calibrated from ``profile`` (or the cluster's own profile) when the
-    cost package can read profiles, else from datasheet numbers."""
-    factory: Callable[..., CostModel] | None = getattr(CostModel, "for_cluster", None)
-    if factory is not None:
-        return factory(cluster, profile=os.fspath(profile) if profile is not None else None)
-    if profile is not None:
-        raise PlaitError(f"cannot use profile {profile}: this plait's cost model has no profile support")
-    return CostModel(cluster)
 
 
 def _graph_of(model_or_graph: Any, example_batch: Any, loss_fn: Any, name: str | None) -> ModelGraph:
@@ -67,7 +55,7 @@ def plan(
     cluster = cluster if isinstance(cluster, Cluster) else load_cluster(cluster)
     graph = _graph_of(model_or_graph, example_batch, loss_fn, name)
     t1 = time.perf_counter()
-    cost = cost or default_cost(cluster)
+    cost = cost or CostModel(cluster)
     if global_batch is None:
         global_batch = (micro_batch or graph.batch_size) * cluster.world_size
     limit = int(cluster.device.memory_bytes * memory_fraction)
@@ -82,10 +70,8 @@ def plan(
         raise NoFeasiblePlanError(infeasible_message(graph, cluster, scored, limit, memory_fraction))
     assert best.plan is not None
     t3 = time.perf_counter()
-    provenance = Provenance(
-        planner="plait.planners.auto",
-        version=planner_version(),
-        created=datetime.now(UTC).isoformat(timespec="seconds"),
+    provenance = provenance_of(
+        "plait.planners.auto",
         search_s=t3 - t0,
         passes={"capture": t1 - t0, "score_candidates": t2 - t1, "choose": t3 - t2},
         options={

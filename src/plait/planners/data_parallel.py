@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from importlib import metadata
 
 from plait.cluster.spec import Cluster
-from plait.cost import OPTIMIZER_STATES, CostModel
+from plait.cost import CostModel, check_optimizer
 from plait.errors import PlaitError
 from plait.graph.model_graph import ModelGraph
 from plait.plan.ir import (
@@ -34,6 +34,18 @@ def planner_version() -> str:
         return metadata.version("plait")
     except metadata.PackageNotFoundError:
         return "unknown"
+
+
+def provenance_of(planner: str, *, search_s: float, passes: dict[str, float], options: dict[str, str]) -> Provenance:
+    """The provenance of a plan made now by ``planner`` (this plait's version, UTC timestamp)."""
+    return Provenance(
+        planner=planner,
+        version=planner_version(),
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        search_s=search_s,
+        passes=passes,
+        options=options,
+    )
 
 
 def dp_mesh(kind: DataParallelKind, cluster: Cluster) -> MeshSpec:
@@ -123,8 +135,7 @@ def build_dp_plan(
     """A complete data-parallel Plan (mesh, batch, buckets or shard units, per-parameter placement and
     sync, the lowered step program) with the simulator's Prediction and provenance."""
     t0 = time.perf_counter()
-    if optimizer not in OPTIMIZER_STATES:
-        raise PlaitError(f"unknown optimizer {optimizer!r}; plait knows {', '.join(OPTIMIZER_STATES)}")
+    check_optimizer(optimizer)
     mesh = dp_mesh(kind, cluster)
     batch = batch_spec(global_batch, mesh.size, micro_batch=micro_batch, num_micro=num_micro)
     spec = dp_spec(graph, kind, mesh, bucket_bytes)
@@ -142,10 +153,8 @@ def build_dp_plan(
     t1 = time.perf_counter()
     result = simulate(plan, cost or CostModel(cluster))
     t2 = time.perf_counter()
-    provenance = Provenance(
-        planner="plait.planners.data_parallel",
-        version=planner_version(),
-        created=datetime.now(UTC).isoformat(timespec="seconds"),
+    provenance = provenance_of(
+        "plait.planners.data_parallel",
         search_s=t2 - t0,
         passes={"data_parallel": t1 - t0, "simulate": t2 - t1},
         options={"kind": kind, "bucket_bytes": str(bucket_bytes), "optimizer": optimizer},

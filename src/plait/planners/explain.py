@@ -8,12 +8,8 @@ from collections.abc import Sequence
 from plait.cluster import Cluster
 from plait.graph.model_graph import ModelGraph
 from plait.plan.ir import CandidateReport, Plan, Prediction
+from plait.plan.table import fmt_bytes, fmt_seconds
 from plait.planners.candidates import Scored
-
-
-def fmt_bytes(nbytes: float) -> str:
-    """Bytes as GB (or MB below one GB), decimal units as on datasheets."""
-    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
 
 
 def _pred(plan: Plan | None) -> Prediction:
@@ -26,21 +22,17 @@ def _accumulation(plan: Plan) -> str:
     return f"{b.num_micro} micro-batches of {b.micro_size}" if b.num_micro > 1 else f"micro-batch {b.micro_size}"
 
 
-def _ms(seconds: float) -> str:
-    return f"{seconds * 1e3:.3g} ms"
-
-
 def _why_slower(loser: Plan, winner: Plan) -> str:
     lp, wp = _pred(loser), _pred(winner)
     gap = lp.step_s - wp.step_s
     if gap <= 1e-12 * max(1.0, wp.step_s):
         return "as fast as the chosen plan; the first one listed wins ties"
-    head = f"slower by {_ms(gap)} ({gap / wp.step_s:+.1%})"
+    head = f"slower by {fmt_seconds(gap)} ({gap / wp.step_s:+.1%})"
     if loser.batch.num_micro > winner.batch.num_micro:
         return f"{head}: needs {loser.batch.num_micro} micro-batches to fit"
     if lp.exposed_comm_s - wp.exposed_comm_s >= lp.compute_s - wp.compute_s:
-        return f"{head}: more exposed communication ({_ms(lp.exposed_comm_s)} vs {_ms(wp.exposed_comm_s)})"
-    return f"{head}: more compute ({_ms(lp.compute_s)} vs {_ms(wp.compute_s)})"
+        return f"{head}: more exposed communication ({fmt_seconds(lp.exposed_comm_s)} vs {fmt_seconds(wp.exposed_comm_s)})"
+    return f"{head}: more compute ({fmt_seconds(lp.compute_s)} vs {fmt_seconds(wp.compute_s)})"
 
 
 def winner_of(scored: Sequence[Scored]) -> Scored | None:

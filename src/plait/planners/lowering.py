@@ -35,6 +35,8 @@ def first_rank_groups(mesh: MeshSpec) -> dict[str, tuple[int, ...]]:
 
 
 def _compute(graph: ModelGraph, index: int, phase: str, micro: int, scale: float) -> Instr:
+    """A layer's work at ``scale`` x the captured batch, the only place that rule lives: backward does
+    ``bwd_flops``, twice the forward's memory traffic and twice its kernels."""
     layer = graph.layers[index]
     fwd = phase == "fwd"
     return Instr(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -67,15 +67,21 @@ def _ping_pong(rank: int, t: torch.Tensor) -> None:
         dist.send(t, dst=0)
 
 
-def collective_results(cfg: ProfileConfig, timer: Timer, device: torch.device, tick: Callable[[], None]) -> list[dict[str, Any]]:
-    """This rank's median time per (op, group size, bytes); the job's time is the slowest rank's.
+def process_groups(cfg: ProfileConfig) -> dict[int, Any]:
+    """The groups of ranks 0..n-1 for n = 2..nproc; every rank must call this, at the same point."""
+    return {n: dist.new_group(list(range(n))) for n in range(2, cfg.nproc + 1)}
 
-    Every rank creates every group (ranks 0..n-1 for n = 2..nproc), as ``new_group`` requires; ranks
-    outside a group skip its measurements. ``tick`` marks one finished table entry (rank 0 reports it).
+
+def collective_results(
+    cfg: ProfileConfig, timer: Timer, device: torch.device, tick: Callable[[], None], groups: Mapping[int, Any]
+) -> list[dict[str, Any]]:
+    """This rank's mean time of one call per (op, group size, bytes); the profile keeps the slowest rank's.
+
+    ``groups`` comes from ``process_groups``; ranks outside a group skip its measurements. ``tick`` marks
+    one finished table entry (rank 0 reports it).
     """
     rank = dist.get_rank()
     rows: list[dict[str, Any]] = []
-    groups = {n: dist.new_group(list(range(n))) for n in range(2, cfg.nproc + 1)}
     for n, group in groups.items():
         for op in GROUP_OPS:
             for nbytes in cfg.collective_bytes:
@@ -113,15 +119,17 @@ def _burst(device: torch.device) -> Callable[[], Any]:
     return burst
 
 
-def sync_results(cfg: ProfileConfig, timer: Timer, device: torch.device, tick: Callable[[], None]) -> list[dict[str, Any]]:
-    """Per group size: mean time of (compute burst + tiny all_reduce) minus the burst alone and the tiny
-    all_reduce alone (started together after a barrier) -- what blocking on a collective in the middle of
-    compute costs on CPU ranks that share cores (waiting for the slowest rank, waking up)."""
+def sync_results(
+    cfg: ProfileConfig, timer: Timer, device: torch.device, tick: Callable[[], None], groups: Mapping[int, Any]
+) -> list[dict[str, Any]]:
+    """Per group size (``groups`` from ``process_groups``): mean time of (compute burst + tiny all_reduce)
+    minus the burst alone and the tiny all_reduce alone (started together after a barrier) -- what
+    blocking on a collective in the middle of compute costs on CPU ranks that share cores (waiting for
+    the slowest rank, waking up)."""
     rank = dist.get_rank()
     rows: list[dict[str, Any]] = []
     burst = _burst(device)
-    for n in range(2, cfg.nproc + 1):
-        group = dist.new_group(list(range(n)))
+    for n, group in groups.items():
         if rank < n:
             flag = torch.ones(1, device=device)
             reduce_alone = _timed(lambda: dist.all_reduce(flag, group=group), cfg, timer, group, SYNC_REPEATS)  # noqa: B023

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from plait.cost.profile import DeviceInfo, MatmulPoint, Profile, Provenance, RankRates, save_profile
+from plait.cost.profile import DeviceInfo, MatmulPoint, MeasuredProvenance, Profile, RankRates, save_profile
 from plait.graph import capture
 from plait.models.gpt import Block, GPTConfig
 
@@ -86,7 +86,7 @@ def h200_profile(measured: dict[str, Any], gemm: dict[str, Any]) -> Profile:
     memory = int(total.group(1)) * 1024 * 1024 if total else 141 * 10**9
     return Profile(
         device=DeviceInfo(kind="cuda", name=measured["device"], num_devices=1, memory_bytes=memory),
-        provenance=Provenance(
+        provenance=MeasuredProvenance(
             torch_version=measured["torch"],
             backend="",
             timer="cuda_event_per_call",

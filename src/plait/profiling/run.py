@@ -15,8 +15,8 @@ from plait.cost.profile import (
     CollectivePoint,
     DeviceInfo,
     MatmulPoint,
+    MeasuredProvenance,
     Profile,
-    Provenance,
     RankRates,
     SyncPoint,
 )
@@ -144,8 +144,8 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _provenance(cfg: ProfileConfig) -> Provenance:
-    return Provenance(
+def _provenance(cfg: ProfileConfig) -> MeasuredProvenance:
+    return MeasuredProvenance(
         torch_version=torch.__version__,
         backend=("nccl" if cfg.device == "cuda" else "gloo") if cfg.nproc >= 2 else "",
         timer="cuda_event" if cfg.device == "cuda" else "perf_counter",

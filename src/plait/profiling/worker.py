@@ -1,7 +1,7 @@
 """One rank of `plait profile`: ``python -m plait.profiling.worker`` (started by ``plait.profiling.launch``).
 
 The parent holds a TCPStore; the rank reads its config from it, joins the process group through it,
-reports progress (rank 0) and writes its results back to it as JSON.
+reports progress (rank 0) and writes its results back to it as JSON, or its traceback if it fails.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from plait.profiling.bench_comm import collective_results, sync_results
+from plait.profiling.bench_comm import collective_results, process_groups, sync_results
 from plait.profiling.bench_compute import compute_results
 from plait.profiling.config import ProfileConfig
 from plait.profiling.timing import timer_for
@@ -28,6 +28,11 @@ KEY_CONFIG, KEY_PROGRESS = "plait/config", "plait/progress"
 def result_key(rank: int) -> str:
     """Store key of one rank's results."""
     return f"plait/result/{rank}"
+
+
+def error_key(rank: int) -> str:
+    """Store key of the traceback of a rank that failed (the parent puts it in its error message)."""
+    return f"plait/error/{rank}"
 
 
 def _connect() -> tuple[dist.TCPStore, int, int]:
@@ -73,8 +78,9 @@ def run_rank(store: dist.TCPStore, rank: int, world: int) -> dict[str, Any]:
             compute[str(level)] = compute_results(cfg, timer, device)
         dist.barrier()
         tick()
-    collectives = collective_results(cfg, timer, device, tick) if world >= 2 else []
-    sync = sync_results(cfg, timer, device, tick) if world >= 2 and cfg.device == "cpu" else []
+    groups = process_groups(cfg)  # every rank creates the groups once, in the same order
+    collectives = collective_results(cfg, timer, device, tick, groups) if world >= 2 else []
+    sync = sync_results(cfg, timer, device, tick, groups) if world >= 2 and cfg.device == "cpu" else []
     dist.barrier()
     dist.destroy_process_group()
     return {"rank": rank, "compute": compute, "collectives": collectives, "sync": sync}
@@ -86,7 +92,7 @@ def main() -> None:
     try:
         result = run_rank(store, rank, world)
     except BaseException:
-        store.set(f"plait/error/{rank}", traceback.format_exc())
+        store.set(error_key(rank), traceback.format_exc())
         raise
     store.set(result_key(rank), json.dumps(result))
 

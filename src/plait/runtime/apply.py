@@ -14,6 +14,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from plait.errors import PlaitError
 from plait.plan.ir import DataParallelKind, Plan
 from plait.runtime.context import DistContext
+from plait.runtime.optim import OPTIMIZERS
 from plait.runtime.wfbp import WaitFreeReplicate
 
 
@@ -83,6 +84,11 @@ def check_plan(plan: Plan, ctx: DistContext) -> None:
         raise PlanMismatchError(
             f"batch global {batch.global_size} != micro {batch.micro_size} x num_micro {batch.num_micro} "
             f"x data-parallel degree {mesh.size}; fix the plan's batch"
+        )
+    if plan.optimizer not in OPTIMIZERS:
+        raise PlanMismatchError(
+            f"the plan's optimizer {plan.optimizer!r} is not one the runtime builds ({', '.join(OPTIMIZERS)}); "
+            "re-plan with one of them"
         )
 
 

@@ -10,6 +10,7 @@ A reader never sees a half-written checkpoint: ``latest`` only ever names a comp
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import shutil
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 
 from plait.errors import PlaitError
+from plait.fileio import atomic_write, fsync_dir
 
 STATE_FILE = "state.pt"
 LATEST = "latest"
@@ -35,25 +37,6 @@ def step_name(step: int) -> str:
     return f"{PREFIX}{step:08d}"
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and ``os.replace``."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def save_checkpoint(root: Path, step: int, state: dict[str, Any], *, keep: int = 2) -> Path:
     """Write ``state`` as the checkpoint of ``step``, point ``latest`` at it and keep the newest ``keep``."""
     root.mkdir(parents=True, exist_ok=True)
@@ -62,15 +45,14 @@ def save_checkpoint(root: Path, step: int, state: dict[str, Any], *, keep: int =
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    with open(tmp / STATE_FILE, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write(tmp / STATE_FILE, buf.getvalue())
     if final.exists():  # a resumed run taking the same step again
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(root)
-    write_atomic(root / LATEST, final.name.encode())
+    fsync_dir(root)
+    atomic_write(root / LATEST, final.name)
     _prune(root, keep, final.name)
     return final
 

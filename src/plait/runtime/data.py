@@ -14,14 +14,12 @@ Batch = tuple[torch.Tensor, ...]
 DataSource = Callable[[int], Sequence[torch.Tensor]]
 
 
-def local_micro_batches(global_batch: Sequence[torch.Tensor], spec: BatchSpec, *, dp_rank: int, dp_size: int) -> list[Batch]:
-    """This rank's ``num_micro`` micro-batches: rows [dp_rank * per_rank, (dp_rank + 1) * per_rank) in order."""
+def local_micro_batches(global_batch: Sequence[torch.Tensor], spec: BatchSpec, *, dp_rank: int) -> list[Batch]:
+    """This rank's ``num_micro`` micro-batches: rows [dp_rank * per_rank, (dp_rank + 1) * per_rank) in order.
+
+    ``spec`` must split over the data-parallel ranks (``check_plan`` checks it once, before the first step).
+    """
     per_rank = spec.micro_size * spec.num_micro
-    if per_rank * dp_size != spec.global_size:
-        raise PlaitError(
-            f"global batch {spec.global_size} cannot be split as micro {spec.micro_size} x num_micro {spec.num_micro} "
-            f"x {dp_size} data-parallel ranks; fix the plan's batch"
-        )
     tensors = tuple(global_batch)
     for t in tensors:
         if t.shape[0] != spec.global_size:

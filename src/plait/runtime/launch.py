@@ -60,7 +60,7 @@ def free_port(host: str = LOOPBACK) -> int:
 
 
 def rank_env(rank: int, nproc: int, port: int, *, threads: int = 1, base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment of one rank: torchrun's variables, one thread, loopback only, unbuffered output."""
+    """One rank's environment: torchrun's variables, ``threads`` OpenMP/MKL threads, loopback only, unbuffered."""
     env = dict(os.environ if base is None else base)
     env.update(
         RANK=str(rank),
@@ -71,6 +71,7 @@ def rank_env(rank: int, nproc: int, port: int, *, threads: int = 1, base: Mappin
         MASTER_ADDR=LOOPBACK,
         MASTER_PORT=str(port),
         OMP_NUM_THREADS=str(threads),
+        MKL_NUM_THREADS=str(threads),
         GLOO_SOCKET_IFNAME="lo",
         PYTHONUNBUFFERED="1",
     )
@@ -220,7 +221,8 @@ def _message(outcome: str, failed: int | None, exits: tuple[RankExit, ...], time
 def launch(
     script: str | os.PathLike[str],
     *,
-    nproc: int,
+    nproc: int | None = None,
+    module: bool = False,
     script_args: Sequence[str] = (),
     plan: str | os.PathLike[str] | None = None,
     resume: bool = False,
@@ -228,32 +230,41 @@ def launch(
     python: str = sys.executable,
     **kwargs: Any,
 ) -> LaunchResult:
-    """Run a Python training script on ``nproc`` local ranks (what ``plait run`` does); see ``launch_argv``."""
-    path = Path(script)
-    if not path.is_file():
-        raise PlaitError(f"training script {path} does not exist; give the path of a Python file")
+    """Run a Python training script (``module=True``: ``python -m script``) on ``nproc`` local ranks, what
+    ``plait run`` does; ``nproc`` defaults to the plan's world size. See ``launch_argv``."""
+    target = ["-m", str(script)] if module else [str(_checked_script(Path(script)))]
     env = dict(kwargs.pop("env", None) or os.environ)
     if plan is not None:
-        env[PLAN_ENV] = str(_checked_plan(Path(plan), nproc))
+        plan_path, nproc = _checked_plan(Path(plan), nproc)
+        env[PLAN_ENV] = str(plan_path)
+    if nproc is None:
+        raise PlaitError("give the number of ranks (--nproc N) or a plan, whose mesh fixes it")
     env[RESUME_ENV] = "1" if resume else "0"
     if out_dir is not None:
         out = Path(out_dir).resolve()
         out.mkdir(parents=True, exist_ok=True)
         env[OUT_ENV] = str(out)
-    return launch_argv([python, "-u", str(path), *script_args], nproc=nproc, env=env, **kwargs)
+    return launch_argv([python, "-u", *target, *script_args], nproc=nproc, env=env, **kwargs)
 
 
-def _checked_plan(path: Path, nproc: int) -> Path:
-    """Load the plan once here so a bad file fails before any rank starts."""
+def _checked_script(path: Path) -> Path:
+    if not path.is_file():
+        why = "is a folder" if path.is_dir() else "does not exist"
+        raise PlaitError(f"training script {path} {why}; give the path of a Python file (or a module name with -m)")
+    return path
+
+
+def _checked_plan(path: Path, nproc: int | None) -> tuple[Path, int]:
+    """Load the plan once here so a bad file fails before any rank starts; its path and the number of ranks."""
     from plait.plan.io import load_plan
 
     plan = load_plan(path)
-    if plan.world_size != nproc:
+    if nproc is not None and plan.world_size != nproc:
         raise PlaitError(
             f"plan {path} is for {plan.world_size} ranks (mesh {plan.mesh.shape}) but --nproc is {nproc}; "
             f"use --nproc {plan.world_size} or re-plan for {nproc} ranks"
         )
-    return path.resolve()
+    return path.resolve(), plan.world_size
 
 
 def raise_on_failure(result: LaunchResult) -> None:

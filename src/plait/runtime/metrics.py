@@ -9,6 +9,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import TextIO
 
 from rich.console import Console
 from rich.progress import (
@@ -19,6 +20,8 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+
+from plait.fileio import atomic_write
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -45,9 +48,7 @@ def truncate_metrics(path: Path, last_step: int) -> None:
     if not path.is_file():
         return
     kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    atomic_write(path, "".join(line + "\n" for line in kept))
 
 
 class MetricsLog:
@@ -69,9 +70,11 @@ class MetricsLog:
         self.total_steps = total_steps
         self.console = Console(file=sys.stdout, highlight=False)
         self.path = Path(out_dir) / METRICS_FILE if (active and out_dir is not None) else None
+        self.file: TextIO | None = None
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             truncate_metrics(self.path, start_step)
+            self.file = open(self.path, "a")  # noqa: SIM115 - open for the log's life, closed by close()
         self.progress: Progress | None = None
         if active and progress:
             self.progress = Progress(
@@ -88,6 +91,17 @@ class MetricsLog:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if self.progress is not None:
             self.progress.stop()
+        self.close()
+
+    def close(self) -> None:
+        """Close the metrics file (``with`` does it on the way out)."""
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+    def due(self, step: int) -> bool:
+        """Whether ``step`` is printed: every ``log_every`` steps and the last."""
+        return step % self.log_every == 0 or step == self.total_steps
 
     def print(self, text: str) -> None:
         """A console line (rank 0 only), above the progress bar."""
@@ -95,14 +109,14 @@ class MetricsLog:
             self.console.print(text, markup=False)
 
     def log(self, step: int, loss: float, step_s: float, samples: int) -> StepMetrics:
-        """Record one step; prints every ``log_every`` steps and always appends to the JSONL file."""
+        """Record one step; prints it when ``due`` and always appends it to the JSONL file (flushed)."""
         m = StepMetrics(step=step, loss=loss, step_s=step_s, samples_per_s=samples / step_s if step_s > 0 else 0.0, time=time.time())
         if not self.active:
             return m
-        if self.path is not None:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(asdict(m)) + "\n")
-        if step % self.log_every == 0 or step == self.total_steps:
+        if self.file is not None:
+            self.file.write(json.dumps(asdict(m)) + "\n")
+            self.file.flush()
+        if self.due(step):
             self.print(f"step {step}/{self.total_steps}  loss {loss:.4f}  {step_s * 1e3:.1f} ms  {m.samples_per_s:.1f} samples/s")
         if self.progress is not None:
             self.progress.update(self.task, completed=step, loss=f"loss {loss:.4f}")

@@ -1,4 +1,4 @@
-"""Full (unsharded) model/optimizer state and RNG states across ranks, for checkpoints and results.
+"""Full (unsharded) model/optimizer state, RNG states and rank 0's outcomes across ranks, for checkpoints.
 
 Model and optimizer state go through ``torch.distributed.checkpoint.state_dict`` with full state dicts
 keyed by parameter name, so a checkpoint taken by one plan kind or world size loads into another.
@@ -9,8 +9,8 @@ from __future__ import annotations
 import io
 import os
 import random
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -22,11 +22,13 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from plait.runtime.checkpoint import write_atomic
+from plait.errors import PlaitError
+from plait.fileio import atomic_write
 from plait.runtime.context import DistContext
 
 FULL_ON_RANK0 = StateDictOptions(full_state_dict=True, cpu_offload=True)
 FULL = StateDictOptions(full_state_dict=True)
+T = TypeVar("T")
 
 
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -54,6 +56,26 @@ def broadcast_value(value: Any, ctx: DistContext) -> Any:
     box = [value if ctx.is_main else None]
     dist.broadcast_object_list(box, src=0, device=ctx.device if ctx.device.type == "cuda" else None)
     return box[0]
+
+
+def run_on_main(fn: Callable[[], T], ctx: DistContext, *, what: str) -> T:
+    """``fn()`` on rank 0 and its value on every rank; if it raises, every rank raises the same PlaitError.
+
+    Collective: the other ranks wait for rank 0's outcome here instead of hanging in their next collective
+    until the process group's timeout (a launcher such as torchrun does not stop them).
+    """
+    outcome: tuple[str | None, T | None] = (None, None)
+    cause: Exception | None = None
+    if ctx.is_main:
+        try:
+            outcome = (None, fn())
+        except Exception as exc:
+            detail = str(exc) if isinstance(exc, PlaitError) else f"{type(exc).__name__}: {exc}"
+            outcome, cause = (f"{what} failed on rank 0: {detail}", None), exc
+    error, value = broadcast_value(outcome, ctx)
+    if error is not None:
+        raise PlaitError(error) from cause
+    return value
 
 
 def seed_rank(seed: int, *, step: int, rank: int) -> None:
@@ -97,9 +119,7 @@ def restore_rng(states: list[dict[str, Any]] | None, ctx: DistContext, *, seed: 
 
 
 def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike[str]) -> None:
-    """``torch.save`` through a temporary file and ``os.replace``."""
+    """``torch.save`` to ``path`` atomically (see ``plait.fileio.atomic_write``)."""
     buf = io.BytesIO()
     torch.save(tensors, buf)
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(target, buf.getvalue())
+    atomic_write(path, buf.getvalue())

@@ -1,4 +1,4 @@
-"""The Trainer: seeded build, plan application, AdamW steps over micro-batches, metrics, checkpoints, resume."""
+"""The Trainer: seeded build, plan application, the plan's optimizer over micro-batches, metrics, checkpoints, resume."""
 
 from __future__ import annotations
 
@@ -17,28 +17,30 @@ from torch import nn
 from plait.errors import PlaitError
 from plait.plan.ir import Plan
 from plait.runtime import state as rstate
-from plait.runtime.apply import AppliedPlan, apply_plan
+from plait.runtime.apply import AppliedPlan, PlanMismatchError, apply_plan
 from plait.runtime.checkpoint import checkpoint_dir, latest_checkpoint, load_checkpoint, save_checkpoint
 from plait.runtime.context import DistContext, init_distributed, teardown
 from plait.runtime.data import Batch, DataSource, local_micro_batches, to_device
 from plait.runtime.envvars import OUT_ENV, RESUME_ENV, env_flag
 from plait.runtime.metrics import MetricsLog
+from plait.runtime.optim import build_optimizer, optimizer_name
 from plait.runtime.wfbp import StepTrace
 
 FINAL_FILE = "final.pt"
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
-OptimizerFn = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+OptimizerFn = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]  # overrides plan.optimizer
 
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    """Optimizer, seeding, logging and checkpoint settings of a training run."""
+    """Optimizer settings, seeding, logging and checkpoint settings of a training run (the plan picks the optimizer)."""
 
     steps: int
     lr: float = 1e-3
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)  # adamw, adam
+    eps: float = 1e-8  # adamw, adam
+    weight_decay: float = 0.01  # decoupled for adamw, an L2 term for adam and sgd
+    momentum: float = 0.9  # sgd ("sgd_nomomentum" uses none)
     seed: int = 0
     out_dir: str | None = None  # metrics.jsonl, checkpoints/ and final.pt go here (rank 0 writes)
     checkpoint_every: int = 0  # 0: no checkpoints
@@ -70,7 +72,7 @@ class TrainResult:
 
     start_step: int  # optimizer steps already done when this run began (from a checkpoint)
     losses: tuple[float, ...]  # one per step run, averaged over ranks
-    step_times: tuple[float, ...]  # seconds per step
+    step_times: tuple[float, ...]  # seconds per step (averaged over the steps between two logged ones)
     final_state: dict[str, torch.Tensor] = field(repr=False)  # full model state dict on rank 0, {} elsewhere
     traces: tuple[StepTrace, ...] = ()  # WFBP timings (replicate plans)
 
@@ -79,7 +81,9 @@ class Trainer:
     """Trains ``model_fn()`` with a Plan on the ranks of the current job.
 
     ``data(step)`` must return the *global* batch of ``step`` (the same on every rank); each rank takes
-    its slice per ``plan.batch``. ``loss_fn(model, batch)`` returns the mean loss of a micro-batch.
+    its slice per ``plan.batch``. ``loss_fn(model, batch)`` returns the mean loss of a micro-batch. The
+    optimizer is ``plan.optimizer`` with the config's settings; ``optimizer_fn(params)`` overrides it, but
+    a torch AdamW, Adam or SGD it builds must be the plan's (else ``PlanMismatchError``).
     """
 
     def __init__(
@@ -124,25 +128,34 @@ class Trainer:
         model = self.model_fn()
         applied = apply_plan(model, self.plan, ctx)
         rstate.seed_rank(cfg.seed, step=0, rank=ctx.rank)  # per-rank randomness (dropout) from here on
-        params = applied.model.parameters()
-        if self.optimizer_fn is not None:
-            optimizer = self.optimizer_fn(params)
-        else:
-            optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+        optimizer = self._optimizer(applied.model.parameters())
         self.applied, self.optimizer = applied, optimizer
         return applied, optimizer
+
+    def _optimizer(self, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+        """The plan's optimizer with the config's settings, or what ``optimizer_fn`` builds if it agrees with the plan."""
+        cfg, planned = self.config, self.plan.optimizer
+        if self.optimizer_fn is None:
+            return build_optimizer(planned, params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                                   momentum=cfg.momentum)
+        optimizer = self.optimizer_fn(params)
+        built = optimizer_name(optimizer)
+        if built is not None and built != planned:
+            raise PlanMismatchError(
+                f"optimizer_fn built {type(optimizer).__name__} ({built!r}) but the plan's memory estimate assumes "
+                f"{planned!r}; re-plan with optimizer={built!r} or build the plan's optimizer"
+            )
+        return optimizer
 
     def _resume(self, ctx: DistContext, applied: AppliedPlan, optimizer: torch.optim.Optimizer) -> tuple[int, str]:
         """Load the latest checkpoint into model and optimizer; the step it was taken after (0 if none) and a note."""
         assert self.config.out_dir is not None
-        found = None
-        if ctx.is_main:  # rank 0 reads the pointer, so every rank loads the same checkpoint
-            path = latest_checkpoint(checkpoint_dir(self.config.out_dir))
-            found = None if path is None else str(path)
-        found = rstate.broadcast_value(found, ctx)
+        root = checkpoint_dir(self.config.out_dir)
+        # rank 0 reads the pointer, so every rank loads the same checkpoint
+        found = rstate.run_on_main(lambda: latest_checkpoint(root), ctx, what="finding the checkpoint to resume from")
         if found is None:
             return 0, "resume: no checkpoint yet; starting from step 0"
-        state = load_checkpoint(Path(found))
+        state = load_checkpoint(found)
         step = int(state["step"])
         rstate.load_full_state(applied.model, optimizer, state)
         saved_world = rstate.restore_rng(state.get("rng"), ctx, seed=self.config.seed, step=step)
@@ -153,8 +166,6 @@ class Trainer:
     def _fit(self, ctx: DistContext) -> TrainResult:
         cfg = self.config
         applied, optimizer = self._setup(ctx)
-        losses: list[float] = []
-        times: list[float] = []
         start, note = self._resume(ctx, applied, optimizer) if cfg.resume else (0, "")
         with MetricsLog(
             active=ctx.is_main, total_steps=cfg.steps, start_step=start, out_dir=cfg.out_dir,
@@ -162,25 +173,28 @@ class Trainer:
         ) as log:
             if note:
                 log.print(note)
+            window = _LossWindow()
             for step in range(start, cfg.steps):
-                t0 = time.perf_counter()
-                loss = self._step(step, ctx, applied, optimizer)
-                dt = time.perf_counter() - t0
-                losses.append(loss)
-                times.append(dt)
-                log.log(step + 1, loss, dt, self.plan.batch.global_size)
-                if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-                    self.save(step + 1)
+                window.add(self._step(step, ctx, applied, optimizer))
+                done = step + 1
+                checkpoint = cfg.checkpoint_every > 0 and done % cfg.checkpoint_every == 0
+                if checkpoint or log.due(done):  # reduce the losses only here: reading them waits for the device
+                    window.close(done, applied.dp_size, log, self.plan.batch.global_size)
+                if checkpoint:
+                    self.save(done)
+                    window.restart()
         final = rstate.full_model_state(applied.model)
-        if ctx.is_main and cfg.out_dir is not None:
-            rstate.save_tensors_atomic(final, Path(cfg.out_dir) / FINAL_FILE)
+        if cfg.out_dir is not None:
+            path = Path(cfg.out_dir) / FINAL_FILE
+            rstate.run_on_main(lambda: rstate.save_tensors_atomic(final, path), ctx, what=f"writing {path}")
         traces = tuple(applied.replicate.traces) if applied.replicate is not None else ()
-        return TrainResult(start_step=start, losses=tuple(losses), step_times=tuple(times), final_state=final, traces=traces)
+        return TrainResult(start_step=start, losses=tuple(window.losses), step_times=tuple(window.times), final_state=final,
+                           traces=traces)
 
-    def _step(self, step: int, ctx: DistContext, applied: AppliedPlan, optimizer: torch.optim.Optimizer) -> float:
-        """One optimizer step over this rank's micro-batches; the loss averaged over all ranks."""
+    def _step(self, step: int, ctx: DistContext, applied: AppliedPlan, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+        """One optimizer step over this rank's micro-batches; this rank's loss, left on the device."""
         spec = self.plan.batch
-        micro = local_micro_batches(self.data(step), spec, dp_rank=applied.dp_rank, dp_size=applied.dp_size)
+        micro = local_micro_batches(self.data(step), spec, dp_rank=applied.dp_rank)
         applied.zero_grad(optimizer)
         total = torch.zeros((), device=ctx.device)
         for j, mb in enumerate(micro):
@@ -192,8 +206,7 @@ class Trainer:
         if self.before_step is not None:
             self.before_step(step, applied.model)
         optimizer.step()
-        dist.all_reduce(total)  # every rank holds a data-parallel share of the batch
-        return float(total.item()) / applied.dp_size
+        return total
 
     def save(self, step: int) -> None:
         """Write the checkpoint of ``step`` (collective: every rank calls it; rank 0 writes)."""
@@ -202,11 +215,45 @@ class Trainer:
             raise PlaitError("Trainer.save() works only while fit() runs (it is called every checkpoint_every steps)")
         model_sd, optim_sd = rstate.full_state(self.applied.model, self.optimizer)
         rng = rstate.gather_rng(ctx)
-        if ctx.is_main:
-            assert self.config.out_dir is not None
+        cfg = self.config
+
+        def write() -> Path:
+            assert cfg.out_dir is not None
             payload = {
                 "step": step, "model": model_sd, "optimizer": optim_sd, "rng": rng, "world_size": ctx.world_size,
-                "kind": self.plan.data_parallel.kind, "config": asdict(self.config),
+                "kind": self.plan.data_parallel.kind, "config": asdict(cfg),
             }
-            save_checkpoint(checkpoint_dir(self.config.out_dir), step, payload, keep=self.config.keep_checkpoints)
-        dist.barrier()
+            return save_checkpoint(checkpoint_dir(cfg.out_dir), step, payload, keep=cfg.keep_checkpoints)
+
+        rstate.run_on_main(write, ctx, what=f"writing the checkpoint of step {step}")  # also the ranks' barrier
+
+
+class _LossWindow:
+    """The steps since the last logged one: losses kept on the device, then reduced over ranks in one go."""
+
+    def __init__(self) -> None:
+        self.pending: list[torch.Tensor] = []
+        self.losses: list[float] = []  # every step's loss, averaged over ranks
+        self.times: list[float] = []  # every step's time: its window's time over its number of steps
+        self.restart()
+
+    def restart(self) -> None:
+        """Start timing the next window (after a checkpoint, whose writing is not a step's time)."""
+        self.started = time.perf_counter()
+
+    def add(self, loss: torch.Tensor) -> None:
+        """One more step's loss on this rank."""
+        self.pending.append(loss)
+
+    def close(self, last_step: int, dp_size: int, log: MetricsLog, samples: int) -> None:
+        """Average the pending losses over ranks (one all-reduce, one copy to the host), log them and restart."""
+        total = torch.stack(self.pending)
+        dist.all_reduce(total)  # every rank holds a data-parallel share of the batch
+        means = [value / dp_size for value in total.tolist()]  # waits for the device, so the time below is whole
+        step_s = (time.perf_counter() - self.started) / len(means)
+        for step, loss in enumerate(means, start=last_step - len(means) + 1):
+            log.log(step, loss, step_s, samples)
+        self.losses += means
+        self.times += [step_s] * len(means)
+        self.pending.clear()
+        self.restart()

@@ -18,14 +18,15 @@ from plait.scheduler.policies import (
     TiresiasPolicy,
     make_policy,
 )
-from plait.scheduler.sim.metrics import JobResult, SimResult
-from plait.scheduler.sim.simulator import SimConfig, Simulator, simulate
+from plait.scheduler.sim.metrics import JobResult, ScheduleResult, write_results_json
+from plait.scheduler.sim.profiles import TraceError
+from plait.scheduler.sim.simulator import SimConfig, Simulator, simulate_schedule
 from plait.scheduler.sim.workload import load_workload
 from plait.scheduler.state import JobPhase, SchedulerState, Transition
 
 __all__ = [
     "POLICY_NAMES", "BatchLimits", "ClusterView", "Decision", "FifoPolicy", "GoodputModel", "GradParams",
     "JobMode", "JobPhase", "JobResult", "JobView", "OptimusPolicy", "PerfParams", "Policy", "PolluxPolicy",
-    "SchedulerError", "SchedulerState", "SimConfig", "SimResult", "Simulator", "TiresiasPolicy", "Transition",
-    "fit_perf_params", "load_workload", "make_policy", "simulate",
+    "ScheduleResult", "SchedulerError", "SchedulerState", "SimConfig", "Simulator", "TiresiasPolicy", "TraceError",
+    "Transition", "fit_perf_params", "load_workload", "make_policy", "simulate_schedule", "write_results_json",
 ]

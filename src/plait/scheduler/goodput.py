@@ -15,7 +15,7 @@ throughput (samples/s) times efficiency: progress per second in ``M0``-sample st
 
 from __future__ import annotations
 
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
@@ -40,10 +40,6 @@ class PerfParams:
     beta_r: float
     gamma: float
 
-    def as_array(self) -> FloatArray:
-        """The parameters in declaration order."""
-        return np.array(astuple(self), dtype=np.float64)
-
     @classmethod
     def from_array(cls, values: npt.ArrayLike) -> PerfParams:
         """Build from seven numbers in declaration order."""
@@ -60,10 +56,11 @@ class GradParams:
     sqr: float
     var: float
 
-    @property
-    def noise_scale(self) -> float:
-        """The gradient noise scale phi / M0 = var / sqr (multiply by M0 for phi in samples)."""
-        return self.var / self.sqr if self.sqr > 0 else float("inf")
+    def gain(self, scale: npt.ArrayLike) -> FloatArray:
+        """AdaScale gain ``(var + sqr) / (var / scale + sqr)`` of a batch ``scale`` x the initial one (1 if undefined)."""
+        denom = self.var / np.asarray(scale, dtype=np.float64) + self.sqr
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.asarray(np.where(denom > 0, (self.var + self.sqr) / denom, 1.0), dtype=np.float64)
 
 
 def grad_time(params: PerfParams, atomic_bsz: npt.ArrayLike) -> FloatArray:
@@ -103,10 +100,7 @@ def iteration_time(
 def efficiency(grad: GradParams, init_batch_size: int, batch_size: npt.ArrayLike) -> FloatArray:
     """Statistical efficiency ``(phi + M0) / (phi + M)`` in the AdaScale-gain form ``gain / scale``."""
     scale = np.asarray(batch_size, dtype=np.float64) / init_batch_size
-    denom = grad.var / scale + grad.sqr
-    with np.errstate(divide="ignore", invalid="ignore"):
-        gain = np.where(denom > 0, (grad.var + grad.sqr) / denom, 1.0)
-    return np.asarray(gain / scale, dtype=np.float64)
+    return np.asarray(grad.gain(scale) / scale, dtype=np.float64)
 
 
 @dataclass(frozen=True, kw_only=True)

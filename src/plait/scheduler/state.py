@@ -30,11 +30,6 @@ class JobPhase(enum.Enum):
         """True once the job can no longer change."""
         return self is JobPhase.COMPLETED
 
-    @property
-    def holds_gpus(self) -> bool:
-        """True while the job owns an allocation."""
-        return self in (JobPhase.RESTARTING, JobPhase.RUNNING)
-
 
 @dataclass(frozen=True, kw_only=True)
 class Transition:

@@ -1,8 +1,11 @@
 """Run a Plan's instruction programs against the CostModel: a timeline per program and a Prediction.
 
-Each program has two in-order streams (compute and comm). An instruction starts when its stream is
-free, its ``deps`` have finished and, for a collective or transfer that spans several programs, when
-every partner instruction (same name) is ready too; then all partners run together.
+Each program has two in-order streams (compute and comm); on a cost model that does not overlap
+communication with compute (CPU ranks) both run on one lane in program order. An instruction starts
+when its lane is free, its ``deps`` have finished and, for a collective or transfer that spans several
+programs, when every partner instruction (same name) is ready too; then all partners run together.
+Every instruction is timed from its own fields (the lowering puts a layer's FLOPs, bytes and kernels
+on it), each distinct piece of work once.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from dataclasses import dataclass
 from plait.cost import CostModel
 from plait.errors import PlaitError
 from plait.plan.ir import Instr, Plan, Prediction, RankProgram
-from plait.sim.memory import memory_trace, static_memory
+from plait.sim.memory import memory_trace, resident_bytes, static_memory
 from plait.sim.metrics import prediction_of
 from plait.sim.trace import Event, ProgramTrace
 
@@ -44,16 +47,10 @@ class SimResult:
         return self.trace_of(rank).events
 
 
-def instruction_time(instr: Instr, plan: Plan, cost: CostModel) -> float:
-    """Seconds one instruction takes on the cost model."""
+def instruction_time(instr: Instr, cost: CostModel, *, dtype: str = "fp32") -> float:
+    """Seconds one instruction takes on the cost model (compute in ``dtype``, the model's dtype)."""
     if instr.op == "compute":
-        if instr.layer is not None and instr.phase in ("fwd", "bwd"):
-            scale = plan.batch.micro_size / plan.model.batch_size
-            layer = plan.model.layers[instr.layer]
-            if instr.phase == "fwd":
-                return cost.layer_time(layer, phase="fwd", batch_scale=scale, dtype=plan.model.dtype)
-            return cost.layer_time(layer, phase="bwd", batch_scale=scale, dtype=plan.model.dtype)
-        return cost.compute_time(instr.flops, instr.bytes_moved, dtype=plan.model.dtype, num_kernels=instr.num_kernels)
+        return cost.compute_time(instr.flops, instr.bytes_moved, dtype=dtype, num_kernels=instr.num_kernels)
     if instr.op == "optimizer":
         return cost.optimizer_time(instr.numel, num_tensors=instr.num_kernels)
     if instr.op == "collective":
@@ -67,15 +64,35 @@ def instruction_time(instr: Instr, plan: Plan, cost: CostModel) -> float:
     return 0.0  # free, wait
 
 
+def _work_of(instr: Instr) -> tuple[object, ...]:
+    """What ``instruction_time`` reads: instructions equal in it take equal time (micro-batches repeat them)."""
+    return (instr.op, instr.flops, instr.bytes_moved, instr.num_kernels, instr.numel, instr.collective, instr.nbytes, instr.group)
+
+
+def _durations(plan: Plan, cost: CostModel) -> list[list[float]]:
+    """Seconds of every instruction of every program, each distinct piece of work timed once."""
+    seen: dict[tuple[object, ...], float] = {}
+    durations = []
+    for program in plan.programs:
+        row = []
+        for instr in program.instrs:
+            key = _work_of(instr)
+            if key not in seen:
+                seen[key] = instruction_time(instr, cost, dtype=plan.model.dtype)
+            row.append(seen[key])
+        durations.append(row)
+    return durations
+
+
 def simulate(plan: Plan, cost: CostModel) -> SimResult:
     """Execute every program of ``plan`` against ``cost``; see the module docstring for the rules."""
     if not plan.programs:
         raise SimulationError("the plan has no programs to simulate; build it with a planner (`plait plan`)")
     for program in plan.programs:
         _validate(program)
-    durations = [[instruction_time(i, plan, cost) for i in p.instrs] for p in plan.programs]
-    times = _schedule(plan.programs, durations, overlap=cost.overlaps_comm)
+    times = _schedule(plan.programs, _durations(plan, cost), overlap=cost.overlaps_comm)
     static = static_memory(plan)
+    resident = resident_bytes(plan, static)
     traces = []
     for program, (starts, ends) in zip(plan.programs, times, strict=True):
         events = tuple(
@@ -94,8 +111,7 @@ def simulate(plan: Plan, cost: CostModel) -> SimResult:
         )
         trace, peak = memory_trace(events)
         traces.append(ProgramTrace(ranks=program.ranks, events=events, memory=trace, peak_dynamic_bytes=peak))
-    prediction = prediction_of(plan, traces, static)
-    return SimResult(traces=tuple(traces), prediction=prediction, static_bytes=static.params + static.grads + static.optimizer + plan.model.buffer_bytes)
+    return SimResult(traces=tuple(traces), prediction=prediction_of(plan, traces, static, resident), static_bytes=resident)
 
 
 def _validate(program: RankProgram) -> None:

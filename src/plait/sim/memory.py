@@ -22,10 +22,14 @@ def static_memory(plan: Plan) -> MemoryEstimate:
         kind=plan.data_parallel.kind,
         shard_degree=shard_degree(plan),
         micro_batch=plan.batch.micro_size,
-        bucket_bytes=plan.data_parallel.bucket_bytes,
         optimizer=plan.optimizer,
         device_kind=plan.cluster.device.kind,
     )
+
+
+def resident_bytes(plan: Plan, static: MemoryEstimate) -> int:
+    """What a device holds for the whole step: parameters, gradients, optimizer state and module buffers."""
+    return static.params + static.grads + static.optimizer + plan.model.buffer_bytes
 
 
 def memory_trace(events: Sequence[Event]) -> tuple[tuple[tuple[float, int], ...], int]:

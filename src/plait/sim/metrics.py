@@ -50,15 +50,16 @@ def exposed_comm(trace: ProgramTrace) -> float:
     return uncovered_length(busy_intervals(trace.events, "comm"), busy_intervals(trace.events, "compute"))
 
 
-def prediction_of(plan: Plan, traces: Sequence[ProgramTrace], static: MemoryEstimate) -> Prediction:
+def prediction_of(plan: Plan, traces: Sequence[ProgramTrace], static: MemoryEstimate, resident: int) -> Prediction:
     """The Prediction of a simulated plan: the slowest program sets the step; memory per rank.
 
-    ``memory`` holds the resident state of the cost model's estimate (parameters, gradients, optimizer
-    state); its activations are those of one micro-batch and its buffers the module buffers plus the rest
-    of the dynamic peak (gathered units, gradients in flight), so ``memory.total`` is the worst peak.
+    ``resident`` is what each device holds for the whole step (``sim.memory.resident_bytes``); a rank's
+    peak adds its program's dynamic peak. ``memory`` holds the resident state of the cost model's
+    estimate (parameters, gradients, optimizer state); its activations are those of one micro-batch and
+    its buffers the module buffers plus the rest of the dynamic peak (gathered units, gradients in
+    flight), so ``memory.total`` is the worst peak.
     """
     slowest = max(traces, key=step_time)
-    resident = static.params + static.grads + static.optimizer + plan.model.buffer_bytes
     peaks = [0] * plan.world_size
     for trace in traces:
         for rank in trace.ranks:

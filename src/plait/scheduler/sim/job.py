@@ -92,8 +92,7 @@ class SimJob:
                 batch = max(app.init_batch_size, app.min_local_bsz * num_replicas)
             self.atomic_bsz, self.accum_steps = fixed_batch_config(
                 batch, num_replicas, app.init_batch_size, app.limits())
-        count = num_replicas * (self.accum_steps + 1)
-        self.atomic_bsz = min(self.atomic_bsz, int(app.max_batch_size / count))
+        self.atomic_bsz = app.cap_local_bsz(self.atomic_bsz, num_replicas, self.accum_steps)
 
     def reallocate(self, placement: tuple[int, ...]) -> None:
         """Move to ``placement`` (GPUs per node, no zeros); empty means preempted."""
@@ -135,13 +134,10 @@ class SimJob:
         """Run until the next epoch boundary or for ``seconds``; returns the time used."""
         app = self.app
         batch = self.batch_size
-        scale = batch / app.init_batch_size
         step_time, sync_time = app.throughput(self.placement, self.atomic_bsz)
-        grad_sqr, grad_var = app.grad_stats(batch, self.epoch)
-        gain = (grad_var + grad_sqr) / (grad_var / scale + grad_sqr)
-        self._observe(step_time, sync_time, (grad_sqr, grad_var))
-        total_time = step_time + (step_time - sync_time) * self.accum_steps
-        goodput = gain / total_time * (1.0 - slowdown)
+        self._observe(step_time, sync_time, app.grad_stats(batch, self.epoch))
+        total_time = app.step_time(self.placement, self.atomic_bsz, self.accum_steps)
+        goodput = app.gain(batch, self.epoch) / total_time * (1.0 - slowdown)
         next_progress = app.progress(self.epoch + 1)
         if self.progress + goodput * seconds < next_progress:
             self.progress += goodput * seconds

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -13,7 +14,7 @@ import numpy as np
 from plait.scheduler.goodput import candidate_configs, fixed_batch_config
 from plait.scheduler.policies.base import JobMode
 from plait.scheduler.sim.job import SimJob
-from plait.scheduler.sim.profiles import Application, ProfileError, load_application
+from plait.scheduler.sim.profiles import Application, TraceError, load_application, packed_placement
 from plait.scheduler.sim.views import ADAPTIVE_PINNED
 from plait.serde import to_dict
 
@@ -47,7 +48,7 @@ class JobResult:
 
 
 @dataclass(frozen=True, kw_only=True)
-class SimResult:
+class ScheduleResult:
     """Everything one simulation produced."""
 
     policy: str
@@ -71,16 +72,22 @@ class SimResult:
         """Job name -> JCT in seconds."""
         return {j.name: j.jct for j in self.jobs}
 
-    def to_json(self, path: str | Path, *, with_timeline: bool = True) -> None:
-        """Write the result as JSON (per-job JCTs, averages, makespan, utilisation, timeline)."""
+    def as_dict(self, *, with_timeline: bool = True) -> dict[str, Any]:
+        """The result as plain JSON data, with ``jct_by_job`` (job name -> JCT) added."""
         data: dict[str, Any] = to_dict(self)
         data["jct_by_job"] = self.jcts()
         if not with_timeline:
             data.pop("timeline")
-        Path(path).write_text(json.dumps(data, indent=1))
+        return data
 
 
-def summarize(sim: Simulator, *, wall_time_s: float, rounds: int) -> SimResult:
+def write_results_json(results: Sequence[ScheduleResult], path: str | Path, *, with_timeline: bool = True) -> None:
+    """Write results as JSON: one result as an object, several as ``{"results": [...]}``."""
+    data = [r.as_dict(with_timeline=with_timeline) for r in results]
+    Path(path).write_text(json.dumps(data[0] if len(data) == 1 else {"results": data}, indent=1))
+
+
+def summarize(sim: Simulator, *, wall_time_s: float, rounds: int) -> ScheduleResult:
     """Collect the results of a finished simulation."""
     total = sim.config.cluster.total_gpus
     timeline = tuple(sim.timeline)
@@ -89,7 +96,7 @@ def summarize(sim: Simulator, *, wall_time_s: float, rounds: int) -> SimResult:
     jobs = tuple(_job_result(j, sim.mode, timeline, total, gpn) for j in sim.jobs)
     jct = np.array([j.jct for j in jobs])
     ftf = np.array([j.ftf for j in jobs])
-    return SimResult(
+    return ScheduleResult(
         policy=sim.policy.name, workload=sim.workload_name, cluster=str(sim.config.cluster),
         interval=sim.config.interval, jobs=jobs, avg_jct=float(jct.mean()), median_jct=float(np.median(jct)),
         p99_jct=float(np.percentile(jct, 99)), makespan=makespan,
@@ -138,40 +145,28 @@ def isolated_jct(application: str, mode: JobMode, num_replicas: int, batch_size:
         cap = num_replicas if mode is JobMode.RIGID else batch // app.min_local_bsz
     k = max(1, min(share, cap))
     atomic, accum = fixed_batch_config(batch, k, app.init_batch_size, app.limits())
-    atomic = min(atomic, int(app.max_batch_size / (k * (accum + 1))))
-    step = _step_time(app, k, atomic, accum, gpus_per_node)
+    atomic = app.cap_local_bsz(atomic, k, accum)
+    step = app.step_time(packed_placement(k, gpus_per_node), atomic, accum)
     real_batch = k * atomic * (accum + 1)
-    return sum(_epoch_work(app, e) / (_gain(app, real_batch, e) / step) for e in range(app.max_epochs))
+    return sum(_epoch_work(app, e) / (app.gain(real_batch, e) / step) for e in range(app.max_epochs))
 
 
 def _isolated_adaptive(app: Application, k: int, gpus_per_node: int) -> float:
     atomic, accum = candidate_configs(np.array([float(k)]), app.init_batch_size, app.limits())
+    placement = packed_placement(k, gpus_per_node)
     options = []
     for a, s in zip(atomic[:, 0], accum[:, 0], strict=True):
         if not app.min_local_bsz <= a <= app.max_local_bsz:
             continue
         try:
-            options.append((k * int(a) * (int(s) + 1), _step_time(app, k, int(a), int(s), gpus_per_node)))
-        except ProfileError:
+            options.append((k * int(a) * (int(s) + 1), app.step_time(placement, int(a), int(s))))
+        except TraceError:
             continue
     total = 0.0
     for e in range(app.max_epochs):
-        best = max(_gain(app, b, e) / t for b, t in options if b <= app.max_batch_size)
+        best = max(app.gain(b, e) / t for b, t in options if b <= app.max_batch_size)
         total += _epoch_work(app, e) / best
     return total
-
-
-def _step_time(app: Application, k: int, atomic: int, accum: int, gpus_per_node: int) -> float:
-    full, rest = divmod(k, gpus_per_node)
-    placement = (gpus_per_node,) * full + ((rest,) if rest else ())
-    step, sync = app.throughput(placement, atomic)
-    return step + (step - sync) * accum
-
-
-def _gain(app: Application, batch: int, epoch: int) -> float:
-    sqr, var = app.grad_stats(batch, epoch)
-    scale = batch / app.init_batch_size
-    return (var + sqr) / (var / scale + sqr)
 
 
 def _epoch_work(app: Application, epoch: int) -> float:

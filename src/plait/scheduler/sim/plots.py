@@ -8,7 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from plait.scheduler.sim.metrics import SimResult
+from plait.scheduler.decisions import ClusterView
+from plait.scheduler.sim.metrics import ScheduleResult
 
 
 def _pyplot() -> Any:
@@ -20,7 +21,7 @@ def _pyplot() -> Any:
     return plt
 
 
-def plot_jct_cdf(results: Sequence[SimResult], path: Path) -> None:
+def plot_jct_cdf(results: Sequence[ScheduleResult], path: Path) -> None:
     """Empirical CDF of job completion times (hours, log scale), one line per policy."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
@@ -39,14 +40,14 @@ def plot_jct_cdf(results: Sequence[SimResult], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_utilization(results: Sequence[SimResult], path: Path) -> None:
+def plot_utilization(results: Sequence[ScheduleResult], path: Path) -> None:
     """Allocated GPUs over time, and the number of active jobs, one panel row per policy."""
     plt = _pyplot()
     fig, axes = plt.subplots(len(results), 1, figsize=(7.0, 2.2 * len(results) + 0.6), squeeze=False,
                              sharex=True)
     for ax, r in zip(axes[:, 0], results, strict=True):
         t = np.array([p.time / 3600 for p in r.timeline])
-        total = _total_gpus(r.cluster)
+        total = ClusterView.parse(r.cluster).total_gpus
         ax.fill_between(t, [p.used_gpus for p in r.timeline], step="post", alpha=0.5, label="GPUs allocated")
         ax.step(t, [p.active_jobs for p in r.timeline], where="post", color="k", lw=0.8, label="active jobs")
         ax.axhline(total, color="r", lw=0.8, ls="--")
@@ -57,8 +58,3 @@ def plot_utilization(results: Sequence[SimResult], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def _total_gpus(cluster: str) -> int:
-    nodes, gpus = cluster.lower().split("x")
-    return int(nodes) * int(gpus)

@@ -25,14 +25,14 @@ import numpy as np
 from scipy.interpolate import LinearNDInterpolator
 
 from plait.errors import PlaitError
-from plait.scheduler.goodput import BatchLimits, FloatArray
+from plait.scheduler.goodput import BatchLimits, FloatArray, GradParams
 
 DATA_PACKAGE = "plait.scheduler"
 MAX_SCALABILITY_NODES = 16
 
 
-class ProfileError(PlaitError):
-    """An application profile that is missing or cannot serve a request."""
+class TraceError(PlaitError):
+    """An application's traces that are missing or cannot serve a request."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -81,6 +81,12 @@ def canonical_placement(placement: tuple[int, ...]) -> tuple[int, ...]:
     return min(p[i:] + p[:i] for i in range(len(p)))
 
 
+def packed_placement(num_replicas: int, gpus_per_node: int) -> tuple[int, ...]:
+    """GPUs per node of ``num_replicas`` replicas packed onto full nodes (the last one partly filled)."""
+    full, rest = divmod(num_replicas, gpus_per_node)
+    return (gpus_per_node,) * full + ((rest,) if rest else ())
+
+
 class Application:
     """One model's traces: true throughput per placement and statistics per batch size and epoch."""
 
@@ -93,6 +99,7 @@ class Application:
         self._throughput_cache: dict[tuple[tuple[int, ...], int], tuple[float, float]] = {}
         self._nd_cache: dict[tuple[int, int, int], tuple[float, float]] = {}
         self._grad_cache: dict[tuple[int, int], tuple[float, float]] = {}
+        self._gain_cache: dict[tuple[int, int], float] = {}
         all_bsz = np.concatenate([v[0] for v in self._placements.values()])
         self.init_batch_size = min(self.validation)
         self.max_batch_size = max(self.validation)
@@ -110,7 +117,7 @@ class Application:
             cols = {k: np.array([float(r[k]) for r in rows]) for k in rows[0]}
             out[int(path.stem.split("-")[-1])] = Validation(**cols)
         if not out:
-            raise ProfileError(f"no validation-*.csv in {trace_dir}; the profile directory is incomplete")
+            raise TraceError(f"no validation-*.csv in {trace_dir}; the trace directory is incomplete")
         return dict(sorted(out.items()))
 
     @staticmethod
@@ -130,6 +137,10 @@ class Application:
         return BatchLimits(max_batch_size=self.max_batch_size, min_local_bsz=self.min_local_bsz,
                            max_local_bsz=self.max_local_bsz, accumulation=accumulation)
 
+    def cap_local_bsz(self, local_bsz: int, num_replicas: int, accum_steps: int) -> int:
+        """``local_bsz`` lowered so that the total batch stays within the largest measured batch."""
+        return min(local_bsz, int(self.max_batch_size / (num_replicas * (accum_steps + 1))))
+
     def progress(self, epoch: int) -> float:
         """Progress (scale-invariant steps) at the end of ``epoch`` epochs."""
         return float(self._progress[epoch])
@@ -143,8 +154,8 @@ class Application:
                 upper = b
                 break
         if lower is None or upper is None:
-            raise ProfileError(f"{self.name}: batch size {batch_size} is outside the measured range "
-                               f"{self.init_batch_size}..{self.max_batch_size}")
+            raise TraceError(f"{self.name}: batch size {batch_size} is outside the measured range "
+                             f"{self.init_batch_size}..{self.max_batch_size}")
         return lower, upper
 
     def _interp_batch(self, batch_size: float, column: str, epoch: int) -> float:
@@ -163,6 +174,15 @@ class Application:
                                      self._interp_batch(batch_size, "grad_var", epoch))
         return self._grad_cache[key]
 
+    def gain(self, batch_size: int, epoch: int) -> float:
+        """True AdaScale gain of total batch ``batch_size`` during ``epoch`` (progress per step)."""
+        key = (batch_size, epoch)
+        hit = self._gain_cache.get(key)
+        if hit is None:
+            sqr, var = self.grad_stats(batch_size, epoch)
+            hit = self._gain_cache[key] = float(GradParams(sqr=sqr, var=var).gain(batch_size / self.init_batch_size))
+        return hit
+
     def iterations(self, batch_size: int, epoch: int) -> float:
         """Optimizer steps at ``batch_size`` needed to finish ``epoch + 1`` epochs."""
         return self._interp_batch(batch_size, "iteration", epoch)
@@ -175,20 +195,25 @@ class Application:
             hit = self._throughput_cache[key] = self._throughput(canonical_placement(placement), local_bsz)
         return hit
 
+    def step_time(self, placement: tuple[int, ...], local_bsz: int, accum_steps: int) -> float:
+        """True seconds per optimizer step: the synchronising step plus ``accum_steps`` micro-steps without sync."""
+        step, sync = self.throughput(placement, local_bsz)
+        return step + (step - sync) * accum_steps
+
     def _throughput(self, placement: tuple[int, ...], local_bsz: int) -> tuple[float, float]:
         name = "".join(map(str, placement))
         if name in self._placements:
             bsz, step, sync = self._placements[name]
             if not bsz[0] <= local_bsz <= bsz[-1]:
-                raise ProfileError(f"{self.name}: micro-batch {local_bsz} is outside {bsz[0]:g}..{bsz[-1]:g} "
-                                   f"measured for placement {name}")
+                raise TraceError(f"{self.name}: micro-batch {local_bsz} is outside {bsz[0]:g}..{bsz[-1]:g} "
+                                 f"measured for placement {name}")
             return float(np.interp(local_bsz, bsz, step)), float(np.interp(local_bsz, bsz, sync))
         point = (min(len(placement), MAX_SCALABILITY_NODES), sum(placement), local_bsz)
         if point not in self._nd_cache:  # only nodes, replicas and micro-batch matter here
             step_t, sync_t = self._interpolator()([point])[0]
             if not np.isfinite(step_t):
-                raise ProfileError(f"{self.name}: placement {placement} with micro-batch {local_bsz} is outside "
-                                   "the measured configurations")
+                raise TraceError(f"{self.name}: placement {placement} with micro-batch {local_bsz} is outside "
+                                 "the measured configurations")
             self._nd_cache[point] = (float(step_t), float(sync_t))
         return self._nd_cache[point]
 
@@ -215,9 +240,9 @@ class Application:
 def load_application(name: str, root: str | None = None) -> Application:
     """The profile of model ``name`` from the packaged traces (or from ``root``/traces)."""
     if name not in APP_SETTINGS:
-        raise ProfileError(f"unknown application {name!r}; known: {', '.join(sorted(APP_SETTINGS))}")
+        raise TraceError(f"unknown application {name!r}; known: {', '.join(sorted(APP_SETTINGS))}")
     base = Path(root) if root else data_root()
     trace_dir = base / "traces" / name
     if not trace_dir.is_dir():
-        raise ProfileError(f"no traces for {name!r} under {base / 'traces'}")
+        raise TraceError(f"no traces for {name!r} under {base / 'traces'}")
     return Application(trace_dir, APP_SETTINGS[name])

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from plait.scheduler.decisions import ClusterView, Policy, SchedulerError, placement_of
 from plait.scheduler.policies.base import JobMode
 from plait.scheduler.sim.job import RESTART_DELAY_S, JobSpec
-from plait.scheduler.sim.metrics import SimResult, TimelinePoint, summarize
+from plait.scheduler.sim.metrics import ScheduleResult, TimelinePoint, summarize
 from plait.scheduler.sim.profiles import load_application
 from plait.scheduler.sim.views import job_view, make_job
 from plait.scheduler.state import JobPhase, SchedulerState
@@ -72,7 +72,7 @@ class Simulator:
                 raise SchedulerError(f"jobs {big[:5]} ask for more GPUs than the {total} of cluster "
                                      f"{self.config.cluster}; use a larger --cluster")
 
-    def run(self) -> SimResult:
+    def run(self) -> ScheduleResult:
         """Simulate until every job completes."""
         start = time.perf_counter()
         rounds = 0
@@ -137,8 +137,9 @@ class Simulator:
                                            running_jobs=len(allocs), active_jobs=num_active))
 
 
-def simulate(workload: str | Sequence[JobSpec], policy: str | Policy, *, cluster: str | ClusterView = "16x4",
-             interval: int = 60, seed: int = 0, progress: ProgressFn | None = None) -> SimResult:
+def simulate_schedule(workload: str | Sequence[JobSpec], policy: str | Policy, *,
+                      cluster: str | ClusterView = "16x4", interval: int = 60, seed: int = 0,
+                      progress: ProgressFn | None = None) -> ScheduleResult:
     """Simulate ``policy`` (a name or object) on ``workload`` (a CSV path, a packaged name, or job specs)."""
     from plait.scheduler.policies import make_policy
     from plait.scheduler.sim.workload import load_workload, workload_path

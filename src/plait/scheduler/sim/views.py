@@ -8,7 +8,7 @@ from plait.scheduler.decisions import ClusterView, JobView
 from plait.scheduler.goodput import fixed_batch_config
 from plait.scheduler.policies.base import JobMode
 from plait.scheduler.sim.job import JobSpec, SimJob
-from plait.scheduler.sim.profiles import Application
+from plait.scheduler.sim.profiles import Application, packed_placement
 
 # Pollux keeps ncf (recommendation, huge batches) at its largest batch on one GPU, as the artifact does.
 ADAPTIVE_PINNED: dict[str, tuple[int, int]] = {"ncf": (32768, 1)}
@@ -44,15 +44,12 @@ class TraceOracle:
         job, app = self._job, self._job.app
         batch = job.target_batch_size
         assert batch is not None
-        full, rest = divmod(num_replicas, self._gpn)
-        placement = (self._gpn,) * full + ((rest,) if rest else ())
         atomic, accum = fixed_batch_config(batch, num_replicas, app.init_batch_size, app.limits())
         if num_replicas == 1:  # the artifact's Optimus always accumulates on one GPU
             accum = max(1, accum)
             atomic = -(-batch // (accum + 1))
-        atomic = min(atomic, int(app.max_batch_size / (num_replicas * (accum + 1))))
-        step, sync = app.throughput(placement, atomic)
-        return step + (step - sync) * accum
+        atomic = app.cap_local_bsz(atomic, num_replicas, accum)
+        return app.step_time(packed_placement(num_replicas, self._gpn), atomic, accum)
 
 
 def job_view(job: SimJob, mode: JobMode, cluster: ClusterView, now: float) -> JobView:
