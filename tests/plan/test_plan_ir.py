@@ -91,6 +91,9 @@ def test_save_is_atomic_and_load_checks(tmp_path: Path) -> None:
     (tmp_path / "broken.json").write_text('{"version": 1, "mesh": 3}')
     with pytest.raises(PlaitError, match="not a valid plait plan"):
         load_plan(tmp_path / "broken.json")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(PlaitError, match="JSON object"):
+        load_plan(tmp_path / "list.json")
     (tmp_path / "old.json").write_text('{"version": 0}')
     with pytest.raises(PlaitError, match="version"):
         load_plan(tmp_path / "old.json")

@@ -20,6 +20,8 @@ def plan_to_json(plan: Plan) -> str:
 def plan_from_json(text: str) -> Plan:
     """Rebuild a plan from ``plan_to_json`` output."""
     raw = json.loads(text)
+    if not isinstance(raw, dict):
+        raise PlaitError(f"a plan is a JSON object, got a JSON {type(raw).__name__}; write one with `plait plan MODEL --out FILE`")
     version = raw.get("version")
     if version != PLAN_VERSION:
         raise PlaitError(f"plan format version {version} is not supported (this plait reads {PLAN_VERSION}); re-run `plait plan`")

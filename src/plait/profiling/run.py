@@ -154,6 +154,7 @@ def _provenance(cfg: ProfileConfig) -> MeasuredProvenance:
         date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         warmup=cfg.warmup,
         repeats=cfg.repeats,
+        statistic="median (compute); mean per call (collectives, sync)",
         quick=cfg.quick,
         host=platform.node(),
     )
