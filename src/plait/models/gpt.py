@@ -63,7 +63,12 @@ class Embedding(nn.Module):
 
 
 class Attention(nn.Module):
-    """Causal multi-head self-attention with one fused QKV projection."""
+    """Causal multi-head self-attention with one fused, head-major QKV projection.
+
+    The fused projection's output features are laid out head by head (each head's query, key and value
+    next to each other), so a split of the projection over its output features keeps whole heads
+    together, as Megatron-LM lays it out.
+    """
 
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
@@ -74,8 +79,9 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, h = x.shape
-        q, k, v = self.qkv(x).split(h, dim=2)
-        q, k, v = (z.view(b, t, self.num_heads, h // self.num_heads).transpose(1, 2) for z in (q, k, v))
+        head = h // self.num_heads
+        qkv = self.qkv(x).view(b, t, self.num_heads, 3 * head)
+        q, k, v = (z.transpose(1, 2) for z in qkv.split(head, dim=3))
         p = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
         return self.proj(y.transpose(1, 2).reshape(b, t, h))

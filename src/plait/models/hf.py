@@ -1,4 +1,4 @@
-"""Hugging Face GPT-2 built from its config (never downloaded); ``transformers`` is imported lazily."""
+"""Hugging Face GPT-2 and Llama built from their configs (never downloaded); ``transformers`` is imported lazily."""
 
 from __future__ import annotations
 
@@ -66,6 +66,62 @@ def hf_gpt2(cfg: HFGPT2Config) -> nn.Module:
         attn_implementation="sdpa",
     )
     return tf.GPT2LMHeadModel(config)
+
+
+@dataclass(frozen=True, kw_only=True)
+class HFLlamaConfig:
+    """The LlamaConfig fields plait sets (grouped-query attention when ``num_kv_heads < num_heads``)."""
+
+    vocab_size: int = 32000
+    max_positions: int = 2048
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 32
+    hidden: int = 4096
+    intermediate: int = 11008
+
+    @property
+    def num_params(self) -> int:
+        """Parameter count of LlamaForCausalLM with an untied output projection."""
+        h, v, kv = self.hidden, self.vocab_size, self.hidden * self.num_kv_heads // self.num_heads
+        block = 2 * h * h + 2 * h * kv + 3 * h * self.intermediate + 2 * h
+        return 2 * v * h + self.num_layers * block + h
+
+
+HF_LLAMA_CONFIGS: dict[str, HFLlamaConfig] = {
+    "hf-llama-tiny": HFLlamaConfig(vocab_size=128, max_positions=32, num_layers=2, num_heads=4, num_kv_heads=2, hidden=64,
+                                   intermediate=128),
+    "hf-llama-7b": HFLlamaConfig(),
+}
+
+
+def hf_llama(cfg: HFLlamaConfig) -> nn.Module:
+    """``LlamaForCausalLM`` of ``cfg`` on the current default device (build under ``torch.device("meta")``)."""
+    tf = _transformers()
+    config = tf.LlamaConfig(
+        vocab_size=cfg.vocab_size,
+        max_position_embeddings=cfg.max_positions,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        hidden_size=cfg.hidden,
+        intermediate_size=cfg.intermediate,
+        tie_word_embeddings=False,
+        use_cache=False,
+        attn_implementation="sdpa",
+    )
+    return tf.LlamaForCausalLM(config)
+
+
+def hf_llama_batch(
+    cfg: HFLlamaConfig,
+    batch_size: int,
+    *,
+    device: str | torch.device = "cpu",
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random ``(tokens, targets)`` of the config's full context length."""
+    return token_batch(cfg.vocab_size, cfg.max_positions, batch_size, device=device, generator=generator)
 
 
 def hf_lm_loss(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:

@@ -10,8 +10,17 @@ import torch
 from torch import nn
 
 from plait.errors import PlaitError
+from plait.models.encoder import ENCODER_CONFIGS, Encoder, encoder_batch
 from plait.models.gpt import GPT, GPT_CONFIGS, lm_batch, lm_loss
-from plait.models.hf import HF_GPT2_CONFIGS, hf_gpt2, hf_lm_batch, hf_lm_loss
+from plait.models.hf import (
+    HF_GPT2_CONFIGS,
+    HF_LLAMA_CONFIGS,
+    hf_gpt2,
+    hf_llama,
+    hf_llama_batch,
+    hf_lm_batch,
+    hf_lm_loss,
+)
 from plait.models.mlp import MLP, MLP_CONFIGS, mse_loss, regression_batch
 
 Batch = tuple[torch.Tensor, ...]
@@ -33,8 +42,12 @@ def _entries() -> dict[str, ZooModel]:
         entries[name] = ZooModel(name, partial(GPT, gcfg), partial(lm_batch, gcfg), lm_loss)
     for name, mcfg in MLP_CONFIGS.items():
         entries[name] = ZooModel(name, partial(MLP, mcfg), partial(regression_batch, mcfg), mse_loss)
+    for name, ecfg in ENCODER_CONFIGS.items():
+        entries[name] = ZooModel(name, partial(Encoder, ecfg), partial(encoder_batch, ecfg), mse_loss)
     for name, hcfg in HF_GPT2_CONFIGS.items():  # need transformers only when built
         entries[name] = ZooModel(name, partial(hf_gpt2, hcfg), partial(hf_lm_batch, hcfg), hf_lm_loss)
+    for name, lcfg in HF_LLAMA_CONFIGS.items():
+        entries[name] = ZooModel(name, partial(hf_llama, lcfg), partial(hf_llama_batch, lcfg), hf_lm_loss)
     return entries
 
 
