@@ -113,7 +113,7 @@ def report(s: Settings, plan, times: dict[str, list[float]]) -> dict[str, object
     console.print(f"plait / DDP step-time ratio: {ratio:.3f} (median of {len(paired)} paired rounds; ratio of medians "
                   f"{med['plait'] / med['ddp']:.3f}; {verdict} the <= 1.05 target)")
     return {
-        "settings": asdict(s), "num_params": plan.model.num_params, "num_buckets": len(plan.data_parallel.buckets),
+        "settings": asdict(s), "num_params": plan.model.num_params, "num_buckets": len(plan.buckets),
         "step_s": times, "median_step_s": med, "paired_ratios": paired, "ratio_plait_over_ddp": ratio,
         "ratio_of_medians": med["plait"] / med["ddp"], "target": 1.05,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,

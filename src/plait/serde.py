@@ -13,9 +13,19 @@ T = TypeVar("T")
 
 
 def to_dict(obj: Any) -> Any:
-    """Convert a dataclass tree (tuples, dicts, scalars) into JSON-able lists, dicts and scalars."""
+    """Convert a dataclass tree (tuples, dicts, scalars) into JSON-able lists, dicts and scalars.
+
+    A class with a ``to_json`` method (and a ``from_json`` classmethod) writes its own JSON form.
+    """
+    if hasattr(obj, "to_json") and not isinstance(obj, type):
+        return obj.to_json()
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        # A field with metadata {"json": False} (e.g. a traced graph) is left out of the JSON form.
+        return {
+            f.name: to_dict(getattr(obj, f.name))
+            for f in dataclasses.fields(obj)
+            if f.metadata.get("json", True)
+        }
     if isinstance(obj, tuple | list):
         return [to_dict(v) for v in obj]
     if isinstance(obj, dict):
@@ -67,6 +77,8 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     if origin is list:
         (arg,) = get_args(tp)
         return [_convert(arg, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(tp, type) and hasattr(tp, "from_json"):
+        return tp.from_json(value)
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise TypeError(f"{where}: expected a mapping for {tp.__name__}, got {type(value).__name__}")

@@ -13,6 +13,7 @@ from torch import nn
 from plait.cluster import load_cluster
 from plait.cost import CostModel
 from plait.cost.profile import load_profile, profile_to_json
+from plait.cost.work import layer_work
 from plait.graph import capture
 from plait.models.gpt import Block, GPTConfig
 from plait.planners.lowering import backward, forward
@@ -42,7 +43,9 @@ def test_h200_reproduces_measured_transformer_layers() -> None:
         x = torch.empty(row["b"], row["T"], row["h"], dtype=torch.bfloat16, device="meta")
         graph = capture(layer, x, with_ops=False)
         assert len(graph.layers) == 1
-        predicted = sum(instruction_time(work(graph, 0, 0, 1.0), cost, dtype="bf16") for work in (forward, backward))
+        (work,) = layer_work(graph, micro_batch=row["b"], compute_dtype="bf16")
+        predicted = instruction_time(forward(work, 0), cost, dtype="bf16") + instruction_time(
+            backward(work, 0, last_layer=True), cost, dtype="bf16")
         errors.append(abs(predicted / row["fwdbwd_s"] - 1))
     assert len(errors) == 16
     assert statistics.median(errors) <= MEDIAN_TOLERANCE, errors

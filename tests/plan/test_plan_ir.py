@@ -11,14 +11,18 @@ from plait.cluster import load_cluster
 from plait.errors import PlaitError
 from plait.graph import LayerInfo, ModelGraph, ParamInfo
 from plait.plan import (
+    REPLICATE,
+    ActivationPlan,
     BatchSpec,
     Bucket,
-    DataParallelSpec,
     Instr,
+    LayerPlan,
     MemoryEstimate,
     MeshSpec,
     ParamPlan,
+    Placement,
     Plan,
+    PrecisionPolicy,
     Prediction,
     RankProgram,
     SyncSpec,
@@ -27,6 +31,7 @@ from plait.plan import (
     plan_text,
     plan_to_json,
     save_plan,
+    shard,
 )
 
 
@@ -41,11 +46,13 @@ def _plan() -> Plan:
         model=graph,
         cluster=load_cluster("dgx-a100:2"),
         mesh=MeshSpec(shape=(16,), axes=("dp",)),
-        batch=BatchSpec(global_size=32, micro_size=2),
-        data_parallel=DataParallelSpec(kind="replicate", replicate_axis="dp", shard_axis=None, bucket_bytes=25_000_000,
-                                       buckets=(Bucket(index=0, params=("fc.bias", "fc.weight"), nbytes=144, ready_after_layer=0),)),
-        params=(ParamPlan(name="fc.weight", placements=("Replicate",), sync=sync),
-                ParamPlan(name="fc.bias", placements=("Replicate",), sync=sync)),
+        batch=BatchSpec(global_size=32, micro_size=2, placements=(shard(0),)),
+        params=(ParamPlan(name="fc.weight", placements=(REPLICATE,), sync=sync),
+                ParamPlan(name="fc.bias", placements=(REPLICATE,), sync=sync)),
+        activations=(ActivationPlan(module="fc", port="output", placements=(shard(0),)),),
+        buckets=(Bucket(index=0, params=("fc.bias", "fc.weight"), nbytes=144, ready_after_layer=0),),
+        precision=PrecisionPolicy(compute_dtype="bf16"),
+        layers=(LayerPlan(name="fc", recompute=True),),
         programs=(RankProgram(ranks=tuple(range(16)), instrs=(
             Instr(op="compute", stream="compute", name="fwd fc", phase="fwd", layer=0, flops=10.0),
             Instr(op="collective", stream="comm", name="all_reduce b0", collective="all_reduce", nbytes=144,
@@ -63,7 +70,36 @@ def test_json_round_trip_is_exact() -> None:
     again = plan_from_json(text)
     assert again == plan
     assert plan_to_json(again) == text
-    assert json.loads(text)["mesh"] == {"shape": [16], "axes": ["dp"]}
+    raw = json.loads(text)
+    assert raw["mesh"] == {"shape": [16], "axes": ["dp"]} and raw["version"] == 2
+    assert raw["params"][0]["placements"] == ["Replicate()"] and raw["batch"]["placements"] == ["Shard(0)"]
+    assert raw["precision"] == {"param_dtype": "fp32", "compute_dtype": "bf16", "reduce_dtype": "fp32"}
+
+
+def test_placements_parse_and_print() -> None:
+    for text, expected in [("Shard(1)", shard(1)), ("Shard(dim=-1)", shard(-1)), ("S(0)", shard(0)), ("R", REPLICATE),
+                           ("Replicate()", REPLICATE), ("Partial(sum)", Placement("partial")), ("P", Placement("partial"))]:
+        assert Placement.parse(text) == expected
+        assert Placement.parse(str(expected)) == expected
+    with pytest.raises(ValueError, match="not a placement"):
+        Placement.parse("Sharded")
+    with pytest.raises(ValueError, match="needs dim"):
+        Placement("shard")
+    from torch.distributed.tensor import Partial, Replicate, Shard
+
+    assert shard(2).to_dtensor() == Shard(2) and REPLICATE.to_dtensor() == Replicate()
+    assert Placement.from_dtensor(Partial()).is_partial and Placement.from_dtensor(Shard(1)) == shard(1)
+
+
+def test_axes_roles_and_groups_come_from_the_mesh() -> None:
+    mesh = MeshSpec(shape=(2, 4), axes=("dp", "tp"))
+    assert mesh.coords(6) == (1, 2) and mesh.rank_at((1, 2)) == 6
+    assert mesh.group(6, ("tp",)) == (4, 5, 6, 7) and mesh.group(6, ("dp",)) == (2, 6)
+    assert mesh.group(6, ("dp", "tp")) == tuple(range(8)) and mesh.index_in(6, ("dp",)) == 1
+    plan = _plan()
+    assert plan.data_parallel_axes == ("dp",) and plan.model_axes == () and plan.dp_degree == 16
+    with pytest.raises(ValueError, match="precision compute_dtype"):
+        PrecisionPolicy(compute_dtype="int8")
 
 
 def test_prediction_overlap_and_lookup() -> None:
@@ -88,15 +124,18 @@ def test_save_is_atomic_and_load_checks(tmp_path: Path) -> None:
     assert [p.name for p in path.parent.iterdir()] == ["plan.json"]
     with pytest.raises(PlaitError, match="does not exist"):
         load_plan(tmp_path / "missing.json")
-    (tmp_path / "broken.json").write_text('{"version": 1, "mesh": 3}')
+    (tmp_path / "broken.json").write_text('{"version": 2, "mesh": 3}')
     with pytest.raises(PlaitError, match="not a valid plait plan"):
         load_plan(tmp_path / "broken.json")
     (tmp_path / "list.json").write_text("[1, 2]")
     with pytest.raises(PlaitError, match="JSON object"):
         load_plan(tmp_path / "list.json")
-    (tmp_path / "old.json").write_text('{"version": 0}')
-    with pytest.raises(PlaitError, match="version"):
+    (tmp_path / "old.json").write_text('{"version": 1, "data_parallel": {"kind": "replicate"}}')
+    with pytest.raises(PlaitError, match="format 1, written by an older plait.*Re-run `plait plan"):
         load_plan(tmp_path / "old.json")
+    (tmp_path / "new.json").write_text('{"version": 9}')
+    with pytest.raises(PlaitError, match="version 9 is not supported"):
+        load_plan(tmp_path / "new.json")
 
 
 def test_table_mentions_the_choice() -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from plait.cluster import Cluster, cluster_from_dict
 from plait.graph import LayerInfo, ModelGraph, ParamInfo
+from plait.plan import Plan
+from plait.plan.layout import shard_axis_of
 
 
 def dense_graph(num_layers: int = 4, hidden: int = 256, batch: int = 8, *, act_scale: int = 2, name: str = "toy") -> ModelGraph:
@@ -38,3 +40,16 @@ def gpu_cluster(num_nodes: int = 1, *, devices: int = 4, memory_gb: float = 80, 
         },
         where="test",
     )
+
+
+def dp_kind(plan: Plan) -> str:
+    """The data-parallel choice a plan's placements express: replicate, fsdp or hybrid."""
+    axis = shard_axis_of(plan)
+    if axis is None:
+        return "replicate"
+    return "hybrid" if len(plan.data_parallel_axes) > 1 else "fsdp"
+
+
+def candidate_kind(name: str) -> str:
+    """The data-parallel choice a candidate's name starts with."""
+    return name.split(",")[0]

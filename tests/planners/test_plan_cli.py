@@ -43,6 +43,26 @@ def test_plan_then_sim(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert code == 2 and "profile" in err
 
 
+def test_plan_carries_its_profile(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A plan made with --profile keeps it: `plait sim` then predicts the same step, not a datasheet one."""
+    from plait.cluster import load_cluster
+    from plait.cost import CostModel, load_profile, save_profile
+    from plait.sim import simulate
+
+    profile = save_profile(load_profile("h200"), tmp_path / "mine.json")
+    out = tmp_path / "plan.json"
+    code, _, err = run(["plan", "gpt-tiny", "--cluster", "dgx-a100:1", "--profile", str(profile), "--out", str(out)], capsys)
+    assert code == 0, err
+    plan = load_plan(out)
+    assert plan.cluster.profile == str(profile.resolve()) and plan.predicted is not None
+    assert simulate(plan, CostModel(plan.cluster)).prediction.step_s == pytest.approx(plan.predicted.step_s, rel=1e-12)
+    datasheet = simulate(plan, CostModel(load_cluster("dgx-a100:1")))  # what sim did before: another answer
+    assert abs(datasheet.prediction.step_s / plan.predicted.step_s - 1) > 0.05
+    code, text, err = run(["sim", str(out)], capsys)
+    assert code == 0 and "when planned" not in text
+    assert CostModel(plan.cluster).source.startswith("profile of")
+
+
 def test_plan_json_output(capsys: pytest.CaptureFixture[str]) -> None:
     code, text, err = run(["plan", "mlp-tiny", "--cluster", CLUSTER, "--micro-batch", "2", "--json"], capsys)
     assert code == 0, err
@@ -88,7 +108,7 @@ def test_sim_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(["sim", str(tmp_path / "missing.json")], capsys)
     assert code == 2 and "does not exist" in err and "plait plan" in err
     bad = tmp_path / "bad.json"
-    bad.write_text('{"version": 1, "model": 3}')
+    bad.write_text('{"version": 2, "model": 3}')
     code, _, err = run(["sim", str(bad)], capsys)
     assert code == 2 and "not a valid plait plan" in err
     bad.write_text("not json")

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from plankit import dense_graph, gpu_cluster
+from plankit import candidate_kind, dense_graph, dp_kind, gpu_cluster
 
 from plait.cluster import Cluster, cluster_from_dict
 from plait.errors import NoFeasiblePlanError, PlaitError
@@ -31,8 +31,8 @@ def cpu_cluster(ranks: int = 4, *, memory_gb: float = 4) -> Cluster:
 
 def test_small_model_on_four_cpu_ranks_prefers_replicate() -> None:
     chosen = plan(dense_graph(8, 64, 8), None, cpu_cluster())
-    assert chosen.data_parallel.kind == "replicate"
-    kinds = [c.kind for c in chosen.candidates]
+    assert dp_kind(chosen) == "replicate"
+    kinds = [candidate_kind(c.name) for c in chosen.candidates]
     assert kinds == ["replicate"] * len(DEFAULT_BUCKET_SIZES) + ["fsdp", "hybrid"]
     hybrid = chosen.candidates[-1]
     assert not hybrid.fits and "not applicable" in hybrid.note and "one node" in hybrid.note
@@ -46,7 +46,7 @@ def test_small_model_on_four_cpu_ranks_prefers_replicate() -> None:
 def test_model_too_big_to_replicate_picks_fsdp() -> None:
     graph = dense_graph(8, 4096, 8)  # 537 MB of fp32 parameters: replicated with AdamW ~2.15 GB
     chosen = plan(graph, None, gpu_cluster(memory_gb=1.5))
-    assert chosen.data_parallel.kind == "fsdp"
+    assert dp_kind(chosen) == "fsdp"
     for c in chosen.candidates[: len(DEFAULT_BUCKET_SIZES)]:
         assert not c.fits and c.peak_memory_bytes > c.memory_limit_bytes and "does not fit" in c.note
         assert c.num_micro == 8  # tried down to micro-batch 1 before giving up
@@ -56,13 +56,13 @@ def test_model_too_big_to_replicate_picks_fsdp() -> None:
 
 def test_hybrid_wins_on_two_nodes_with_slow_inter_node_links() -> None:
     graph = dense_graph(8, 2048, 8)  # replicated state ~537 MB does not fit a 0.5 GB device
-    slow = plan(graph, None, gpu_cluster(2, memory_gb=0.5, inter_gb_s=1))
-    assert slow.data_parallel.kind == "hybrid" and slow.mesh.axes == ("dp_replicate", "dp_shard")
-    by_kind = {c.kind: c for c in slow.candidates}
+    slow = plan(graph, None, gpu_cluster(2, memory_gb=0.5, inter_gb_s=1), precision="fp32")
+    assert dp_kind(slow) == "hybrid" and slow.mesh.axes == ("dp_replicate", "dp_shard")
+    by_kind = {candidate_kind(c.name): c for c in slow.candidates}
     assert by_kind["fsdp"].step_s > 1.2 * by_kind["hybrid"].step_s
     assert "more exposed communication" in by_kind["fsdp"].note
-    fast = plan(graph, None, gpu_cluster(2, memory_gb=0.5, inter_gb_s=300))
-    fast_by_kind = {c.kind: c for c in fast.candidates}
+    fast = plan(graph, None, gpu_cluster(2, memory_gb=0.5, inter_gb_s=300), precision="fp32")
+    fast_by_kind = {candidate_kind(c.name): c for c in fast.candidates}
     # with inter-node links as fast as NVLink, sharding over all 8 ranks costs no more than hybrid
     assert fast_by_kind["fsdp"].step_s <= 1.05 * fast_by_kind["hybrid"].step_s
 
@@ -115,8 +115,8 @@ def test_no_feasible_plan_lists_each_candidate() -> None:
     assert "would fit on about" in text and "Try more devices" in text
     needed = int(re.search(r"would fit on about (\d+) such devices", text).group(1))  # type: ignore[union-attr]
     bigger = plan(graph, None, gpu_cluster(devices=needed, memory_gb=0.4), global_batch=needed)
-    assert bigger.data_parallel.kind == "fsdp"
-    with pytest.raises(NoFeasiblePlanError, match=r"gathered layers \(268.\d MB\) alone exceed the limit"):
+    assert dp_kind(bigger) == "fsdp"
+    with pytest.raises(NoFeasiblePlanError, match=r"gathered layers \(3\d\d.\d MB\) alone exceed the limit"):
         plan(graph, None, gpu_cluster(memory_gb=0.2))
 
 

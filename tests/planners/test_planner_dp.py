@@ -9,7 +9,7 @@ import pytest
 from plait.cluster import Cluster
 from plait.errors import PlaitError
 from plait.graph import ModelGraph
-from plait.plan import Instr, Plan, plan_from_json, plan_to_json
+from plait.plan import REPLICATE, Instr, Plan, plan_from_json, plan_to_json, shard
 from plait.planners import batch_spec, build_dp_plan
 
 
@@ -40,14 +40,14 @@ def test_replicate_plan(make_graph: Callable[..., ModelGraph], make_cluster: Cal
     plan = build_dp_plan(graph, make_cluster(), kind="replicate", global_batch=32, bucket_bytes=300_000)
     assert plan.mesh.shape == (4,) and plan.mesh.axes == ("dp",)
     assert (plan.batch.micro_size, plan.batch.num_micro) == (8, 1)
-    assert all(p.placements == ("Replicate",) and p.sync.kind == "allreduce" for p in plan.params)
-    bucket_of = {n: b.index for b in plan.data_parallel.buckets for n in b.params}
+    assert all(p.placements == (REPLICATE,) and p.sync.kind == "allreduce" for p in plan.params)
+    bucket_of = {n: b.index for b in plan.buckets for n in b.params}
     assert all(p.sync.bucket == bucket_of[p.name] for p in plan.params)
     instrs = plan.programs[0].instrs
     assert plan.programs[0].ranks == (0, 1, 2, 3)
     reduces = _ops(plan, "all_reduce")
-    assert len(reduces) == len(plan.data_parallel.buckets)
-    for (_, ins), bucket in zip(reduces, plan.data_parallel.buckets, strict=True):
+    assert len(reduces) == len(plan.buckets)
+    for (_, ins), bucket in zip(reduces, plan.buckets, strict=True):
         (scaled,) = ins.deps  # the bucket is scaled by 1/world right after the backward of its lowest layer
         (dep,) = instrs[scaled].deps
         assert instrs[scaled].bytes_moved == 2 * bucket.nbytes and instrs[scaled].name == f"scale bucket {bucket.index}"
@@ -71,9 +71,9 @@ def test_replicate_reduces_only_on_last_micro_batch(make_graph: Callable[..., Mo
 
 def test_fsdp_plan_gathers_prefetches_and_reduce_scatters(make_graph: Callable[..., ModelGraph], make_cluster: Callable[..., Cluster]) -> None:
     graph = make_graph(num_layers=5)
-    plan = build_dp_plan(graph, make_cluster(), kind="fsdp", global_batch=32, num_micro=2)
-    assert plan.data_parallel.shard_units == tuple(layer.name for layer in graph.layers)
-    assert all(p.placements == ("Shard(0)",) and p.sync.kind == "reduce_scatter" for p in plan.params)
+    plan = build_dp_plan(graph, make_cluster(), kind="fsdp", global_batch=32, num_micro=2, precision="fp32")
+    assert [u.module for u in plan.shard_units] == [layer.name for layer in graph.layers]
+    assert all(p.placements == (shard(0),) and p.sync.kind == "reduce_scatter" for p in plan.params)
     instrs = plan.programs[0].instrs
     gathers, scatters = _ops(plan, "all_gather"), _ops(plan, "reduce_scatter")
     assert len(gathers) == 2 * 5 * 2 and len(scatters) == 5 * 2
@@ -85,7 +85,8 @@ def test_fsdp_plan_gathers_prefetches_and_reduce_scatters(make_graph: Callable[.
             assert instrs[copy.deps[0]].collective == "all_gather" and ins.name.split(" ", 1)[1] in copy.name
         if ins.collective == "reduce_scatter":  # after the unit's backward, its gradient packed
             pack = instrs[ins.deps[0]]
-            assert pack.name.startswith("pack") and instrs[pack.deps[0]].phase == "bwd" and ins.free_bytes == ins.nbytes
+            # it frees its input and the unit's unsharded gradients
+            assert pack.name.startswith("pack") and instrs[pack.deps[0]].phase == "bwd" and ins.free_bytes == 2 * ins.nbytes
         assert all(d < k for d in ins.deps)
     # prefetch one ahead: at most two gathered units at any point of the program order
     live = 0
@@ -101,7 +102,7 @@ def test_hybrid_plan(make_graph: Callable[..., ModelGraph], make_cluster: Callab
     plan = build_dp_plan(make_graph(), make_cluster(2), kind="hybrid", global_batch=64)
     assert plan.mesh.shape == (2, 4) and plan.mesh.axes == ("dp_replicate", "dp_shard")
     assert plan.batch.micro_size == 8
-    assert all(p.placements == ("Replicate", "Shard(0)") for p in plan.params)
+    assert all(p.placements == (REPLICATE, shard(0)) for p in plan.params)
     instrs = plan.programs[0].instrs
     for _, ins in _ops(plan, "reduce_scatter") + _ops(plan, "all_gather"):
         assert ins.group == (0, 1, 2, 3) and ins.axes == ("dp_shard",)
@@ -141,5 +142,5 @@ def test_layers_without_parameters(kind: str, make_graph: Callable[..., ModelGra
     assert not any("layers.1" in i.name for i in instrs if i.op != "compute" or i.layer is None)
     assert sum(1 for i in instrs if i.layer == 1) == 4  # fwd and bwd, two micro-batches
     if kind == "fsdp":
-        assert plan.data_parallel.shard_units == ("layers.0", "layers.2")
+        assert [u.module for u in plan.shard_units] == ["layers.0", "layers.2"]
     assert plan.predicted is not None and plan.predicted.step_s > 0

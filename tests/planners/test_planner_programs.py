@@ -6,6 +6,7 @@ import pytest
 from plankit import dense_graph, gpu_cluster
 
 from plait.cost import CostModel
+from plait.cost.work import layer_work_of
 from plait.planners import build_dp_plan
 from plait.planners.lowering import backward, forward
 from plait.sim import instruction_time, simulate
@@ -26,11 +27,12 @@ def test_single_rank_step_is_the_sum_of_layer_times() -> None:
     cluster = gpu_cluster(devices=1)
     graph = dense_graph(5, 512, 8)
     plan = build_dp_plan(graph, cluster, kind="replicate", global_batch=16, num_micro=2)
+    assert plan.precision.compute_dtype == "bf16"  # a GPU cluster's default
     cost = CostModel(cluster)
-    scale = 8 / graph.batch_size
+    work = layer_work_of(graph, plan)
     per_micro = sum(
-        instruction_time(forward(graph, ly.index, 0, scale), cost) + instruction_time(backward(graph, ly.index, 0, scale), cost)
-        for ly in graph.layers
+        instruction_time(forward(w, 0), cost, dtype="bf16") + instruction_time(backward(w, 0, last_layer=False), cost, dtype="bf16")
+        for w in work
     )
     expected = 2 * per_micro + cost.optimizer_time(graph.num_params, num_tensors=len(graph.params))
     assert plan.predicted is not None
@@ -41,7 +43,9 @@ def test_single_rank_step_is_the_sum_of_layer_times() -> None:
 def test_backward_has_twice_the_forward_traffic_and_kernels() -> None:
     graph = dense_graph(2, 64, 4)
     layer = graph.layers[1]
-    fwd, bwd = forward(graph, 1, 0, 2.0), backward(graph, 1, 0, 2.0)
+    plan = build_dp_plan(graph, gpu_cluster(devices=1), kind="replicate", global_batch=8)
+    w = layer_work_of(graph, plan)[1]
+    fwd, bwd = forward(w, 0), backward(w, 0, last_layer=True)
     assert (fwd.flops, fwd.bytes_moved, fwd.num_kernels) == (2 * layer.fwd_flops, 2 * layer.fwd_bytes_moved, layer.num_kernels)
     assert (bwd.flops, bwd.bytes_moved, bwd.num_kernels) == (2 * layer.bwd_flops, 4 * layer.fwd_bytes_moved, 2 * layer.num_kernels)
     cost = CostModel(gpu_cluster(devices=1))
@@ -62,21 +66,25 @@ def test_peak_memory_by_hand() -> None:
     layers, act_scale = 6, 64
     graph = dense_graph(layers, 256, 8, act_scale=act_scale)
     unit, act, out = graph.layers[0].param_bytes, graph.layers[0].activation_bytes, graph.layers[0].output_bytes
+    weight = graph.params[0].nbytes  # the largest parameter
     assert act > unit
     cluster = gpu_cluster(inter_gb_s=300)
     cost = CostModel(cluster)
-    # replicated, at the start of backward: every saved activation, the loss gradient of the output
-    # and the gradient of the last layer's input
-    rep = simulate(build_dp_plan(graph, cluster, kind="replicate", global_batch=32), cost)
-    assert rep.trace_of(0).peak_dynamic_bytes == layers * act + 2 * out
-    rep2 = simulate(build_dp_plan(graph, cluster, kind="replicate", global_batch=32, num_micro=2), cost)
-    assert rep2.trace_of(0).peak_dynamic_bytes == (layers * act + 2 * out) // 2
-    # fsdp adds the last unit gathered, its unsharded gradient and the next unit prefetched
-    fsdp = simulate(build_dp_plan(graph, cluster, kind="fsdp", global_batch=32), cost)
-    assert fsdp.trace_of(0).peak_dynamic_bytes == layers * act + 2 * out + 3 * unit
+    # replicated, at the start of the last layer's backward: every saved activation, the loss's two gradients
+    # of the output, the gradient of the layer's input and the fresh gradient of its weight
+    rep = simulate(build_dp_plan(graph, cluster, kind="replicate", global_batch=32, precision="fp32"), cost)
+    assert rep.trace_of(0).peak_dynamic_bytes == layers * act + 3 * out + weight
+    rep2 = simulate(build_dp_plan(graph, cluster, kind="replicate", global_batch=32, num_micro=2, precision="fp32"), cost)
+    assert rep2.trace_of(0).peak_dynamic_bytes == (layers * act + 3 * out) // 2 + weight
+    # fsdp, while the last unit's gradient is reduced: five units (its parameters, unsharded gradients and
+    # their reduce-scatter input; the prefetched unit's all-gather output and parameters being copied
+    # out), the sharded gradient the reduce-scatter writes, and the activations of the other layers
+    fsdp = simulate(build_dp_plan(graph, cluster, kind="fsdp", global_batch=32, precision="fp32"), cost)
+    assert fsdp.trace_of(0).peak_dynamic_bytes == (layers - 1) * act + out + 5 * unit + unit // 4
     p = fsdp.prediction
     shard = sum(-(-p_.shape[0] // 4) * (p_.numel // p_.shape[0]) * 4 for p_ in graph.params)
     assert (p.memory.params, p.memory.grads) == (shard, shard) and p.memory.optimizer >= 2 * shard
-    assert p.peak_memory_bytes == (p.memory.params + p.memory.grads + p.memory.optimizer + layers * act + 2 * out + 3 * unit,) * 4
-    assert p.memory.total == p.peak_memory_bytes[0]
+    batch = 8 * 8 * 256  # the micro-batch of 8 rows of 256 inputs on the device, at 8 bytes per element
+    # sharded gradients are not held across steps: they are in the program (made by the reduce-scatters)
+    assert p.peak_memory_bytes == (shard + p.memory.optimizer + batch + fsdp.trace_of(0).peak_dynamic_bytes,) * 4
     assert all(t.memory[-1][1] == 0 for t in (rep.trace_of(0), rep2.trace_of(0), fsdp.trace_of(0)))  # all given back

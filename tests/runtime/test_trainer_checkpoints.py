@@ -57,7 +57,7 @@ def test_resume_on_another_world_size_and_kind(tmp_path: Path) -> None:
     for m in metrics:
         assert m.step_s > 0 and m.samples_per_s == pytest.approx(8 / m.step_s)
     state = load_checkpoint(checkpoint_dir(out) / "step_00000006")
-    assert state["world_size"] == 2 and state["kind"] == "fsdp" and len(state["rng"]) == 2
+    assert state["world_size"] == 2 and state["mesh"] == {"dp": 2} and len(state["rng"]) == 2
     assert set(state["model"]) == set(final) and set(state["optimizer"]) == {"state", "param_groups"}
 
 

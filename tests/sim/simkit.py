@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from plait.cluster import load_cluster
 from plait.graph import LayerInfo, ModelGraph, ParamInfo
-from plait.plan import BatchSpec, DataParallelSpec, Instr, MeshSpec, Plan, RankProgram
+from plait.plan import BatchSpec, Instr, MeshSpec, Plan, RankProgram, shard
 
 
 class UnitCost:
@@ -43,8 +43,7 @@ def hand_plan(*programs: tuple[Sequence[int], Sequence[Instr]]) -> Plan:
         model=tiny_graph(),
         cluster=load_cluster("dgx-a100:1"),
         mesh=MeshSpec(shape=(world,), axes=("dp",)),
-        batch=BatchSpec(global_size=2 * world, micro_size=2),
-        data_parallel=DataParallelSpec(kind="replicate", replicate_axis="dp", shard_axis=None, bucket_bytes=1),
+        batch=BatchSpec(global_size=2 * world, micro_size=2, placements=(shard(0),)),
         params=(),
         programs=tuple(RankProgram(ranks=tuple(r), instrs=tuple(i)) for r, i in programs),
     )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import click
@@ -24,6 +26,15 @@ def _per_rank_batch(cluster: Cluster, batch: int | None, micro_batch: int | None
     if batch and batch % cluster.world_size == 0:
         return batch // cluster.world_size
     return DEFAULT_PER_RANK_BATCH
+
+
+def with_profile(cluster: Cluster, profile: str | None) -> Cluster:
+    """The cluster calibrated by ``profile`` (a path, made absolute, or a packaged name), so a plan written
+    from it carries the profile and ``plait sim`` and ``plait run`` see the same numbers."""
+    if profile is None:
+        return cluster
+    path = Path(profile)
+    return replace(cluster, profile=str(path.resolve()) if path.exists() else profile)
 
 
 def _from_factory(spec: str) -> tuple[Any, Any, Callable[..., Any] | None, str]:
@@ -71,10 +82,13 @@ def resolve_model(spec: str, per_rank_batch: int) -> ModelGraph:
 @click.option("--profile", type=click.Path(dir_okay=False), help="A measured profile JSON (`plait profile`) for the cost model.")
 @click.option("--memory-fraction", type=click.FloatRange(0, 1, min_open=True), default=0.9, show_default=True,
               help="Share of each device's memory a plan may use.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "bf16-reduce"]), default=None,
+              help="fp32, or bf16 compute with fp32 master weights (bf16-reduce: also bf16 gradient reduction). "
+                   "Default: bf16 on GPU clusters, fp32 on CPUs.")
 @click.option("--out", type=click.Path(dir_okay=False), help="Write the chosen plan's JSON here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan JSON instead of the tables.")
 def plan(model: str, cluster_spec: str, batch: int | None, micro_batch: int | None, profile: str | None,
-         memory_fraction: float, out: str | None, as_json: bool) -> None:
+         memory_fraction: float, precision: str | None, out: str | None, as_json: bool) -> None:
     """Choose the fastest data-parallel plan for MODEL that fits the cluster's memory and explain it.
 
     MODEL is a zoo name (see `plait.models`, e.g. gpt2-small, mlp-small) or `module.path:factory`, a
@@ -84,10 +98,11 @@ def plan(model: str, cluster_spec: str, batch: int | None, micro_batch: int | No
     from plait.cost import CostModel
     from plait.planners import plan as choose
 
-    cluster = load_cluster(cluster_spec)
+    cluster = with_profile(load_cluster(cluster_spec), profile)
     graph = resolve_model(model, _per_rank_batch(cluster, batch, micro_batch))
-    cost = CostModel(cluster, profile)
-    chosen = choose(graph, None, cluster, global_batch=batch, micro_batch=micro_batch, cost=cost, memory_fraction=memory_fraction)
+    cost = CostModel(cluster)
+    chosen = choose(graph, None, cluster, global_batch=batch, micro_batch=micro_batch, cost=cost, memory_fraction=memory_fraction,
+                    precision=precision)
     if as_json:
         click.echo(plan_to_json(chosen), nl=False)
     else:

@@ -23,7 +23,8 @@ def _rank_ranges(ranks: list[int]) -> str:
 def summary_table(plan: Plan, result: SimResult) -> Table:
     """Predicted step, overlap and peak memory per device (ranks with the same peak share a row)."""
     p = result.prediction
-    table = Table(title=f"plait sim: {plan.model.name} on {plan.cluster.name} ({plan.data_parallel.kind})", show_header=False)
+    mesh = " x ".join(f"{a}={s}" for a, s in zip(plan.mesh.axes, plan.mesh.shape, strict=True))
+    table = Table(title=f"plait sim: {plan.model.name} on {plan.cluster.name} (mesh {mesh})", show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value")
     table.add_row("step", fmt_seconds(p.step_s))

@@ -1,21 +1,30 @@
-"""Memory per device of a data-parallel plan: parameters, gradients, optimizer state, activations, buffers.
+"""Memory per device of a plan: parameters, gradients, optimizer state, activations, buffers.
 
-It follows what plait's runtime does. Replicated: every rank holds all parameters; gradients live as
-views of the flat bucket buffers (no second copy); AdamW keeps two moments per element in the
-parameter's dtype (fp32 for fp32 models) and one 4-byte step counter per tensor. FSDP2 (``fully_shard``
-per layer, reshard after forward): every rank holds a dim-0 shard of each parameter (padded up to a
-multiple of the shard degree), of its gradient and of the optimizer state, and gathers one unit at a
-time. Hybrid shards inside a replica group and replicates across groups: per device it is FSDP2 with
-the shard degree of the shard axis.
+It follows what plait's runtime does, reading the plan's placements and precision:
+
+* **State** (held for the whole step): each rank holds its shard of every parameter (the largest shard
+  when a split is uneven, as FSDP2 pads dim 0), a gradient of the same shape, and the optimizer's states
+  in the parameters' dtype (AdamW: two moments and one 4-byte step counter per tensor). Replicated
+  gradients live as views of the flat bucket buffers (no second copy).
+* **Activations**: what each layer saves for backward on this rank (``LayerWork``); a recomputed layer
+  keeps only its input.
+* **Buffers**: module buffers and the input batch (``batch_bytes``) plus the largest of the step's moments (minus the state and activations
+  already counted): the end of forward (activations, the largest layer output and the gradient flowing
+  back into it); early backward (replicated: the largest fresh gradient before it is added into its
+  bucket view; sharded: ``FSDP_UNITS_LIVE_BACKWARD`` gathered units plus the all-gather input shard);
+  the optimizer step (its temporaries).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from math import prod
 
+from plait.cost.work import LayerWork
 from plait.errors import PlaitError
-from plait.graph.model_graph import DTYPE_BYTES, ModelGraph, ParamInfo
-from plait.plan.ir import DataParallelKind, MemoryEstimate
+from plait.graph.model_graph import DTYPE_BYTES
+from plait.plan.ir import MemoryEstimate, Plan
+from plait.plan.layout import local_numel, shard_axis_of
 
 OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "sgd": 1, "sgd_nomomentum": 0}
 STEP_COUNTER_BYTES = {"adamw": 4, "adam": 4}  # a 0-dim fp32 ``step`` tensor per parameter
@@ -34,26 +43,6 @@ def check_optimizer(optimizer: str) -> None:
         raise PlaitError(f"unknown optimizer {optimizer!r}; plait knows {', '.join(OPTIMIZER_STATES)}")
 
 
-def sharded_bytes(param: ParamInfo, shard_degree: int) -> int:
-    """Bytes of one rank's dim-0 shard (FSDP2 pads dim 0 up to a multiple of the shard degree)."""
-    if shard_degree <= 1 or not param.shape:
-        return param.nbytes
-    rows = -(-param.shape[0] // shard_degree)
-    inner = param.numel // param.shape[0] if param.shape[0] else 0
-    return rows * inner * DTYPE_BYTES.get(param.dtype, 4)
-
-
-def optimizer_bytes(graph: ModelGraph, param_bytes: int, optimizer: str) -> int:
-    """Optimizer state for ``param_bytes`` of parameters (states in the parameter dtype) plus step counters."""
-    return OPTIMIZER_STATES[optimizer] * param_bytes + STEP_COUNTER_BYTES.get(optimizer, 0) * len(graph.params)
-
-
-def boundary_bytes(graph: ModelGraph, micro_batch: int) -> int:
-    """The largest layer output and the gradient flowing back into it, at ``micro_batch``."""
-    largest_output = max((layer.output_bytes for layer in graph.layers), default=0)
-    return 2 * int(largest_output * micro_batch / graph.batch_size)
-
-
 def step_temporaries(optimizer: str, largest: int, total: int, *, foreach: bool) -> int:
     """Bytes the optimizer step allocates for a moment (``largest`` / ``total``: per-device parameter bytes)."""
     if OPTIMIZER_STATES[optimizer] < 2:
@@ -61,58 +50,62 @@ def step_temporaries(optimizer: str, largest: int, total: int, *, foreach: bool)
     return total if foreach else ADAMW_TEMPORARIES * largest
 
 
-def memory_estimate(
-    graph: ModelGraph,
-    *,
-    kind: DataParallelKind,
-    shard_degree: int,
-    micro_batch: int,
-    optimizer: str = "adamw",
-    unit_bytes: Sequence[int] | None = None,
-    device_kind: str = "cpu",
-) -> MemoryEstimate:
-    """Bytes one device holds at its peak during a step (see the module docstring).
+def param_shard_bytes(plan: Plan) -> list[int]:
+    """Bytes of this rank's shard of every parameter, stored in the plan's parameter dtype."""
+    shapes = {p.name: p.shape for p in plan.model.params}
+    width = DTYPE_BYTES.get(plan.precision.param_dtype, 4)
+    return [local_numel(shapes[p.name], p.placements, plan.mesh) * width for p in plan.params]
 
-    ``params``, ``grads`` and ``optimizer`` are the state between steps; ``activations`` the captured
-    saved-for-backward bytes scaled to ``micro_batch``. ``buffers`` is what else lives at the peak, the
-    largest of three moments (minus the state and activations counted already):
 
-    * end of forward: the activations and the largest layer output with the gradient flowing back into
-      it (sharded plans free their gradients before forward: ``zero_grad(set_to_none=True)``);
-    * early backward: replicated, the largest parameter's fresh gradient before it is added into its
-      bucket view; sharded, ``FSDP_UNITS_LIVE_BACKWARD`` units (``unit_bytes``, default one per layer)
-      plus the all-gather input shard, while the activations are still alive;
-    * the optimizer step: its temporaries (``device_kind="cuda"`` selects the foreach AdamW).
+def state_bytes(plan: Plan) -> tuple[int, int, int]:
+    """Parameters, gradients and optimizer state one rank holds between steps."""
+    check_optimizer(plan.optimizer)
+    shards = param_shard_bytes(plan)
+    params = sum(shards)
+    optimizer = OPTIMIZER_STATES[plan.optimizer] * params + STEP_COUNTER_BYTES.get(plan.optimizer, 0) * len(shards)
+    return params, params, optimizer
 
-    The bucket size does not change the replicated total: the buckets are the gradients.
+
+def batch_bytes(plan: Plan) -> int:
+    """The input batch a rank holds during a step, at 8 bytes per element (token ids are int64).
+
+    plait's Trainer gets the global batch of a step from the data source on every rank and moves each
+    micro-batch to the device: on a CPU rank the whole global batch is in the same memory, on a GPU one
+    micro-batch at a time.
     """
-    check_optimizer(optimizer)
-    activations = int(graph.activation_bytes * micro_batch / graph.batch_size)
-    boundary = boundary_bytes(graph, micro_batch)
-    foreach = device_kind == "cuda"
-    if kind == "replicate":
-        params = graph.param_bytes
-        largest = max((p.nbytes for p in graph.params), default=0)
-        step = step_temporaries(optimizer, largest, params, foreach=foreach)
-        return MemoryEstimate(
-            params=params,
-            grads=params,
-            optimizer=optimizer_bytes(graph, params, optimizer),
-            activations=activations,
-            buffers=graph.buffer_bytes + max(largest + boundary, step - activations),
-        )
-    n = max(1, shard_degree)
-    shard = sum(sharded_bytes(p, n) for p in graph.params)
-    units = list(unit_bytes) if unit_bytes is not None else [layer.param_bytes for layer in graph.layers]
-    unit = max(units, default=0)
-    largest_shard = max((sharded_bytes(p, n) for p in graph.params), default=0)
-    forward_end = activations + boundary
-    backward = activations + FSDP_UNITS_LIVE_BACKWARD * unit + -(-unit // n)
-    step = shard + step_temporaries(optimizer, largest_shard, shard, foreach=foreach)
+    rows = plan.batch.global_size if plan.cluster.device.kind == "cpu" else plan.batch.micro_size
+    per_row = sum(prod(shape[1:]) for shape in plan.model.input_shapes)
+    return 8 * rows * per_row
+
+
+def activation_bytes(work: Sequence[LayerWork]) -> int:
+    """What the forward of one micro-batch keeps for backward on one rank."""
+    return sum(w.input_bytes if w.recompute else w.activation_bytes for w in work)
+
+
+def memory_estimate(plan: Plan, work: Sequence[LayerWork]) -> MemoryEstimate:
+    """Bytes one device holds at its peak during a step (see the module docstring)."""
+    params, grads, opt_state = state_bytes(plan)
+    activations = activation_bytes(work)
+    boundary = 2 * max((w.output_bytes for w in work), default=0)
+    shards = param_shard_bytes(plan)
+    foreach = plan.cluster.device.kind == "cuda"
+    step = step_temporaries(plan.optimizer, max(shards, default=0), sum(shards), foreach=foreach)
+    largest_recomputed = max((w.activation_bytes for w in work if w.recompute), default=0)
+    dynamic = activations + largest_recomputed
+    shard_axis = shard_axis_of(plan)
+    if shard_axis is None:
+        fresh = max((w.grad_bytes for w in work), default=0)
+        moment = max(dynamic + fresh + boundary, step)
+        extra = 0
+    else:
+        unit = max((w.unit_bytes for w in work), default=0)
+        n = plan.mesh.axis_size(shard_axis)
+        backward = dynamic + FSDP_UNITS_LIVE_BACKWARD * unit + -(-unit // n)
+        # sharded plans free their gradients before forward (zero_grad(set_to_none=True))
+        moment = max(dynamic + boundary, backward, params + step)
+        extra = params
     return MemoryEstimate(
-        params=shard,
-        grads=shard,
-        optimizer=optimizer_bytes(graph, shard, optimizer),
-        activations=activations,
-        buffers=graph.buffer_bytes + max(0, max(forward_end, backward, step) - activations - shard),
+        params=params, grads=grads, optimizer=opt_state, activations=activations,
+        buffers=plan.model.buffer_bytes + batch_bytes(plan) + max(0, moment - activations - extra),
     )

@@ -23,6 +23,12 @@ def plan_from_json(text: str) -> Plan:
     if not isinstance(raw, dict):
         raise PlaitError(f"a plan is a JSON object, got a JSON {type(raw).__name__}; write one with `plait plan MODEL --out FILE`")
     version = raw.get("version")
+    if isinstance(version, int) and version < PLAN_VERSION:
+        raise PlaitError(
+            f"this plan file is in format {version}, written by an older plait; this plait reads format {PLAN_VERSION} "
+            "(placements, sync specs and precision per parameter instead of a data-parallel kind). "
+            "Re-run `plait plan MODEL --cluster C --out FILE` to write it again"
+        )
     if version != PLAN_VERSION:
         raise PlaitError(f"plan format version {version} is not supported (this plait reads {PLAN_VERSION}); re-run `plait plan`")
     return from_dict(Plan, raw)

@@ -7,24 +7,29 @@ the same structure.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import product
+from math import prod
 from typing import Literal
 
 from plait.cluster.spec import Cluster
 from plait.graph.model_graph import ModelGraph
+from plait.plan.placement import Placement
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2
 
-DataParallelKind = Literal["replicate", "fsdp", "hybrid"]
 SyncKind = Literal["allreduce", "reduce_scatter", "ps", "sfb", "none"]
 InstrOp = Literal["compute", "collective", "send", "recv", "free", "optimizer", "wait"]
 Stream = Literal["compute", "comm"]
 Phase = Literal["fwd", "bwd", "step", "none"]
+Port = Literal["input", "output"]
+DTYPES = ("fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True, kw_only=True)
 class MeshSpec:
-    """The device mesh: its shape and one name per axis (``dp``, ``tp``, ``pp``, ...)."""
+    """The device mesh: its shape and one name per axis (``dp``, ``tp``, ``pp``, ...); ranks lie row-major."""
 
     shape: tuple[int, ...]
     axes: tuple[str, ...]
@@ -38,29 +43,61 @@ class MeshSpec:
     @property
     def size(self) -> int:
         """Number of ranks in the mesh."""
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return prod(self.shape)
 
     def axis_size(self, axis: str) -> int:
         """Size of one named axis (1 when the mesh has no such axis)."""
         return self.shape[self.axes.index(axis)] if axis in self.axes else 1
 
+    def coords(self, rank: int) -> tuple[int, ...]:
+        """The mesh coordinates of ``rank``."""
+        out = []
+        for size in reversed(self.shape):
+            out.append(rank % size)
+            rank //= size
+        return tuple(reversed(out))
+
+    def rank_at(self, coords: Sequence[int]) -> int:
+        """The rank at mesh coordinates ``coords``."""
+        rank = 0
+        for c, size in zip(coords, self.shape, strict=True):
+            rank = rank * size + c
+        return rank
+
+    def group(self, rank: int, axes: Sequence[str]) -> tuple[int, ...]:
+        """The ranks that share ``rank``'s coordinates on every axis but ``axes`` (row-major over ``axes``)."""
+        base = list(self.coords(rank))
+        index = [self.axes.index(a) for a in axes]
+        members = []
+        for offsets in product(*(range(self.shape[i]) for i in index)):
+            for i, c in zip(index, offsets, strict=True):
+                base[i] = c
+            members.append(self.rank_at(base))
+        return tuple(members)
+
+    def index_in(self, rank: int, axes: Sequence[str]) -> int:
+        """``rank``'s position in its group over ``axes`` (row-major)."""
+        return self.group(rank, axes).index(rank)
+
 
 @dataclass(frozen=True, kw_only=True)
 class BatchSpec:
-    """Batch sizes: global = micro x num_micro x data-parallel degree."""
+    """Batch sizes (global = micro x num_micro x data-parallel degree) and how the batch lies on the mesh.
+
+    ``placements`` holds one entry per mesh axis: ``Shard(0)`` on the data-parallel axes, over which the
+    global batch is split, ``Replicate()`` on the others (every rank of a model axis sees the same rows).
+    """
 
     global_size: int
-    micro_size: int  # per rank, per forward/backward
+    micro_size: int  # per data-parallel rank, per forward/backward
     num_micro: int = 1  # gradient accumulation steps per optimizer step
     lr_scaling: str = "none"
+    placements: tuple[Placement, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)
 class Bucket:
-    """Gradients reduced together, in the order backward produces them."""
+    """Gradients all-reduced together, in the order backward produces them (``nbytes``: this rank's shards)."""
 
     index: int
     params: tuple[str, ...]
@@ -70,7 +107,7 @@ class Bucket:
 
 @dataclass(frozen=True, kw_only=True)
 class SyncSpec:
-    """How one parameter's gradient meets its replicas."""
+    """How one parameter's gradient meets its replicas: the reduction, the mesh axes it spans, its bucket."""
 
     kind: SyncKind
     axes: tuple[str, ...] = ()
@@ -81,24 +118,56 @@ class SyncSpec:
 
 @dataclass(frozen=True, kw_only=True)
 class ParamPlan:
-    """Placement (one entry per mesh axis, DTensor names) and sync of one parameter."""
+    """One parameter: its placement on each mesh axis (DTensor's names) and how its gradient is synchronised."""
 
     name: str
-    placements: tuple[str, ...]  # "Replicate", "Shard(0)", "Partial"
+    placements: tuple[Placement, ...]
     sync: SyncSpec
 
 
 @dataclass(frozen=True, kw_only=True)
-class DataParallelSpec:
-    """The data-parallel part: replicated, fully sharded or hybrid, with its buckets or shard units."""
+class ActivationPlan:
+    """An activation pinned at a module boundary: input or output ``index`` of ``module`` has these placements."""
 
-    kind: DataParallelKind
-    replicate_axis: str | None  # mesh axis over which copies are replicated
-    shard_axis: str | None  # mesh axis over which parameters are sharded
-    bucket_bytes: int
-    buckets: tuple[Bucket, ...] = ()
-    shard_units: tuple[str, ...] = ()  # module FQNs wrapped by fully_shard, innermost first
+    module: str
+    port: Port
+    index: int = 0
+    placements: tuple[Placement, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShardUnit:
+    """A module whose Shard(0)-on-a-data-parallel-axis parameters are gathered together (an FSDP2 unit)."""
+
+    module: str
     reshard_after_forward: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrecisionPolicy:
+    """Dtypes: parameters as stored (the master copy), compute (autocast / FSDP2's param dtype), gradient reduction."""
+
+    param_dtype: str = "fp32"
+    compute_dtype: str = "fp32"
+    reduce_dtype: str = "fp32"
+
+    def __post_init__(self) -> None:
+        for name in ("param_dtype", "compute_dtype", "reduce_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(f"precision {name} {getattr(self, name)!r} is not one of {', '.join(DTYPES)}")
+
+    @property
+    def mixed(self) -> bool:
+        """True when compute runs in a lower precision than the stored parameters."""
+        return self.compute_dtype != self.param_dtype
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayerPlan:
+    """Per layer of the layer view: whether its forward is recomputed in backward (activation checkpointing)."""
+
+    name: str
+    recompute: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -113,9 +182,9 @@ class StageSpec:
 
 @dataclass(frozen=True, kw_only=True)
 class ScheduleSpec:
-    """The step schedule: ``data_parallel`` now; pipeline kinds come with the pipeline planner."""
+    """The step schedule: ``spmd`` (every rank runs the whole model); pipeline kinds come with the pipeline planner."""
 
-    kind: str = "data_parallel"
+    kind: str = "spmd"
     num_microbatches: int = 1
     token_slices: tuple[int, ...] | None = None
 
@@ -188,8 +257,7 @@ class CandidateReport:
     """One option the planner weighed, and why it won or lost."""
 
     name: str
-    kind: DataParallelKind
-    bucket_bytes: int
+    family: str  # "data parallel", "intra-op", ...
     fits: bool
     step_s: float
     peak_memory_bytes: int
@@ -219,8 +287,12 @@ class Plan:
     cluster: Cluster
     mesh: MeshSpec
     batch: BatchSpec
-    data_parallel: DataParallelSpec
     params: tuple[ParamPlan, ...]
+    activations: tuple[ActivationPlan, ...] = ()
+    buckets: tuple[Bucket, ...] = ()
+    shard_units: tuple[ShardUnit, ...] = ()
+    precision: PrecisionPolicy = PrecisionPolicy()
+    layers: tuple[LayerPlan, ...] = ()
     schedule: ScheduleSpec = ScheduleSpec()
     stages: tuple[StageSpec, ...] = ()
     programs: tuple[RankProgram, ...] = ()
@@ -234,6 +306,29 @@ class Plan:
     def world_size(self) -> int:
         """Number of ranks the plan runs on."""
         return self.mesh.size
+
+    @property
+    def data_parallel_axes(self) -> tuple[str, ...]:
+        """Mesh axes over which the batch is split (``Shard(0)`` in ``batch.placements``)."""
+        return tuple(a for a, p in zip(self.mesh.axes, self.batch.placements, strict=True) if p.is_shard)
+
+    @property
+    def model_axes(self) -> tuple[str, ...]:
+        """Mesh axes over which the batch is not split: the model is (or may be) sharded there."""
+        dp = set(self.data_parallel_axes)
+        return tuple(a for a in self.mesh.axes if a not in dp)
+
+    @property
+    def dp_degree(self) -> int:
+        """Number of data-parallel replicas the global batch is split over."""
+        return prod(self.mesh.axis_size(a) for a in self.data_parallel_axes)
+
+    def param(self, name: str) -> ParamPlan:
+        """The plan of one parameter."""
+        for p in self.params:
+            if p.name == name:
+                return p
+        raise KeyError(f"the plan has no parameter {name!r}")
 
     def program_of(self, rank: int) -> RankProgram:
         """The program that ``rank`` executes."""

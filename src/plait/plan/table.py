@@ -7,7 +7,8 @@ import io
 from rich.console import Console, Group
 from rich.table import Table
 
-from plait.plan.ir import CandidateReport, DataParallelSpec, MeshSpec, Plan, Prediction
+from plait.plan.ir import CandidateReport, Plan, Prediction
+from plait.plan.layout import shard_axis_of
 
 MB = 1e6
 GB = 1e9
@@ -23,18 +24,41 @@ def fmt_seconds(s: float) -> str:
     return f"{s * 1e3:.1f} ms" if s < 10 else f"{s:.2f} s"
 
 
-def _data_parallel(dp: DataParallelSpec, mesh: MeshSpec) -> str:
-    if dp.kind == "replicate":
-        sizes = [b.nbytes for b in dp.buckets]
+def data_parallel_text(plan: Plan) -> str:
+    """How the batch is split and how gradients meet, read from the placements: buckets, FSDP2 units or none."""
+    dp_axes = plan.data_parallel_axes
+    if not dp_axes or plan.dp_degree == 1:
+        return "none (every rank sees the whole batch)"
+    over = " x ".join(f"{a}={plan.mesh.axis_size(a)}" for a in dp_axes)
+    axis = shard_axis_of(plan)
+    if axis is None:
+        sizes = [b.nbytes for b in plan.buckets]
         if len(sizes) == 1:
-            return f"replicate over dp={mesh.size}: 1 gradient bucket of {fmt_bytes(sizes[0])} (cap {fmt_bytes(dp.bucket_bytes)})"
+            return f"replicate over {over}: 1 gradient bucket of {fmt_bytes(sizes[0])}"
         spread = f" ({fmt_bytes(min(sizes))} to {fmt_bytes(max(sizes))})" if sizes else ""
-        return f"replicate over dp={mesh.size}: {len(sizes)} gradient buckets of up to {fmt_bytes(dp.bucket_bytes)}{spread}"
-    where = f"shard over {dp.shard_axis}={mesh.axis_size(dp.shard_axis or '')}"
-    if dp.replicate_axis:
-        where = f"replicate over {dp.replicate_axis}={mesh.axis_size(dp.replicate_axis)}, {where}"
-    reshard = ", reshard after forward" if dp.reshard_after_forward else ""
-    return f"{dp.kind} ({where}): {len(dp.shard_units)} units, largest {fmt_bytes(dp.bucket_bytes)}{reshard}"
+        return f"replicate over {over}: {len(sizes)} gradient buckets{spread}"
+    replicated = [a for a in dp_axes if a != axis]
+    where = f"shard over {axis}={plan.mesh.axis_size(axis)}"
+    if replicated:
+        where = f"replicate over {', '.join(f'{a}={plan.mesh.axis_size(a)}' for a in replicated)}, {where}"
+    reshard = ", reshard after forward" if all(u.reshard_after_forward for u in plan.shard_units) else ""
+    return f"FSDP2 ({where}): {len(plan.shard_units)} units{reshard}"
+
+
+def precision_text(plan: Plan) -> str:
+    """``fp32`` or ``bf16 compute, fp32 parameters, fp32 gradient reduction``."""
+    p = plan.precision
+    if not p.mixed and p.reduce_dtype == p.param_dtype:
+        return p.param_dtype
+    return f"{p.compute_dtype} compute, {p.param_dtype} parameters, {p.reduce_dtype} gradient reduction"
+
+
+def recompute_text(plan: Plan) -> str:
+    """Which layers recompute their forward in backward."""
+    names = [layer.name for layer in plan.layers if layer.recompute]
+    if not names:
+        return "none"
+    return "every layer" if len(names) == len(plan.layers) else ", ".join(names)
 
 
 def _prediction_rows(table: Table, p: Prediction) -> None:
@@ -57,9 +81,11 @@ def _head(plan: Plan) -> Table:
     head.add_column("field", style="bold")
     head.add_column("value")
     head.add_row("mesh", " x ".join(f"{a}={s}" for a, s in zip(plan.mesh.axes, plan.mesh.shape, strict=True)))
-    head.add_row("data parallel", _data_parallel(plan.data_parallel, plan.mesh))
+    head.add_row("data parallel", data_parallel_text(plan))
     b = plan.batch
-    head.add_row("batch", f"global {b.global_size} = micro {b.micro_size} x {b.num_micro} micro-batches x dp {plan.mesh.size}")
+    head.add_row("batch", f"global {b.global_size} = micro {b.micro_size} x {b.num_micro} micro-batches x dp {plan.dp_degree}")
+    head.add_row("precision", precision_text(plan))
+    head.add_row("recomputation", recompute_text(plan))
     head.add_row("parameters", f"{plan.model.num_params / 1e6:,.2f} M ({fmt_bytes(plan.model.param_bytes)}, {plan.model.dtype}), optimizer {plan.optimizer}")
     if plan.programs:
         head.add_row("program", f"{sum(len(p.instrs) for p in plan.programs)} instructions in {len(plan.programs)} program(s)")

@@ -12,9 +12,9 @@ from plait.cluster import Cluster, load_cluster
 from plait.cost import CostModel
 from plait.errors import NoFeasiblePlanError, PlaitError
 from plait.graph.model_graph import ModelGraph
-from plait.plan.ir import Plan
+from plait.plan.ir import Plan, PrecisionPolicy
 from plait.planners.candidates import DEFAULT_BUCKET_SIZES, options, score
-from plait.planners.data_parallel import provenance_of
+from plait.planners.data_parallel import provenance_of, resolve_precision
 from plait.planners.explain import explain, infeasible_message, winner_of
 
 
@@ -41,13 +41,15 @@ def plan(
     optimizer: str = "adamw",
     loss_fn: Callable[..., Any] | None = None,
     name: str | None = None,
+    precision: PrecisionPolicy | str | None = None,
 ) -> Plan:
     """Choose the fastest data-parallel plan that fits each device's memory, and explain the choice.
 
     ``model_or_graph`` is an ``nn.Module`` (captured with ``example_batch`` and ``loss_fn``) or a
     ModelGraph. The global batch defaults to the captured batch on every rank (captured batch x
-    world size). Every candidate weighed is in ``plan.candidates``; raises NoFeasiblePlanError when
-    none fits.
+    world size). ``precision`` is ``fp32``, ``bf16`` (bf16 compute, fp32 master weights and gradient
+    reduction) or a PrecisionPolicy; by default bf16 on GPUs and fp32 on CPUs. Every candidate weighed
+    is in ``plan.candidates``; raises NoFeasiblePlanError when none fits.
     """
     t0 = time.perf_counter()
     if not 0 < memory_fraction <= 1:
@@ -60,8 +62,10 @@ def plan(
         global_batch = (micro_batch or graph.batch_size) * cluster.world_size
     limit = int(cluster.device.memory_bytes * memory_fraction)
     sizes = tuple(bucket_sizes) if bucket_sizes else DEFAULT_BUCKET_SIZES
+    policy = resolve_precision(precision, cluster)
     scored = [
-        score(graph, cluster, o, global_batch=global_batch, micro_batch=micro_batch, cost=cost, limit=limit, optimizer=optimizer)
+        score(graph, cluster, o, global_batch=global_batch, micro_batch=micro_batch, cost=cost, limit=limit, optimizer=optimizer,
+              precision=policy)
         for o in options(cluster, sizes)
     ]
     t2 = time.perf_counter()
@@ -79,6 +83,7 @@ def plan(
             "micro_batch": str(micro_batch),
             "memory_fraction": str(memory_fraction),
             "optimizer": optimizer,
+            "precision": f"{policy.compute_dtype} compute, {policy.param_dtype} parameters, {policy.reduce_dtype} reduction",
             "bucket_sizes": ",".join(str(s) for s in sizes),
         },
     )

@@ -9,9 +9,9 @@ from plait.cluster import Cluster
 from plait.cost import CostModel
 from plait.errors import PlaitError
 from plait.graph.model_graph import ModelGraph
-from plait.plan.ir import DataParallelKind, Plan
+from plait.plan.ir import Plan, PrecisionPolicy
 from plait.planners.buckets import MiB
-from plait.planners.data_parallel import build_dp_plan
+from plait.planners.data_parallel import DataParallelKind, build_dp_plan
 
 DEFAULT_BUCKET_SIZES: tuple[int, ...] = (1 * MiB, 4 * MiB, 25 * MiB, 100 * MiB)
 
@@ -76,21 +76,25 @@ def score(
     cost: CostModel,
     limit: int,
     optimizer: str,
+    precision: PrecisionPolicy | None = None,
 ) -> Scored:
-    """Build and simulate ``option`` with the fewest micro-batches whose peak memory fits ``limit``."""
+    """Build and simulate ``option`` with the fewest micro-batches whose peak memory fits ``limit``, first
+    without and then with activation recomputation."""
     if option.kind == "hybrid" and cluster.num_nodes < 2:
         return Scored(option=option, plan=None, fits=False, peak_bytes=0, reason="not applicable: one node (hybrid replicates across nodes)")
     leanest: Plan | None = None
     for n in micro_options(global_batch, cluster.world_size, micro_batch):
-        plan = build_dp_plan(
-            graph, cluster, kind=option.kind, global_batch=global_batch, bucket_bytes=option.bucket_bytes or MiB,
-            micro_batch=micro_batch, num_micro=n or None, cost=cost, optimizer=optimizer,
-        )
-        assert plan.predicted is not None
-        peak = max(plan.predicted.peak_memory_bytes)
-        if peak <= limit:
-            return Scored(option=option, plan=plan, fits=True, peak_bytes=peak)
-        if leanest is None or peak < max(leanest.predicted.peak_memory_bytes):  # type: ignore[union-attr]
-            leanest = plan
+        for recompute in (False, True):
+            plan = build_dp_plan(
+                graph, cluster, kind=option.kind, global_batch=global_batch, bucket_bytes=option.bucket_bytes or MiB,
+                micro_batch=micro_batch, num_micro=n or None, cost=cost, optimizer=optimizer, recompute=recompute,
+                precision=precision,
+            )
+            assert plan.predicted is not None
+            peak = max(plan.predicted.peak_memory_bytes)
+            if peak <= limit:
+                return Scored(option=option, plan=plan, fits=True, peak_bytes=peak)
+            if leanest is None or peak <= max(leanest.predicted.peak_memory_bytes):  # type: ignore[union-attr]
+                leanest = plan
     assert leanest is not None and leanest.predicted is not None
     return Scored(option=option, plan=leanest, fits=False, peak_bytes=max(leanest.predicted.peak_memory_bytes))

@@ -1,4 +1,8 @@
-"""Build a complete data-parallel Plan for one fixed choice: replicated, fully sharded (FSDP2) or hybrid."""
+"""Build a complete data-parallel Plan for one fixed choice: replicated, fully sharded (FSDP2) or hybrid (HSDP).
+
+The choice is a planner's word only: the plan it writes holds placements (Replicate or Shard(0) on the
+data-parallel axes), sync specs, buckets or shard units, and the runtime reads those.
+"""
 
 from __future__ import annotations
 
@@ -6,25 +10,31 @@ import time
 from dataclasses import replace
 from datetime import UTC, datetime
 from importlib import metadata
+from typing import Literal
 
 from plait.cluster.spec import Cluster
 from plait.cost import CostModel, check_optimizer
+from plait.cost.work import layer_work_of
 from plait.errors import PlaitError
 from plait.graph.model_graph import ModelGraph
 from plait.plan.ir import (
     BatchSpec,
-    DataParallelKind,
-    DataParallelSpec,
+    Bucket,
+    LayerPlan,
     MeshSpec,
     ParamPlan,
     Plan,
+    PrecisionPolicy,
     Provenance,
+    ShardUnit,
     SyncSpec,
 )
+from plait.plan.placement import REPLICATE, shard
 from plait.planners.buckets import DEFAULT_BUCKET_BYTES, make_buckets
-from plait.planners.lowering import lower_replicate, lower_sharded
+from plait.planners.program import lower_program
 from plait.sim import simulate
 
+DataParallelKind = Literal["replicate", "fsdp", "hybrid"]  # the data-parallel options this planner weighs
 DP_KINDS: tuple[DataParallelKind, ...] = ("replicate", "fsdp", "hybrid")
 
 
@@ -87,37 +97,45 @@ def batch_spec(global_batch: int, dp_degree: int, *, micro_batch: int | None = N
     return BatchSpec(global_size=global_batch, micro_size=micro_batch, num_micro=n)
 
 
-def dp_spec(graph: ModelGraph, kind: DataParallelKind, mesh: MeshSpec, bucket_bytes: int) -> DataParallelSpec:
-    """Buckets (replicate) or shard units (fsdp/hybrid; the bucket is the unit, so its size is recorded)."""
-    if bucket_bytes < 1:
-        raise PlaitError(f"bucket size must be a positive number of bytes, got {bucket_bytes}")
-    if kind == "replicate":
-        return DataParallelSpec(
-            kind=kind, replicate_axis="dp", shard_axis=None, bucket_bytes=bucket_bytes, buckets=make_buckets(graph, bucket_bytes)
-        )
-    units = tuple(layer.name for layer in graph.layers if layer.param_bytes)
-    largest = max((layer.param_bytes for layer in graph.layers), default=0)
-    return DataParallelSpec(
-        kind=kind,
-        replicate_axis="dp_replicate" if kind == "hybrid" else None,
-        shard_axis="dp_shard" if kind == "hybrid" else "dp",
-        bucket_bytes=largest,
-        shard_units=units,
-    )
+PRECISIONS = {
+    "fp32": PrecisionPolicy(),
+    "bf16": PrecisionPolicy(param_dtype="fp32", compute_dtype="bf16", reduce_dtype="fp32"),
+    "bf16-reduce": PrecisionPolicy(param_dtype="fp32", compute_dtype="bf16", reduce_dtype="bf16"),
+}
 
 
-def param_plans(graph: ModelGraph, spec: DataParallelSpec, mesh: MeshSpec) -> tuple[ParamPlan, ...]:
-    """Placement per mesh axis and gradient sync of every parameter."""
-    bucket_of = {name: b.index for b in spec.buckets for name in b.params}
+def resolve_precision(precision: PrecisionPolicy | str | None, cluster: Cluster) -> PrecisionPolicy:
+    """A precision policy from a name (``fp32``, ``bf16``: bf16 compute with fp32 master weights and fp32
+    gradient reduction, ``bf16-reduce``: also bf16 reduction) or None: bf16 on GPUs, fp32 on CPUs."""
+    if isinstance(precision, PrecisionPolicy):
+        return precision
+    if precision is None:
+        return PRECISIONS["bf16" if cluster.device.kind == "cuda" else "fp32"]
+    if precision not in PRECISIONS:
+        raise PlaitError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    return PRECISIONS[precision]
+
+
+def dp_params(graph: ModelGraph, kind: DataParallelKind, mesh: MeshSpec, buckets: tuple[Bucket, ...]) -> tuple[ParamPlan, ...]:
+    """Placement per mesh axis and gradient sync of every parameter: Replicate everywhere (all-reduce in its
+    bucket) for replicate; Shard(0) on the shard axis (reduce-scatter) for fsdp and hybrid."""
+    bucket_of = {name: b.index for b in buckets for name in b.params}
+    shard_axis = None if kind == "replicate" else mesh.axes[-1]
     plans = []
     for p in graph.params:
-        placements = tuple("Shard(0)" if axis == spec.shard_axis else "Replicate" for axis in mesh.axes)
-        if spec.kind == "replicate":
+        placements = tuple(shard(0) if axis == shard_axis else REPLICATE for axis in mesh.axes)
+        if shard_axis is None:
             sync = SyncSpec(kind="allreduce", axes=mesh.axes, bucket=bucket_of[p.name])
         else:
             sync = SyncSpec(kind="reduce_scatter", axes=mesh.axes)
         plans.append(ParamPlan(name=p.name, placements=placements, sync=sync))
     return tuple(plans)
+
+
+def shard_units(graph: ModelGraph, *, reshard_after_forward: bool = True) -> tuple[ShardUnit, ...]:
+    """One FSDP2 unit per layer of the layer view that has parameters, in layer order."""
+    return tuple(ShardUnit(module=layer.name, reshard_after_forward=reshard_after_forward)
+                 for layer in graph.layers if layer.param_bytes)
 
 
 def build_dp_plan(
@@ -131,25 +149,36 @@ def build_dp_plan(
     num_micro: int | None = None,
     cost: CostModel | None = None,
     optimizer: str = "adamw",
+    precision: PrecisionPolicy | str | None = None,
+    recompute: bool = False,
 ) -> Plan:
-    """A complete data-parallel Plan (mesh, batch, buckets or shard units, per-parameter placement and
-    sync, the lowered step program) with the simulator's Prediction and provenance."""
+    """A complete data-parallel Plan for one choice (mesh, batch placements, buckets or shard units,
+    per-parameter placement and sync, precision, recomputation, the lowered step program) with the
+    simulator's Prediction and provenance."""
     t0 = time.perf_counter()
     check_optimizer(optimizer)
+    if bucket_bytes < 1:
+        raise PlaitError(f"bucket size must be a positive number of bytes, got {bucket_bytes}")
     mesh = dp_mesh(kind, cluster)
-    batch = batch_spec(global_batch, mesh.size, micro_batch=micro_batch, num_micro=num_micro)
-    spec = dp_spec(graph, kind, mesh, bucket_bytes)
-    lower = lower_replicate if kind == "replicate" else lower_sharded
+    batch = replace(
+        batch_spec(global_batch, mesh.size, micro_batch=micro_batch, num_micro=num_micro),
+        placements=tuple(shard(0) for _ in mesh.axes),
+    )
+    buckets = make_buckets(graph, bucket_bytes) if kind == "replicate" else ()
     plan = Plan(
         model=graph.without_ops(),
         cluster=cluster,
         mesh=mesh,
         batch=batch,
-        data_parallel=spec,
-        params=param_plans(graph, spec, mesh),
-        programs=(lower(graph, mesh, batch, spec),),
+        params=dp_params(graph, kind, mesh, buckets),
+        buckets=buckets,
+        shard_units=shard_units(graph) if kind != "replicate" else (),
+        precision=resolve_precision(precision, cluster),
+        layers=tuple(LayerPlan(name=layer.name, recompute=recompute) for layer in graph.layers),
         optimizer=optimizer,
     )
+    shard_degree = mesh.axis_size(mesh.axes[-1]) if kind != "replicate" else 1
+    plan = replace(plan, programs=(lower_program(plan, graph, layer_work_of(graph, plan, shard_degree=shard_degree)),))
     t1 = time.perf_counter()
     result = simulate(plan, cost or CostModel(cluster))
     t2 = time.perf_counter()
@@ -157,6 +186,6 @@ def build_dp_plan(
         "plait.planners.data_parallel",
         search_s=t2 - t0,
         passes={"data_parallel": t1 - t0, "simulate": t2 - t1},
-        options={"kind": kind, "bucket_bytes": str(bucket_bytes), "optimizer": optimizer},
+        options={"kind": kind, "bucket_bytes": str(bucket_bytes), "optimizer": optimizer, "recompute": str(recompute)},
     )
     return replace(plan, predicted=result.prediction, provenance=provenance)

@@ -19,7 +19,8 @@ def _pred(plan: Plan | None) -> Prediction:
 
 def _accumulation(plan: Plan) -> str:
     b = plan.batch
-    return f"{b.num_micro} micro-batches of {b.micro_size}" if b.num_micro > 1 else f"micro-batch {b.micro_size}"
+    text = f"{b.num_micro} micro-batches of {b.micro_size}" if b.num_micro > 1 else f"micro-batch {b.micro_size}"
+    return text + (", recomputation" if any(layer.recompute for layer in plan.layers) else "")
 
 
 def _why_slower(loser: Plan, winner: Plan) -> str:
@@ -51,7 +52,8 @@ def explain(scored: Sequence[Scored], limit: int) -> tuple[CandidateReport, ...]
         else:
             step, micro, num_micro = _pred(s.plan).step_s, s.plan.batch.micro_size, s.plan.batch.num_micro
             if s is best:
-                note = "chosen: fastest that fits" + (f" ({_accumulation(s.plan)})" if num_micro > 1 else "")
+                recomputed = any(layer.recompute for layer in s.plan.layers)
+                note = "chosen: fastest that fits" + (f" ({_accumulation(s.plan)})" if num_micro > 1 or recomputed else "")
             elif not s.fits:
                 note = f"does not fit: needs {fmt_bytes(s.peak_bytes)} > {fmt_bytes(limit)} even with {_accumulation(s.plan)}"
             else:
@@ -59,7 +61,7 @@ def explain(scored: Sequence[Scored], limit: int) -> tuple[CandidateReport, ...]
                 note = _why_slower(s.plan, best.plan)
         reports.append(
             CandidateReport(
-                name=s.option.name, kind=s.option.kind, bucket_bytes=s.option.bucket_bytes, fits=s.fits, step_s=step,
+                name=s.option.name, family="data parallel", fits=s.fits, step_s=step,
                 peak_memory_bytes=s.peak_bytes, memory_limit_bytes=limit, note=note, micro_size=micro, num_micro=num_micro,
             )
         )
@@ -67,12 +69,13 @@ def explain(scored: Sequence[Scored], limit: int) -> tuple[CandidateReport, ...]
 
 
 def _devices_needed(s: Scored, limit: int) -> str:
-    """How many devices a sharded option would need, from its static (shardable) and dynamic memory."""
+    """How many devices a sharded option would need, from its shardable state (parameters and optimizer
+    state; the sharded gradients at the peak count as fixed, so the figure errs high) and the rest."""
     if s.plan is None or s.option.kind != "fsdp":
         return ""
     p = _pred(s.plan)
     n = s.plan.mesh.size
-    static = p.memory.params + p.memory.grads + p.memory.optimizer
+    static = p.memory.params + p.memory.optimizer
     dynamic = s.peak_bytes - static
     if dynamic >= limit:
         return (

@@ -1,21 +1,27 @@
-"""Lower a data-parallel step to the instruction list that the simulator scores and the runtime mirrors.
+"""Lower a plan's step to the instruction list that the simulator scores and the runtime mirrors.
 
 Streams run in program order; ``deps`` add the cross-stream edges. Memory: ``alloc_bytes`` is taken
 when an instruction starts, ``free_bytes`` given back when it ends (static state is not in the trace).
+The lowering reads the plan's fields only: data-parallel axes from the batch placements, sharded data
+parallelism from a ``Shard(0)`` parameter placement on a data-parallel axis, buckets, recomputation,
+and the per-layer work (``LayerWork``) with its tensor-parallel collectives.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
-from plait.graph.model_graph import ModelGraph
-from plait.plan.ir import BatchSpec, DataParallelSpec, Instr, MeshSpec, RankProgram
+from plait.cost.memory import step_temporaries
+from plait.cost.work import Comm, LayerWork, dtype_ratio
+from plait.plan.ir import Instr, Plan, RankProgram
 
 
 @dataclass(kw_only=True)
-class _Builder:
+class Builder:
     """An instruction list under construction; ``add`` returns the new instruction's index."""
 
+    mesh_groups: dict[tuple[str, ...], tuple[int, ...]] = field(default_factory=dict)
     instrs: list[Instr] = field(default_factory=list)
 
     def add(self, instr: Instr) -> int:
@@ -23,53 +29,45 @@ class _Builder:
         return len(self.instrs) - 1
 
 
-def first_rank_groups(mesh: MeshSpec) -> dict[str, tuple[int, ...]]:
-    """For each mesh axis, the ranks that share rank 0's coordinates on every other axis."""
-    groups: dict[str, tuple[int, ...]] = {}
-    for k, axis in enumerate(mesh.axes):
-        stride = 1
-        for size in mesh.shape[k + 1 :]:
-            stride *= size
-        groups[axis] = tuple(i * stride for i in range(mesh.shape[k]))
-    return groups
+def rank0_group(plan: Plan, axes: Sequence[str]) -> tuple[int, ...]:
+    """Rank 0's group over ``axes`` (every rank finds its own from the instruction's ``axes``)."""
+    return plan.mesh.group(0, tuple(axes))
 
 
-def _compute(graph: ModelGraph, index: int, phase: str, micro: int, scale: float) -> Instr:
-    """A layer's work at ``scale`` x the captured batch, the only place that rule lives: backward does
-    ``bwd_flops``, twice the forward's memory traffic and twice its kernels."""
-    layer = graph.layers[index]
+def _compute(work: LayerWork, phase: str, micro: int, *, label: str | None = None) -> Instr:
+    """A layer's forward or backward work; backward does ``bwd_flops``, twice the forward's traffic and kernels."""
     fwd = phase == "fwd"
     return Instr(
-        op="compute",
-        stream="compute",
-        name=f"{phase}[{micro}] {layer.name}",
-        phase="fwd" if fwd else "bwd",
-        layer=index,
-        flops=(layer.fwd_flops if fwd else layer.bwd_flops) * scale,
-        bytes_moved=layer.fwd_bytes_moved * scale * (1 if fwd else 2),
-        num_kernels=layer.num_kernels * (1 if fwd else 2),
+        op="compute", stream="compute", name=f"{label or phase}[{micro}] {work.name}", phase="fwd" if fwd else "bwd",
+        layer=work.index, flops=work.fwd_flops if fwd else work.bwd_flops,
+        bytes_moved=work.fwd_bytes_moved * (1 if fwd else 2), num_kernels=work.num_kernels * (1 if fwd else 2),
     )
 
 
-def forward(graph: ModelGraph, index: int, micro: int, scale: float, deps: tuple[int, ...] = ()) -> Instr:
-    """Forward of one layer: it allocates the activations it saves for backward."""
-    act = int(graph.layers[index].activation_bytes * scale)
-    return replace(_compute(graph, index, "fwd", micro, scale), alloc_bytes=act, deps=deps)
+def forward(work: LayerWork, micro: int, deps: tuple[int, ...] = ()) -> Instr:
+    """Forward of one layer: it allocates what it saves for backward (its input only, when recomputed)."""
+    kept = work.input_bytes if work.recompute else work.activation_bytes
+    return replace(_compute(work, "fwd", micro), alloc_bytes=kept, deps=deps)
 
 
-def backward(graph: ModelGraph, index: int, micro: int, scale: float, *, grad_bytes: int = 0, deps: tuple[int, ...] = ()) -> Instr:
-    """Backward of one layer. It allocates the gradient of its input (the last layer also the gradient
-    of its output, from the loss) plus ``grad_bytes`` (a sharded unit's unsharded parameter gradients),
-    and frees its saved activations and the gradient of its output when it ends."""
-    layer = graph.layers[index]
-    out_grad = int(layer.output_bytes * scale)
-    in_grad = int(graph.layers[index - 1].output_bytes * scale) if index > 0 else 0
-    from_loss = out_grad if index == len(graph.layers) - 1 else 0
-    act = int(layer.activation_bytes * scale)
+def recompute(work: LayerWork, micro: int, deps: tuple[int, ...] = ()) -> Instr:
+    """The forward of a recomputed layer, run again just before its backward: it re-creates the activations."""
+    return replace(_compute(work, "fwd", micro, label="recompute"), phase="bwd", alloc_bytes=work.activation_bytes, deps=deps)
+
+
+def backward(work: LayerWork, micro: int, *, last_layer: bool, keep_grads: bool = False, deps: tuple[int, ...] = ()) -> Instr:
+    """Backward of one layer. It allocates the gradient of its input and its parameters' fresh gradients
+    (the last layer also two gradients of its output: the loss's backward holds the gradient of its input
+    and of the intermediate it computes it from); it frees its saved activations, the gradient of its
+    output and (unless ``keep_grads``: sharded gradients wait for their reduce-scatter) the fresh
+    gradients, which have been added into their buckets."""
+    in_grad = work.input_bytes
+    from_loss = 2 * work.output_bytes if last_layer else 0
+    saved = work.activation_bytes + (work.input_bytes if work.recompute else 0)
     return replace(
-        _compute(graph, index, "bwd", micro, scale),
-        alloc_bytes=grad_bytes + in_grad + from_loss,
-        free_bytes=act + out_grad,
+        _compute(work, "bwd", micro),
+        alloc_bytes=work.grad_bytes + in_grad + from_loss,
+        free_bytes=saved + (from_loss or work.output_bytes) + (0 if keep_grads else work.grad_bytes),
         deps=deps,
     )
 
@@ -83,165 +81,65 @@ def copy_instr(name: str, nbytes: int, deps: tuple[int, ...] = (), *, alloc: int
     )
 
 
-def lower_replicate(graph: ModelGraph, mesh: MeshSpec, batch: BatchSpec, dp: DataParallelSpec) -> RankProgram:
-    """Replicated DP with wait-free backprop: forward and backward per micro-batch (gradients accumulate
-    in place in the bucket buffers); on the last micro-batch each bucket is scaled by 1/world and
-    all-reduced as soon as backward has filled it; the optimizer step waits for every bucket."""
-    scale = batch.micro_size / graph.batch_size
-    group = first_rank_groups(mesh)["dp"]
-    b = _Builder()
-    reduces: list[int] = []
-    for m in range(batch.num_micro):
-        last = m == batch.num_micro - 1
-        for layer in graph.layers:
-            b.add(forward(graph, layer.index, m, scale))
-        for layer in reversed(graph.layers):
-            done = b.add(backward(graph, layer.index, m, scale))
-            ready = [bk for bk in dp.buckets if bk.ready_after_layer == layer.index] if last and len(group) > 1 else []
-            for bk in ready:
-                scaled = b.add(copy_instr(f"scale bucket {bk.index}", bk.nbytes, (done,)))
-                ar = Instr(
-                    op="collective", stream="comm", name=f"all_reduce bucket {bk.index}", phase="bwd",
-                    collective="all_reduce", nbytes=bk.nbytes, group=group, axes=("dp",), deps=(scaled,),
-                )
-                reduces.append(b.add(ar))
-    b.add(_optimizer(graph.num_params, len(graph.params), tuple(reduces)))
-    return RankProgram(ranks=tuple(range(mesh.size)), instrs=tuple(b.instrs))
+def tp_collectives(b: Builder, plan: Plan, comms: Sequence[Comm], label: str, after: int) -> int:
+    """The tensor-parallel collectives of a layer's forward or backward, in order after ``after``;
+    returns the instruction the next compute must wait for."""
+    last = after
+    for k, c in enumerate(comms):
+        last = b.add(Instr(
+            op="collective", stream="comm", name=f"{c.collective} {label} #{k}", phase="bwd" if label.startswith("bwd") else "fwd",
+            collective=c.collective, nbytes=c.nbytes, group=rank0_group(plan, c.axes), axes=c.axes, deps=(last,),
+        ))
+    return last
 
 
-def _gather_sequence(graph: ModelGraph, num_micro: int) -> list[tuple[int, str]]:
-    """Every all-gather of the step in issue order: (unit bytes, name); units without parameters have none."""
-    seq: list[tuple[int, str]] = []
-    for m in range(num_micro):
-        seq += [(ly.param_bytes, f"all_gather[{m}] {ly.name} (fwd)") for ly in graph.layers if ly.param_bytes]
-        seq += [(ly.param_bytes, f"all_gather[{m}] {ly.name} (bwd)") for ly in reversed(graph.layers) if ly.param_bytes]
-    return seq
-
-
-@dataclass(kw_only=True)
-class _GatherWindow:
-    """All-gathers with one unit of prefetch: gather k is issued as soon as the unit of gather k-2 is freed."""
-
-    builder: _Builder
-    group: tuple[int, ...]
-    axis: str
-    sequence: list[tuple[int, str]]
-    frees: list[int] = field(default_factory=list)
-    emitted: dict[str, int] = field(default_factory=dict)
-
-    def start(self) -> None:
-        """Issue the first two gathers (nothing to wait for)."""
-        for k in range(min(2, len(self.sequence))):
-            self._emit(k)
-
-    def copy_out(self, nbytes: int, name: str) -> tuple[int, ...]:
-        """Split the gathered buffer of this unit into its parameters; returns the deps of the compute
-        that uses the unit (nothing for a unit without parameters)."""
-        if not nbytes:
-            return ()
-        label = name.replace("all_gather", "copy_out", 1)
-        return (self.builder.add(copy_instr(label, nbytes, (self.emitted[name],))),)
-
-    def release(self, nbytes: int, name: str, after: int) -> None:
-        """Free a gathered unit after instruction ``after`` and issue the gather this makes room for."""
-        if nbytes == 0:
-            return
-        self.frees.append(self.builder.add(Instr(op="free", stream="compute", name=name, deps=(after,), free_bytes=nbytes)))
-        k = len(self.frees) + 1
-        if k < len(self.sequence):
-            self._emit(k)
-
-    def _emit(self, k: int) -> None:
-        nbytes, name = self.sequence[k]
-        self.emitted[name] = self.builder.add(
-            Instr(
-                op="collective",
-                stream="comm",
-                name=name,
-                phase="fwd" if name.endswith("(fwd)") else "bwd",
-                collective="all_gather",
-                nbytes=nbytes,
-                group=self.group,
-                axes=(self.axis,),
-                deps=(self.frees[k - 2],) if k >= 2 else (),
-                alloc_bytes=nbytes,
-            )
-        )
-
-
-def lower_sharded(graph: ModelGraph, mesh: MeshSpec, batch: BatchSpec, dp: DataParallelSpec) -> RankProgram:
-    """FSDP2 and hybrid: per-unit all-gather before forward and before backward (one unit prefetched),
-    free after use, reduce-scatter after each unit's backward; hybrid adds the cross-node all-reduce of
-    the shard on the last micro-batch. Then the optimizer step on the local shard."""
-    if dp.shard_axis is None:
-        raise ValueError("a sharded data-parallel spec needs a shard axis")
-    groups = first_rank_groups(mesh)
-    n = len(groups[dp.shard_axis])
-    scale = batch.micro_size / graph.batch_size
-    b = _Builder()
-    window = _GatherWindow(builder=b, group=groups[dp.shard_axis], axis=dp.shard_axis, sequence=_gather_sequence(graph, batch.num_micro))
-    window.start()
-    finals: list[int] = []
-    for m in range(batch.num_micro):
-        for layer in graph.layers:
-            deps = window.copy_out(layer.param_bytes, f"all_gather[{m}] {layer.name} (fwd)")
-            done = b.add(forward(graph, layer.index, m, scale, deps))
-            window.release(layer.param_bytes, f"free[{m}] {layer.name} (fwd)", done)
-        for layer in reversed(graph.layers):
-            unit = layer.param_bytes
-            deps = window.copy_out(unit, f"all_gather[{m}] {layer.name} (bwd)")
-            done = b.add(backward(graph, layer.index, m, scale, grad_bytes=unit, deps=deps))
-            window.release(unit, f"free[{m}] {layer.name} (bwd)", done)
-            if unit:
-                finals += _reduce_grad(b, layer.name, unit, m, m == batch.num_micro - 1, done, groups, dp)
-    b.add(_optimizer(-(-graph.num_params // n), len(graph.params), tuple(finals)))
-    return RankProgram(ranks=tuple(range(mesh.size)), instrs=tuple(b.instrs))
-
-
-def _reduce_grad(
-    b: _Builder, name: str, unit: int, micro: int, last: bool, after: int, groups: dict[str, tuple[int, ...]], dp: DataParallelSpec
-) -> list[int]:
-    """Reduce-scatter one unit's gradient (and on the last micro-batch all-reduce the shard across
-    replicas); returns the instructions the optimizer must wait for."""
-    assert dp.shard_axis is not None
-    # the unsharded gradient is copied into the flat reduce-scatter input, then dropped
-    packed = b.add(copy_instr(f"pack[{micro}] {name}", unit, (after,), alloc=unit, free=unit))
-    rs = b.add(
-        Instr(
-            op="collective",
-            stream="comm",
-            name=f"reduce_scatter[{micro}] {name}",
-            phase="bwd",
-            collective="reduce_scatter",
-            nbytes=unit,
-            group=groups[dp.shard_axis],
-            axes=(dp.shard_axis,),
-            deps=(packed,),
-            free_bytes=unit,  # the reduce-scatter input
-        )
-    )
-    if not last:
-        return []
-    if dp.replicate_axis is None:
-        return [rs]
-    n = len(groups[dp.shard_axis])
-    ar = b.add(
-        Instr(
-            op="collective",
-            stream="comm",
-            name=f"all_reduce {name} shard",
-            phase="bwd",
-            collective="all_reduce",
-            nbytes=-(-unit // n),
-            group=groups[dp.replicate_axis],
-            axes=(dp.replicate_axis,),
-            deps=(rs,),
-        )
-    )
-    return [ar]
-
-
-def _optimizer(numel: int, num_tensors: int, deps: tuple[int, ...]) -> Instr:
-    """The optimizer step over this rank's ``numel`` elements in ``num_tensors`` tensors (one update each)."""
+def optimizer(plan: Plan, numel: int, num_tensors: int, largest_bytes: int, total_bytes: int, deps: tuple[int, ...]) -> Instr:
+    """The optimizer step over this rank's ``numel`` elements in ``num_tensors`` tensors; it holds its
+    temporaries while it runs (foreach AdamW on GPUs: a copy of all parameters; on CPUs: two of the largest)."""
+    temp = step_temporaries(plan.optimizer, largest_bytes, total_bytes, foreach=plan.cluster.device.kind == "cuda")
     return Instr(op="optimizer", stream="compute", name="optimizer step", phase="step", numel=numel,
-                 num_kernels=num_tensors, deps=deps)
+                 num_kernels=num_tensors, deps=deps, alloc_bytes=temp, free_bytes=temp)
+
+
+def lower_replicate(plan: Plan, work: Sequence[LayerWork], state: OptimizerShape) -> RankProgram:
+    """Parameters replicated on every data-parallel axis, with wait-free backprop: forward and backward
+    per micro-batch (gradients accumulate in place in the bucket buffers); on the last micro-batch each
+    bucket is scaled by 1/dp and all-reduced as soon as backward has filled it; the optimizer step waits
+    for every bucket. Tensor-parallel collectives block the layer that issues them."""
+    dp_axes = plan.data_parallel_axes
+    reduce_ratio = dtype_ratio(plan.precision.reduce_dtype, plan.precision.param_dtype)
+    sync = plan.dp_degree > 1
+    b = Builder()
+    reduces: list[int] = []
+    for m in range(plan.batch.num_micro):
+        last_micro = m == plan.batch.num_micro - 1
+        prev = -1
+        for w in work:
+            done = b.add(forward(w, m, deps=(prev,) if prev >= 0 else ()))
+            prev = tp_collectives(b, plan, w.tp_fwd, f"fwd[{m}] {w.name}", done)
+        for w in reversed(work):
+            deps = (prev,) if prev >= 0 else ()
+            if w.recompute:
+                deps = (b.add(recompute(w, m, deps)),)
+            done = b.add(backward(w, m, last_layer=w.index == len(work) - 1, deps=deps))
+            prev = tp_collectives(b, plan, w.tp_bwd, f"bwd[{m}] {w.name}", done)
+            ready = [bk for bk in plan.buckets if bk.ready_after_layer == w.index] if last_micro and sync else []
+            for bk in ready:
+                scaled = b.add(copy_instr(f"scale bucket {bk.index}", bk.nbytes, (prev,)))
+                reduces.append(b.add(Instr(
+                    op="collective", stream="comm", name=f"all_reduce bucket {bk.index}", phase="bwd",
+                    collective="all_reduce", nbytes=int(bk.nbytes * reduce_ratio), group=rank0_group(plan, dp_axes),
+                    axes=dp_axes, deps=(scaled,),
+                )))
+    b.add(optimizer(plan, state.numel, state.num_tensors, state.largest_bytes, state.total_bytes, tuple(reduces)))
+    return RankProgram(ranks=tuple(range(plan.mesh.size)), instrs=tuple(b.instrs))
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimizerShape:
+    """What one rank's optimizer step updates: elements, tensors, and the bytes of its largest and all tensors."""
+
+    numel: int
+    num_tensors: int
+    largest_bytes: int
+    total_bytes: int

@@ -1,7 +1,8 @@
 """The runtime: launch ranks, apply a Plan (WFBP replication, FSDP2, HSDP) and train with checkpoints."""
 
-from plait.runtime.apply import AppliedPlan, PlanMismatchError, apply_plan, build_mesh, check_plan
+from plait.runtime.apply import AppliedPlan, apply_plan, build_mesh
 from plait.runtime.checkpoint import checkpoint_dir, latest_checkpoint, load_checkpoint, save_checkpoint
+from plait.runtime.checks import PlanMismatchError, check_plan
 from plait.runtime.context import DistContext, distributed, init_distributed, read_rank_env, teardown
 from plait.runtime.data import DataSource, local_micro_batches
 from plait.runtime.forkrun import run_ranks

@@ -1,53 +1,74 @@
-"""Apply a Plan's data-parallel part to a model: plait's WFBP replication, FSDP2, or HSDP (hybrid)."""
+"""Apply a Plan to a model, field by field: recomputation, model-axis placements (DTensor), data-parallel
+placements (plait's wait-free buckets, FSDP2 or HSDP) and the precision policy. Nothing here decides."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from plait.errors import PlaitError
-from plait.plan.ir import DataParallelKind, Plan
+from plait.plan.ir import Plan
+from plait.plan.layout import shard_axis_of
+from plait.runtime.checks import PlanMismatchError, check_plan, check_plan_model
 from plait.runtime.context import DistContext
-from plait.runtime.optim import OPTIMIZERS
+from plait.runtime.recompute import apply_recompute
 from plait.runtime.wfbp import WaitFreeReplicate
 
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-class PlanMismatchError(PlaitError):
-    """A plan that does not fit the model or the running job."""
+__all__ = ["AppliedPlan", "PlanMismatchError", "apply_plan", "build_mesh", "check_plan"]
 
 
 @dataclass(kw_only=True)
 class AppliedPlan:
-    """A model made data-parallel by ``apply_plan``: train ``model`` as usual, with these helpers."""
+    """A model made parallel by ``apply_plan``: train ``model`` as usual, inside ``step_context()``."""
 
     model: nn.Module
-    kind: DataParallelKind
     mesh: DeviceMesh
     dp_rank: int  # this rank's index among the data-parallel replicas of the batch
-    dp_size: int  # number of ranks the global batch is split over
-    replicate: WaitFreeReplicate | None = None  # set for kind "replicate"
+    dp_size: int  # number of data-parallel replicas the global batch is split over
+    replicate: WaitFreeReplicate | None = None  # the gradient buckets, when parameters are replicated on dp axes
+    sharded_with_replicas: bool = False  # FSDP2 with a replicated data-parallel axis (HSDP)
+    autocast_dtype: torch.dtype | None = None
+    model_parallel: object | None = None  # the tensor-parallel handle (DTensor parameters, pins)
+    _contexts: list[AbstractContextManager[object]] = field(default_factory=list)
 
     def accumulate(self) -> AbstractContextManager[None]:
         """Context for a micro-batch that is not the last of a step: defer what communication can wait.
 
-        replicate: no all-reduce (gradients add up in the buckets); hybrid: reduce-scatter inside the
-        node but no all-reduce across nodes; fsdp: gradients are reduce-scattered every micro-batch so
-        that they stay sharded.
+        Replicated parameters: no all-reduce (gradients add up in the buckets); HSDP: reduce-scatter inside
+        the shard group but no all-reduce across replicas; FSDP2: gradients are reduce-scattered every
+        micro-batch so that they stay sharded.
         """
         if self.replicate is not None:
             return self.replicate.no_sync()
-        if self.kind == "hybrid":
+        if self.sharded_with_replicas:
             return _fsdp_without_all_reduce(self.model)
         return nullcontext()
 
+    @contextmanager
+    def step_context(self) -> Iterator[None]:
+        """Around a micro-batch's forward and backward: autocast to the compute dtype, model-axis helpers."""
+        with ExitStack() as stack:
+            if self.autocast_dtype is not None:
+                stack.enter_context(torch.autocast(self.mesh.device_type, dtype=self.autocast_dtype))
+            if self.model_parallel is not None:
+                stack.enter_context(self.model_parallel.context())  # type: ignore[attr-defined]
+            yield
+
+    def before_optimizer_step(self) -> None:
+        """Bring every gradient to its parameter's placements (model-axis reductions the backward left pending)."""
+        if self.model_parallel is not None:
+            self.model_parallel.reduce_grads()  # type: ignore[attr-defined]
+
     def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
-        """Clear gradients before a step (replicate keeps them as views of the bucket buffers)."""
+        """Clear gradients before a step (replicated parameters keep them as views of the bucket buffers)."""
         if self.replicate is not None:
             self.replicate.zero_grad()
         else:
@@ -64,73 +85,84 @@ def _fsdp_without_all_reduce(model: nn.Module) -> Iterator[None]:
         model.set_requires_all_reduce(True)
 
 
-def check_plan(plan: Plan, ctx: DistContext) -> None:
-    """Raise ``PlanMismatchError`` when the plan cannot run on this job as it is."""
-    dp, mesh, batch = plan.data_parallel, plan.mesh, plan.batch
-    if mesh.size != ctx.world_size:
-        raise PlanMismatchError(
-            f"the plan's mesh {mesh.shape} has {mesh.size} ranks but the job has {ctx.world_size}; "
-            f"launch with --nproc {mesh.size} or re-plan for {ctx.world_size} ranks"
-        )
-    expected = {
-        "replicate": (dp.replicate_axis,),
-        "fsdp": (dp.shard_axis,),
-        "hybrid": (dp.replicate_axis, dp.shard_axis),
-    }[dp.kind]
-    if tuple(mesh.axes) != expected:
-        raise PlanMismatchError(f"a {dp.kind} plan needs mesh axes {expected}, but the plan's mesh has {mesh.axes}")
-    per_rank = batch.micro_size * batch.num_micro
-    if batch.micro_size < 1 or batch.num_micro < 1 or batch.global_size != per_rank * mesh.size:
-        raise PlanMismatchError(
-            f"batch global {batch.global_size} != micro {batch.micro_size} x num_micro {batch.num_micro} "
-            f"x data-parallel degree {mesh.size}; fix the plan's batch"
-        )
-    if plan.optimizer not in OPTIMIZERS:
-        raise PlanMismatchError(
-            f"the plan's optimizer {plan.optimizer!r} is not one the runtime builds ({', '.join(OPTIMIZERS)}); "
-            "re-plan with one of them"
-        )
-
-
 def build_mesh(plan: Plan, ctx: DistContext) -> DeviceMesh:
     """The plan's DeviceMesh over this job's ranks (row-major: rank r sits at its unravelled index)."""
     return init_device_mesh(ctx.device.type, tuple(plan.mesh.shape), mesh_dim_names=tuple(plan.mesh.axes))
 
 
+def _submesh(mesh: DeviceMesh, axes: tuple[str, ...]) -> DeviceMesh:
+    return mesh[axes[0]] if len(axes) == 1 else mesh[axes]
+
+
 def apply_plan(model: nn.Module, plan: Plan, ctx: DistContext) -> AppliedPlan:
-    """Move ``model`` to this rank's device and make it data-parallel exactly as the plan says."""
+    """Move ``model`` to this rank's device and make it parallel exactly as the plan's fields say."""
     check_plan(plan, ctx)
+    check_plan_model(plan, model)
     model.to(ctx.device)
     mesh = build_mesh(plan, ctx)
-    kind = plan.data_parallel.kind
-    if kind == "replicate":
-        return apply_replicate(model, plan, mesh, ctx)
-    apply_fsdp(model, plan, mesh)
-    return AppliedPlan(model=model, kind=kind, mesh=mesh, dp_rank=ctx.rank, dp_size=ctx.world_size)
+    dp_axes = plan.data_parallel_axes
+    applied = AppliedPlan(
+        model=model, mesh=mesh, dp_rank=plan.mesh.index_in(ctx.rank, dp_axes) if dp_axes else 0, dp_size=plan.dp_degree,
+    )
+    apply_recompute(model, [layer.name for layer in plan.layers if layer.recompute])
+    model_axes = tuple(a for a in plan.model_axes if plan.mesh.axis_size(a) > 1)
+    if model_axes:
+        applied.model_parallel = _apply_model_axes(model, plan, _submesh(mesh, model_axes), model_axes)
+    shard_axis = shard_axis_of(plan)
+    if shard_axis is not None:
+        _apply_fsdp(model, plan, mesh, shard_axis)
+        applied.sharded_with_replicas = len(dp_axes) > 1
+    else:
+        if plan.precision.mixed:
+            applied.autocast_dtype = TORCH_DTYPES[plan.precision.compute_dtype]
+        if plan.dp_degree > 1:
+            applied.replicate = _apply_buckets(model, plan, mesh, dp_axes)
+    return applied
 
 
-def apply_replicate(model: nn.Module, plan: Plan, mesh: DeviceMesh, ctx: DistContext) -> AppliedPlan:
-    """plait's wait-free-backprop replication over the plan's buckets."""
-    dp = plan.data_parallel
-    if not dp.buckets:
-        raise PlanMismatchError("the replicate plan has no gradient buckets; re-run `plait plan` to fill them")
-    assert dp.replicate_axis is not None
-    group = mesh.get_group(dp.replicate_axis)
-    buckets = [b.params for b in sorted(dp.buckets, key=lambda b: b.index)]
-    sync = WaitFreeReplicate(model, buckets, group=group, broadcast_from=0)
-    return AppliedPlan(model=model, kind="replicate", mesh=mesh, dp_rank=ctx.rank, dp_size=ctx.world_size, replicate=sync)
+def _apply_model_axes(model: nn.Module, plan: Plan, mesh: DeviceMesh, axes: tuple[str, ...]) -> object:
+    """DTensor parameters and pinned activations on the model axes (the data-parallel axes are left out)."""
+    from plait.runtime.tensor_parallel import ModelParallel
+
+    index = [plan.mesh.axes.index(a) for a in axes]
+    params = {p.name: tuple(p.placements[i] for i in index) for p in plan.params}
+    pins = [(a.module, a.port, a.index, tuple(a.placements[i] for i in index)) for a in plan.activations]
+    return ModelParallel.apply(model, mesh, params, pins)
 
 
-def apply_fsdp(model: nn.Module, plan: Plan, mesh: DeviceMesh) -> None:
-    """FSDP2 ``fully_shard`` on each shard unit (innermost first), then the root; a 2-D mesh gives HSDP."""
-    dp = plan.data_parallel
-    reshard = dp.reshard_after_forward
-    for fqn in dp.shard_units:
-        if fqn == "":
+def _apply_buckets(model: nn.Module, plan: Plan, mesh: DeviceMesh, dp_axes: tuple[str, ...]) -> WaitFreeReplicate:
+    """plait's wait-free-backprop all-reduce over the data-parallel axes, in the plan's buckets."""
+    if not plan.buckets:
+        raise PlanMismatchError("the plan replicates parameters over data-parallel axes but has no gradient buckets; "
+                                "re-run `plait plan` to fill them")
+    dp_mesh = _submesh(mesh, dp_axes)
+    group = dp_mesh.get_group() if dp_mesh.ndim == 1 else dp_mesh._flatten().get_group()
+    buckets = [b.params for b in sorted(plan.buckets, key=lambda b: b.index)]
+    return WaitFreeReplicate(model, buckets, group=group, broadcast_from=0)
+
+
+def _apply_fsdp(model: nn.Module, plan: Plan, mesh: DeviceMesh, shard_axis: str) -> None:
+    """FSDP2 ``fully_shard`` on each shard unit (innermost first), then the root; a replicated data-parallel
+    axis next to the shard axis gives HSDP. Mixed precision goes to FSDP2's MixedPrecisionPolicy."""
+    replicated = tuple(a for a in plan.data_parallel_axes if a != shard_axis)
+    dp_mesh = mesh[(*replicated, shard_axis)] if replicated else mesh[shard_axis]
+    p = plan.precision
+    policy = MixedPrecisionPolicy(param_dtype=TORCH_DTYPES[p.compute_dtype], reduce_dtype=TORCH_DTYPES[p.reduce_dtype])
+    root_reshard = all(u.reshard_after_forward for u in plan.shard_units)
+    for unit in plan.shard_units:
+        if unit.module == "":
             continue
         try:
-            unit = model.get_submodule(fqn)
+            module = model.get_submodule(unit.module)
         except AttributeError:
-            raise PlanMismatchError(f"the plan shards module {fqn!r}, which the model does not have; re-run `plait plan`") from None
-        fully_shard(unit, mesh=mesh, reshard_after_forward=reshard)
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
+            raise PlanMismatchError(f"the plan shards module {unit.module!r}, which the model does not have; "
+                                    "re-run `plait plan`") from None
+        fully_shard(module, mesh=dp_mesh, reshard_after_forward=unit.reshard_after_forward, mp_policy=policy)
+    fully_shard(model, mesh=dp_mesh, reshard_after_forward=root_reshard, mp_policy=policy)
+
+
+def dtype_of(name: str) -> torch.dtype:
+    """The torch dtype of a plan dtype name."""
+    if name not in TORCH_DTYPES:
+        raise PlaitError(f"unknown dtype {name!r}; plait knows {', '.join(TORCH_DTYPES)}")
+    return TORCH_DTYPES[name]

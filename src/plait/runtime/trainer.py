@@ -179,7 +179,7 @@ class Trainer:
                 done = step + 1
                 checkpoint = cfg.checkpoint_every > 0 and done % cfg.checkpoint_every == 0
                 if checkpoint or log.due(done):  # reduce the losses only here: reading them waits for the device
-                    window.close(done, applied.dp_size, log, self.plan.batch.global_size)
+                    window.close(done, ctx.world_size, log, self.plan.batch.global_size)
                 if checkpoint:
                     self.save(done)
                     window.restart()
@@ -199,10 +199,11 @@ class Trainer:
         total = torch.zeros((), device=ctx.device)
         for j, mb in enumerate(micro):
             last = j == len(micro) - 1
-            with nullcontext() if last else applied.accumulate():
+            with nullcontext() if last else applied.accumulate(), applied.step_context():
                 loss = self.loss_fn(applied.model, to_device(mb, ctx.device))
                 (loss / spec.num_micro).backward()
-            total += loss.detach() / spec.num_micro
+            total += loss.detach().float() / spec.num_micro
+        applied.before_optimizer_step()
         if self.before_step is not None:
             self.before_step(step, applied.model)
         optimizer.step()
@@ -221,7 +222,7 @@ class Trainer:
             assert cfg.out_dir is not None
             payload = {
                 "step": step, "model": model_sd, "optimizer": optim_sd, "rng": rng, "world_size": ctx.world_size,
-                "kind": self.plan.data_parallel.kind, "config": asdict(cfg),
+                "mesh": dict(zip(self.plan.mesh.axes, self.plan.mesh.shape, strict=True)), "config": asdict(cfg),
             }
             return save_checkpoint(checkpoint_dir(cfg.out_dir), step, payload, keep=cfg.keep_checkpoints)
 
@@ -245,11 +246,15 @@ class _LossWindow:
         """One more step's loss on this rank."""
         self.pending.append(loss)
 
-    def close(self, last_step: int, dp_size: int, log: MetricsLog, samples: int) -> None:
-        """Average the pending losses over ranks (one all-reduce, one copy to the host), log them and restart."""
+    def close(self, last_step: int, world_size: int, log: MetricsLog, samples: int) -> None:
+        """Average the pending losses over ranks (one all-reduce, one copy to the host), log them and restart.
+
+        Every rank holds the loss of its data-parallel share of the batch (ranks of a model axis hold the
+        same one), so the mean over all ranks is the mean over the data-parallel shares.
+        """
         total = torch.stack(self.pending)
-        dist.all_reduce(total)  # every rank holds a data-parallel share of the batch
-        means = [value / dp_size for value in total.tolist()]  # waits for the device, so the time below is whole
+        dist.all_reduce(total)
+        means = [value / world_size for value in total.tolist()]  # waits for the device, so the time below is whole
         step_s = (time.perf_counter() - self.started) / len(means)
         for step, loss in enumerate(means, start=last_step - len(means) + 1):
             log.log(step, loss, step_s, samples)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from plait.cost import CostModel
 from plait.errors import PlaitError
 from plait.plan.ir import Instr, Plan, Prediction, RankProgram
-from plait.sim.memory import memory_trace, resident_bytes, static_memory
+from plait.sim.memory import memory_trace, resident_bytes
 from plait.sim.metrics import prediction_of
 from plait.sim.trace import Event, ProgramTrace
 
@@ -78,7 +78,7 @@ def _durations(plan: Plan, cost: CostModel) -> list[list[float]]:
         for instr in program.instrs:
             key = _work_of(instr)
             if key not in seen:
-                seen[key] = instruction_time(instr, cost, dtype=plan.model.dtype)
+                seen[key] = instruction_time(instr, cost, dtype=plan.precision.compute_dtype)
             row.append(seen[key])
         durations.append(row)
     return durations
@@ -91,8 +91,7 @@ def simulate(plan: Plan, cost: CostModel) -> SimResult:
     for program in plan.programs:
         _validate(program)
     times = _schedule(plan.programs, _durations(plan, cost), overlap=cost.overlaps_comm)
-    static = static_memory(plan)
-    resident = resident_bytes(plan, static)
+    resident = resident_bytes(plan)
     traces = []
     for program, (starts, ends) in zip(plan.programs, times, strict=True):
         events = tuple(
@@ -111,7 +110,7 @@ def simulate(plan: Plan, cost: CostModel) -> SimResult:
         )
         trace, peak = memory_trace(events)
         traces.append(ProgramTrace(ranks=program.ranks, events=events, memory=trace, peak_dynamic_bytes=peak))
-    return SimResult(traces=tuple(traces), prediction=prediction_of(plan, traces, static, resident), static_bytes=resident)
+    return SimResult(traces=tuple(traces), prediction=prediction_of(plan, traces, resident), static_bytes=resident)
 
 
 def _validate(program: RankProgram) -> None:

@@ -1,35 +1,22 @@
-"""Memory per device: static state from the cost model plus the live trace of the program's allocations."""
+"""Memory per device: the state the plan's placements imply plus the live trace of the program's allocations."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from plait.cost import memory_estimate
-from plait.plan.ir import MemoryEstimate, Plan
+from plait.cost.memory import batch_bytes, state_bytes
+from plait.plan.ir import Plan
+from plait.plan.layout import shard_axis_of
 from plait.sim.trace import Event
 
 
-def shard_degree(plan: Plan) -> int:
-    """Number of ranks each parameter is sharded over (1 when replicated)."""
-    axis = plan.data_parallel.shard_axis
-    return plan.mesh.axis_size(axis) if axis else 1
-
-
-def static_memory(plan: Plan) -> MemoryEstimate:
-    """The cost model's memory estimate for the plan's data-parallel kind, shard degree and micro-batch."""
-    return memory_estimate(
-        plan.model,
-        kind=plan.data_parallel.kind,
-        shard_degree=shard_degree(plan),
-        micro_batch=plan.batch.micro_size,
-        optimizer=plan.optimizer,
-        device_kind=plan.cluster.device.kind,
-    )
-
-
-def resident_bytes(plan: Plan, static: MemoryEstimate) -> int:
-    """What a device holds for the whole step: parameters, gradients, optimizer state and module buffers."""
-    return static.params + static.grads + static.optimizer + plan.model.buffer_bytes
+def resident_bytes(plan: Plan) -> int:
+    """What a device holds for the whole step: parameters, optimizer state, module buffers, the batch, and the
+    gradients when they are replicated buckets (sharded gradients are in the program: made by each unit's
+    reduce-scatter, dropped after the optimizer step)."""
+    params, grads, optimizer = state_bytes(plan)
+    held_grads = grads if shard_axis_of(plan) is None else 0
+    return params + held_grads + optimizer + plan.model.buffer_bytes + batch_bytes(plan)
 
 
 def memory_trace(events: Sequence[Event]) -> tuple[tuple[tuple[float, int], ...], int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from plait.cost.memory import batch_bytes, state_bytes
 from plait.plan.ir import MemoryEstimate, Plan, Prediction
 from plait.sim.trace import Event, ProgramTrace
 
@@ -50,14 +51,19 @@ def exposed_comm(trace: ProgramTrace) -> float:
     return uncovered_length(busy_intervals(trace.events, "comm"), busy_intervals(trace.events, "compute"))
 
 
-def prediction_of(plan: Plan, traces: Sequence[ProgramTrace], static: MemoryEstimate, resident: int) -> Prediction:
+def activations_of(trace: ProgramTrace) -> int:
+    """What the forward of the first micro-batch allocates: the activations one micro-batch keeps."""
+    return sum(e.alloc_bytes for e in trace.events if e.op == "compute" and e.name.startswith("fwd[0]"))
+
+
+def prediction_of(plan: Plan, traces: Sequence[ProgramTrace], resident: int) -> Prediction:
     """The Prediction of a simulated plan: the slowest program sets the step; memory per rank.
 
     ``resident`` is what each device holds for the whole step (``sim.memory.resident_bytes``); a rank's
-    peak adds its program's dynamic peak. ``memory`` holds the resident state of the cost model's
-    estimate (parameters, gradients, optimizer state); its activations are those of one micro-batch and
-    its buffers the module buffers plus the rest of the dynamic peak (gathered units, gradients in
-    flight), so ``memory.total`` is the worst peak.
+    peak adds its program's dynamic peak. ``memory`` holds the state (parameters, gradients, optimizer
+    state), the activations one micro-batch keeps, and as buffers the module buffers plus the rest of
+    the dynamic peak (gathered units, gradients in flight, optimizer temporaries), so ``memory.total``
+    is the worst peak.
     """
     slowest = max(traces, key=step_time)
     peaks = [0] * plan.world_size
@@ -65,13 +71,15 @@ def prediction_of(plan: Plan, traces: Sequence[ProgramTrace], static: MemoryEsti
         for rank in trace.ranks:
             if rank < len(peaks):
                 peaks[rank] = resident + trace.peak_dynamic_bytes
-    worst = max(t.peak_dynamic_bytes for t in traces)
+    worst = max(traces, key=lambda t: t.peak_dynamic_bytes)
+    params, grads, optimizer = state_bytes(plan)
+    activations = min(activations_of(worst), worst.peak_dynamic_bytes)
     memory = MemoryEstimate(
-        params=static.params,
-        grads=static.grads,
-        optimizer=static.optimizer,
-        activations=min(static.activations, worst),
-        buffers=plan.model.buffer_bytes + max(0, worst - static.activations),
+        params=params,
+        grads=grads,
+        optimizer=optimizer,
+        activations=activations,
+        buffers=plan.model.buffer_bytes + batch_bytes(plan) + worst.peak_dynamic_bytes - activations,
     )
     return Prediction(
         step_s=step_time(slowest),
