@@ -31,13 +31,15 @@ def capture(
     name: str | None = None,
     loss_fn: LossFn | None = None,
     with_ops: bool = True,
+    with_joint: bool = False,
 ) -> ModelGraph:
     """Capture ``model`` into a ModelGraph: layers, parameters, FLOPs, activation and boundary bytes, ops.
 
     ``example_inputs`` (real, meta or fake tensors; only shapes and dtypes are read) are the positional
     arguments of ``model``, or the batch given to ``loss_fn(model, batch)`` when ``loss_fn`` is set.
     Without ``loss_fn`` the backward pass differentiates the sum of the model's floating-point outputs.
-    The model is never modified: capture runs on a copy whose parameters are fake tensors.
+    ``with_joint`` also traces the joint forward+backward ATen graph (``ModelGraph.joint``, see
+    ``capture_joint``). The model is never modified: capture runs on a copy whose parameters are fake tensors.
     """
     if not isinstance(model, nn.Module):
         raise CaptureError(f"capture() needs an nn.Module, got {type(model).__name__}")
@@ -55,6 +57,11 @@ def capture(
         from plait.graph.ops import export_ops
 
         ops = export_ops(fmodel, finputs, loss_fn, mode, [layer.name for layer in layers], graph_name)
+    joint = None
+    if with_joint:
+        from plait.graph.joint import joint_of_fake
+
+        joint = joint_of_fake(fmodel, finputs, loss_fn, graph_name, [layer.name for layer in layers])
     first = next(x for x in inputs if isinstance(x, torch.Tensor))
     return ModelGraph(
         name=graph_name,
@@ -65,6 +72,7 @@ def capture(
         params=params,
         ops=ops,
         buffer_bytes=buffer_bytes(model),
+        joint=joint,
     )
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp64": 8, "int64": 8, "int32": 4, "bool": 1, "int8": 1, "uint8": 1}
 
@@ -92,6 +92,8 @@ class ModelGraph:
     params: tuple[ParamInfo, ...]
     ops: tuple[OpNode, ...] = ()
     buffer_bytes: int = 0
+    # The joint forward+backward ATen graph (capture(with_joint=True)); never compared, printed or serialised.
+    joint: JointGraph | None = field(default=None, compare=False, repr=False, metadata={"json": False})
 
     @property
     def num_params(self) -> int:
@@ -123,5 +125,9 @@ class ModelGraph:
         return tuple(p for p in self.params if p.layer == layer_index)
 
     def without_ops(self) -> ModelGraph:
-        """The same graph without the op list (what a Plan carries)."""
-        return replace(self, ops=())
+        """The same graph without the op list and the joint graph (what a Plan carries)."""
+        return replace(self, ops=(), joint=None)
+
+
+# At the end: joint.py imports TensorMeta from this module, and from_dict needs JointGraph defined here.
+from plait.graph.joint import JointGraph  # noqa: E402

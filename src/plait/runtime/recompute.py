@@ -26,4 +26,4 @@ def apply_recompute(model: nn.Module, layers: Sequence[str]) -> None:
     """
     for name in layers:
         module = model.get_submodule(name)
-        module.forward = _recomputed(module.forward)  # type: ignore[method-assign]
+        module.forward = _recomputed(module.forward)
