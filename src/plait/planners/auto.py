@@ -1,4 +1,4 @@
-"""Automatic choice: enumerate data-parallel candidates, score each by simulation, keep the fastest that fits."""
+"""Automatic choice: enumerate data-parallel and intra-op candidates, score each by simulation, keep the fastest that fits."""
 
 from __future__ import annotations
 
@@ -12,10 +12,15 @@ from plait.cluster import Cluster, load_cluster
 from plait.cost import CostModel
 from plait.errors import NoFeasiblePlanError, PlaitError
 from plait.graph.model_graph import ModelGraph
-from plait.plan.ir import Plan, PrecisionPolicy
-from plait.planners.candidates import DEFAULT_BUCKET_SIZES, options, score
-from plait.planners.data_parallel import provenance_of, resolve_precision
+from plait.plan.ir import MeshSpec, Plan, PrecisionPolicy
+from plait.planners.candidates import DEFAULT_BUCKET_SIZES, intra_op_options, options, score
+from plait.planners.data_parallel import DP_KINDS, DataParallelKind, provenance_of, resolve_precision
 from plait.planners.explain import explain, infeasible_message, winner_of
+from plait.planners.intra_op.planner import IntraOpOptions
+from plait.planners.intra_op.search import mesh_options
+from plait.planners.intra_op.source import ModelSource
+
+FAMILIES = ("data-parallel", "intra-op")
 
 
 def _graph_of(model_or_graph: Any, example_batch: Any, loss_fn: Any, name: str | None) -> ModelGraph:
@@ -26,6 +31,14 @@ def _graph_of(model_or_graph: Any, example_batch: Any, loss_fn: Any, name: str |
     from plait.graph import capture
 
     return capture(model_or_graph, example_batch, name=name, loss_fn=loss_fn, with_ops=False)
+
+
+def _source_of(model_or_graph: Any, example_batch: Any, loss_fn: Any, name: str | None, graph: ModelGraph) -> ModelSource | None:
+    """The module to capture again for intra-op candidates (None for a ModelGraph)."""
+    if isinstance(model_or_graph, ModelGraph):
+        return None
+    return ModelSource(model=model_or_graph, example_batch=example_batch, batch_size=graph.batch_size, loss_fn=loss_fn,
+                       name=name or graph.name)
 
 
 def plan(
@@ -42,14 +55,25 @@ def plan(
     loss_fn: Callable[..., Any] | None = None,
     name: str | None = None,
     precision: PrecisionPolicy | str | None = None,
+    families: Sequence[str] = FAMILIES,
+    meshes: Sequence[MeshSpec] | None = None,
+    force_batch_axis: str | None = None,
+    intra_op: IntraOpOptions | None = None,
+    dp_kinds: Sequence[DataParallelKind] = DP_KINDS,
 ) -> Plan:
-    """Choose the fastest data-parallel plan that fits each device's memory, and explain the choice.
+    """Choose the fastest plan that fits each device's memory, and explain the choice.
 
     ``model_or_graph`` is an ``nn.Module`` (captured with ``example_batch`` and ``loss_fn``) or a
-    ModelGraph. The global batch defaults to the captured batch on every rank (captured batch x
-    world size). ``precision`` is ``fp32``, ``bf16`` (bf16 compute, fp32 master weights and gradient
-    reduction) or a PrecisionPolicy; by default bf16 on GPUs and fp32 on CPUs. Every candidate weighed
-    is in ``plan.candidates``; raises NoFeasiblePlanError when none fits.
+    ModelGraph (data-parallel candidates only: intra-op planning captures the module's op graph). The
+    global batch defaults to the captured batch on every rank (captured batch x world size).
+    ``precision`` is ``fp32``, ``bf16`` (bf16 compute, fp32 master weights and gradient reduction) or a
+    PrecisionPolicy; by default bf16 on GPUs and fp32 on CPUs. ``families`` restricts the search to
+    ``data-parallel`` and/or ``intra-op`` candidates; ``meshes`` gives the intra-op meshes to try (every
+    role of their axes; by default a model axis of 2, 4, ... ranks inside a node), ``force_batch_axis``
+    keeps one axis data-parallel, ``intra_op`` holds the ILP's options. ``dp_kinds`` limits how parameters
+    meet on data-parallel axes: ``replicate`` (all-reduce), ``fsdp`` and ``hybrid`` (sharded parameters,
+    gradients and optimizer state, ZeRO-3); ``("fsdp",)`` is the prefer-reduce-scatter option. Every
+    candidate weighed is in ``plan.candidates``; raises NoFeasiblePlanError when none fits.
     """
     t0 = time.perf_counter()
     if not 0 < memory_fraction <= 1:
@@ -63,10 +87,23 @@ def plan(
     limit = int(cluster.device.memory_bytes * memory_fraction)
     sizes = tuple(bucket_sizes) if bucket_sizes else DEFAULT_BUCKET_SIZES
     policy = resolve_precision(precision, cluster)
+    unknown = set(families) - set(FAMILIES)
+    if unknown or not families:
+        raise PlaitError(f"unknown plan families {sorted(unknown)}; choose from {', '.join(FAMILIES)}")
+    unknown_kinds = set(dp_kinds) - set(DP_KINDS)
+    if unknown_kinds or not dp_kinds:
+        raise PlaitError(f"unknown data-parallel kinds {sorted(unknown_kinds)}; choose from {', '.join(DP_KINDS)}")
+    candidates = [o for o in options(cluster, sizes) if o.kind in dp_kinds] if "data-parallel" in families else []
+    if "intra-op" in families:
+        max_axes = (intra_op or IntraOpOptions()).max_model_axes
+        sharded = [f for f in (False, True) if ("fsdp" if f else "replicate") in dp_kinds]
+        candidates += intra_op_options(mesh_options(cluster, meshes, force_batch_axis=force_batch_axis, fsdp=sharded,
+                                                    max_model_axes=max_axes))
+    source = _source_of(model_or_graph, example_batch, loss_fn, name, graph)
     scored = [
         score(graph, cluster, o, global_batch=global_batch, micro_batch=micro_batch, cost=cost, limit=limit, optimizer=optimizer,
-              precision=policy)
-        for o in options(cluster, sizes)
+              precision=policy, source=source, intra_op=intra_op, mesh=meshes[0] if meshes and len(meshes) == 1 else None)
+        for o in candidates
     ]
     t2 = time.perf_counter()
     best = winner_of(scored)
@@ -85,6 +122,8 @@ def plan(
             "optimizer": optimizer,
             "precision": f"{policy.compute_dtype} compute, {policy.param_dtype} parameters, {policy.reduce_dtype} reduction",
             "bucket_sizes": ",".join(str(s) for s in sizes),
+            "families": ",".join(families),
+            "dp_kinds": ",".join(dp_kinds),
         },
     )
     return replace(best.plan, candidates=explain(scored, limit), provenance=provenance)

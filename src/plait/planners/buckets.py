@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from plait.graph.model_graph import ModelGraph, ParamInfo
 from plait.plan.ir import Bucket
@@ -48,17 +48,21 @@ def pack_greedy(sizes: Sequence[int], cap: int) -> list[list[int]]:
     return groups
 
 
-def make_buckets(graph: ModelGraph, bucket_bytes: int) -> tuple[Bucket, ...]:
-    """The gradient buckets of ``graph`` for a cap of ``bucket_bytes``, in the order they become ready."""
+def make_buckets(graph: ModelGraph, bucket_bytes: int, local_bytes: Mapping[str, int] | None = None) -> tuple[Bucket, ...]:
+    """The gradient buckets of ``graph`` for a cap of ``bucket_bytes``, in the order they become ready.
+
+    ``local_bytes`` gives a parameter's shard on a rank when model axes shard it (default: its full size).
+    """
     order = gradient_order(graph)
+    size = {p.name: p.nbytes for p in order} if local_bytes is None else dict(local_bytes)
     buckets = []
-    for index, group in enumerate(pack_greedy([p.nbytes for p in order], bucket_bytes)):
+    for index, group in enumerate(pack_greedy([size[p.name] for p in order], bucket_bytes)):
         members = [order[i] for i in group]
         buckets.append(
             Bucket(
                 index=index,
                 params=tuple(p.name for p in members),
-                nbytes=sum(p.nbytes for p in members),
+                nbytes=sum(size[p.name] for p in members),
                 ready_after_layer=min(p.layer for p in members),
             )
         )

@@ -9,23 +9,35 @@ from plait.cluster import Cluster
 from plait.cost import CostModel
 from plait.errors import PlaitError
 from plait.graph.model_graph import ModelGraph
-from plait.plan.ir import Plan, PrecisionPolicy
-from plait.planners.buckets import MiB
-from plait.planners.data_parallel import DataParallelKind, build_dp_plan
+from plait.plan.ir import MeshSpec, Plan, PrecisionPolicy
+from plait.planners.buckets import DEFAULT_BUCKET_BYTES, MiB
+from plait.planners.data_parallel import DataParallelKind, build_dp_plan, resolve_precision
+from plait.planners.intra_op.planner import IntraOpOptions
+from plait.planners.intra_op.search import MeshOption, score_mesh
+from plait.planners.intra_op.source import ModelSource
 
 DEFAULT_BUCKET_SIZES: tuple[int, ...] = (1 * MiB, 4 * MiB, 25 * MiB, 100 * MiB)
 
 
 @dataclass(frozen=True, kw_only=True)
 class Option:
-    """One data-parallel choice to score: its kind and bucket cap (sharded kinds: the unit is the bucket)."""
+    """One choice to score: a data-parallel kind and bucket cap (sharded kinds: the unit is the layer), or an
+    intra-op candidate (``mesh``: a mesh, its model axes and the data-parallel treatment around them)."""
 
     kind: DataParallelKind
     bucket_bytes: int
+    mesh: MeshOption | None = None
+
+    @property
+    def family(self) -> str:
+        """``data parallel`` or ``intra-op``."""
+        return "data parallel" if self.mesh is None else "intra-op"
 
     @property
     def name(self) -> str:
         """Short label used in the candidates table."""
+        if self.mesh is not None:
+            return self.mesh.name
         if self.kind == "replicate":
             return f"replicate, bucket {_mib(self.bucket_bytes)}"
         return f"{self.kind}, unit = layer"
@@ -47,9 +59,14 @@ def _mib(nbytes: int) -> str:
 
 
 def options(cluster: Cluster, bucket_sizes: Sequence[int]) -> list[Option]:
-    """Every candidate: replicate per bucket size, fsdp, and hybrid (scored only on >= 2 nodes)."""
+    """Every data-parallel candidate: replicate per bucket size, fsdp, and hybrid (scored only on >= 2 nodes)."""
     opts = [Option(kind="replicate", bucket_bytes=b) for b in bucket_sizes]
     return opts + [Option(kind="fsdp", bucket_bytes=0), Option(kind="hybrid", bucket_bytes=0)]
+
+
+def intra_op_options(meshes: Sequence[MeshOption]) -> list[Option]:
+    """The intra-op candidates as options."""
+    return [Option(kind="fsdp" if m.fsdp else "replicate", bucket_bytes=DEFAULT_BUCKET_BYTES, mesh=m) for m in meshes]
 
 
 def micro_options(global_batch: int, dp_degree: int, micro_batch: int | None) -> list[int]:
@@ -77,9 +94,18 @@ def score(
     limit: int,
     optimizer: str,
     precision: PrecisionPolicy | None = None,
+    source: ModelSource | None = None,
+    intra_op: IntraOpOptions | None = None,
+    mesh: MeshSpec | None = None,
 ) -> Scored:
     """Build and simulate ``option`` with the fewest micro-batches whose peak memory fits ``limit``, first
     without and then with activation recomputation."""
+    if option.mesh is not None:
+        return _score_intra_op(option, cluster, global_batch=global_batch, micro_batch=micro_batch, cost=cost, limit=limit,
+                               optimizer=optimizer, precision=precision, source=source, intra_op=intra_op)
+    if option.kind == "hybrid" and mesh is not None:
+        return Scored(option=option, plan=None, fits=False, peak_bytes=0,
+                      reason="not applicable: the mesh is given (fsdp shards over its last axis and replicates over the others)")
     if option.kind == "hybrid" and cluster.num_nodes < 2:
         return Scored(option=option, plan=None, fits=False, peak_bytes=0, reason="not applicable: one node (hybrid replicates across nodes)")
     leanest: Plan | None = None
@@ -88,7 +114,7 @@ def score(
             plan = build_dp_plan(
                 graph, cluster, kind=option.kind, global_batch=global_batch, bucket_bytes=option.bucket_bytes or MiB,
                 micro_batch=micro_batch, num_micro=n or None, cost=cost, optimizer=optimizer, recompute=recompute,
-                precision=precision,
+                precision=precision, mesh=mesh,
             )
             assert plan.predicted is not None
             peak = max(plan.predicted.peak_memory_bytes)
@@ -98,3 +124,17 @@ def score(
                 leanest = plan
     assert leanest is not None and leanest.predicted is not None
     return Scored(option=option, plan=leanest, fits=False, peak_bytes=max(leanest.predicted.peak_memory_bytes))
+
+
+def _score_intra_op(option: Option, cluster: Cluster, *, global_batch: int, micro_batch: int | None, cost: CostModel,
+                    limit: int, optimizer: str, precision: PrecisionPolicy | None, source: ModelSource | None,
+                    intra_op: IntraOpOptions | None) -> Scored:
+    assert option.mesh is not None
+    if source is None:
+        return Scored(option=option, plan=None, fits=False, peak_bytes=0,
+                      reason="not applicable: intra-op planning captures the model's op graph; give an nn.Module, not a ModelGraph")
+    dp = option.mesh.dp_degree
+    counts = [max(1, global_batch // (dp * micro_batch))] if micro_batch else micro_options(global_batch, dp, None)
+    found = score_mesh(option.mesh, source, cluster, global_batch=global_batch, micro_counts=counts, cost=cost, limit=limit,
+                       optimizer=optimizer, precision=resolve_precision(precision, cluster), options=intra_op or IntraOpOptions())
+    return Scored(option=option, plan=found.plan, fits=found.fits, peak_bytes=found.peak_bytes, reason=found.reason)

@@ -120,7 +120,7 @@ def dp_params(graph: ModelGraph, kind: DataParallelKind, mesh: MeshSpec, buckets
     """Placement per mesh axis and gradient sync of every parameter: Replicate everywhere (all-reduce in its
     bucket) for replicate; Shard(0) on the shard axis (reduce-scatter) for fsdp and hybrid."""
     bucket_of = {name: b.index for b in buckets for name in b.params}
-    shard_axis = None if kind == "replicate" else mesh.axes[-1]
+    shard_axis = None if kind == "replicate" else fsdp_axis(mesh)
     plans = []
     for p in graph.params:
         placements = tuple(shard(0) if axis == shard_axis else REPLICATE for axis in mesh.axes)
@@ -130,6 +130,11 @@ def dp_params(graph: ModelGraph, kind: DataParallelKind, mesh: MeshSpec, buckets
             sync = SyncSpec(kind="reduce_scatter", axes=mesh.axes)
         plans.append(ParamPlan(name=p.name, placements=placements, sync=sync))
     return tuple(plans)
+
+
+def fsdp_axis(mesh: MeshSpec) -> str:
+    """The axis FSDP2 shards over on an all-data-parallel mesh: the last one of more than one rank."""
+    return next((a for a, n in zip(reversed(mesh.axes), reversed(mesh.shape), strict=True) if n > 1), mesh.axes[-1])
 
 
 def shard_units(graph: ModelGraph, *, reshard_after_forward: bool = True) -> tuple[ShardUnit, ...]:
@@ -151,15 +156,19 @@ def build_dp_plan(
     optimizer: str = "adamw",
     precision: PrecisionPolicy | str | None = None,
     recompute: bool = False,
+    mesh: MeshSpec | None = None,
 ) -> Plan:
     """A complete data-parallel Plan for one choice (mesh, batch placements, buckets or shard units,
     per-parameter placement and sync, precision, recomputation, the lowered step program) with the
-    simulator's Prediction and provenance."""
+    simulator's Prediction and provenance. ``mesh`` fixes the mesh (every axis data-parallel; fsdp shards
+    over its last axis of more than one rank and replicates over the others)."""
     t0 = time.perf_counter()
     check_optimizer(optimizer)
     if bucket_bytes < 1:
         raise PlaitError(f"bucket size must be a positive number of bytes, got {bucket_bytes}")
-    mesh = dp_mesh(kind, cluster)
+    if mesh is not None and mesh.size != cluster.world_size:
+        raise PlaitError(f"mesh {mesh.shape} has {mesh.size} ranks but cluster {cluster.name} has {cluster.world_size}")
+    mesh = mesh or dp_mesh(kind, cluster)
     batch = replace(
         batch_spec(global_batch, mesh.size, micro_batch=micro_batch, num_micro=num_micro),
         placements=tuple(shard(0) for _ in mesh.axes),
@@ -177,7 +186,7 @@ def build_dp_plan(
         layers=tuple(LayerPlan(name=layer.name, recompute=recompute) for layer in graph.layers),
         optimizer=optimizer,
     )
-    shard_degree = mesh.axis_size(mesh.axes[-1]) if kind != "replicate" else 1
+    shard_degree = mesh.axis_size(fsdp_axis(mesh)) if kind != "replicate" else 1
     plan = replace(plan, programs=(lower_program(plan, graph, layer_work_of(graph, plan, shard_degree=shard_degree)),))
     t1 = time.perf_counter()
     result = simulate(plan, cost or CostModel(cluster))

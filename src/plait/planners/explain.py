@@ -61,7 +61,7 @@ def explain(scored: Sequence[Scored], limit: int) -> tuple[CandidateReport, ...]
                 note = _why_slower(s.plan, best.plan)
         reports.append(
             CandidateReport(
-                name=s.option.name, family="data parallel", fits=s.fits, step_s=step,
+                name=s.option.name, family=s.option.family, fits=s.fits, step_s=step,
                 peak_memory_bytes=s.peak_bytes, memory_limit_bytes=limit, note=note, micro_size=micro, num_micro=num_micro,
             )
         )
@@ -71,7 +71,7 @@ def explain(scored: Sequence[Scored], limit: int) -> tuple[CandidateReport, ...]
 def _devices_needed(s: Scored, limit: int) -> str:
     """How many devices a sharded option would need, from its shardable state (parameters and optimizer
     state; the sharded gradients at the peak count as fixed, so the figure errs high) and the rest."""
-    if s.plan is None or s.option.kind != "fsdp":
+    if s.plan is None or s.option.kind != "fsdp" or s.option.mesh is not None:
         return ""
     p = _pred(s.plan)
     n = s.plan.mesh.size

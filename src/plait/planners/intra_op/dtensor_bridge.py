@@ -13,6 +13,7 @@ place plait reaches into them. The rules DTensor lacks (``plait.dtensor_rules``)
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -93,8 +94,40 @@ def placements_of(spec: DTensorSpec) -> Placements:
                  for p in spec.placements)
 
 
+@cache
 def _propagator() -> Any:
-    return DTensor._op_dispatcher.sharding_propagator
+    """DTensor's propagator (its registries shared), whose output shapes are cached per op and input shapes.
+
+    An op's output shapes do not depend on its inputs' placements; DTensor finds them by running the op
+    on fake tensors each time. Planning asks about many placements of the same op, so the answer is
+    kept. The runtime's propagator is left untouched.
+    """
+    shared = DTensor._op_dispatcher.sharding_propagator
+    planning = copy.copy(shared)  # the same registries, its own methods
+    compute = shared._propagate_tensor_meta_non_cached
+    shapes: dict[Any, Any] = {}
+
+    def cached(schema: OpSchema) -> Any:
+        key = (schema.op, _shape_key(schema.args_schema), _shape_key(tuple(schema.kwargs_schema.items())))
+        if key not in shapes:
+            shapes[key] = compute(schema)
+        return shapes[key]
+
+    planning._propagate_tensor_meta_non_cached = cached  # type: ignore[assignment]
+    return planning
+
+
+def _shape_key(value: Any) -> Any:
+    if isinstance(value, DTensorSpec):
+        meta = value.tensor_meta
+        return ("t", tuple(meta.shape), tuple(meta.stride), meta.dtype) if meta is not None else ("t",)
+    if isinstance(value, list | tuple):
+        return tuple(_shape_key(v) for v in value)
+    try:
+        hash(value)
+    except TypeError:
+        return repr(value)
+    return value
 
 
 def _schema_info(op: Any) -> Any:
@@ -119,7 +152,7 @@ def propagate(op: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> tuple[Any
     inputs are redistributed to first (None when none moves)."""
     schema = make_schema(op, args, kwargs)
     try:
-        out = _propagator().propagate_op_sharding(schema)
+        out = _propagator().propagate_op_sharding_non_cached(schema)
     except NotImplementedError as exc:
         raise UnsupportedOpError(str(exc).splitlines()[0]) from None
     redistributed = out.redistribute_schema.args_spec if out.needs_redistribute and out.redistribute_schema else None

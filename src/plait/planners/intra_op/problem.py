@@ -40,7 +40,7 @@ class ProblemOptions:
 
     optimizer_states: int = 2
     reduce_ratio: float = 1.0  # bytes of the reduced gradient per byte of parameter
-    replicated_heavy_ops: bool = True  # False: every matmul/attention must be split on every model axis (Alpa's default)
+    replicated_heavy_ops: bool = True  # False: every matmul/attention split on every model axis (Alpa's default rule)
     memory_limit: float | None = None
     allow_partial_pins: bool = True
 
@@ -53,6 +53,11 @@ class IntraOpProblem:
     keys: list[int]  # the decision key of each ILP node
     choices: dict[int, NodeChoices]  # enumerated strategies of every representative node
     members: dict[int, list[int]] = field(default_factory=dict)  # key -> the graph nodes that share it
+
+
+def _replicated_somewhere(placements: Placements, shape: tuple[int, ...]) -> bool:
+    """True when an op's output is replicated on a model axis of more than one rank (its work done twice)."""
+    return any(size > 1 and p.is_replicate for size, p in zip(shape, placements, strict=True))
 
 
 def _heavy(node: JointNode) -> bool:
@@ -117,9 +122,8 @@ def _node_terms(joint: JointGraph, node: JointNode, found: NodeChoices, table: C
         cost[c] += _moves(joint, node, found, s, table)
         if node.target in BOUNDARY_OPS:
             continue
-        divisor = divisor_of(out, shape)
-        cost[c] += table.compute(node.flops, divisor)
-        if not options.replicated_heavy_ops and _heavy(node) and divisor == 1:
+        cost[c] += table.compute(node.flops, divisor_of(out, shape))
+        if not options.replicated_heavy_ops and _heavy(node) and _replicated_somewhere(out, shape):
             cost[c] = INF
         if node.saved:
             memory[c] += sum(local_bytes(m, p, shape) for m, p in zip(node.outputs, s.outputs, strict=False) if p is not None)

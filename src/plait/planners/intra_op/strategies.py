@@ -114,13 +114,15 @@ class Enumerator:
     """Strategies per node; ops are enumerated once per distinct signature and input placements."""
 
     def __init__(self, joint: JointGraph, mesh: DeviceMesh, boundaries: Sequence[Boundary], *,
-                 allow_partial_pins: bool = True) -> None:
+                 allow_partial_pins: bool = True, batch_on_model_axes: bool = False) -> None:
         self.joint, self.mesh, self.boundaries = joint, mesh, boundaries
         self.shape = tuple(mesh.shape)
         self.replicated: Placements = (REPLICATE,) * mesh.ndim
         self.allow_partial_pins = allow_partial_pins
+        self.batch_on_model_axes = batch_on_model_axes
         self.cache: dict[Any, list[Strategy]] = {}
         self.outputs: dict[tuple[int, int], list[Placements]] = {}
+        self.strategies_of: dict[int, list[Strategy]] = {}
 
     def choices(self, node: JointNode) -> NodeChoices:
         """The strategies of one decision node (its inputs' producers enumerated before, where possible)."""
@@ -142,7 +144,11 @@ class Enumerator:
         if b.module == "" and b.port == "output":
             return [self.replicated]  # the model's output leaves as a plain full tensor
         meta = self.joint.nodes[forward_marker(self.joint, key)].outputs[0]
-        return candidate_placements(meta, self.shape, partial=self.allow_partial_pins)
+        found = candidate_placements(meta, self.shape, partial=self.allow_partial_pins)
+        if self.batch_on_model_axes:
+            return found
+        # an activation's dim 0 is its batch: the batch is split on data-parallel axes only (Alpa's force_batch_dim)
+        return [p for p in found if not any(x.is_shard and x.dim == 0 for x in p)]
 
     def _marker(self, node: JointNode, sources: list[Source]) -> list[Strategy]:
         """Strategies of a marker key: (forward input, pin, incoming gradient); both markers use the same list."""
@@ -174,12 +180,42 @@ class Enumerator:
         return Strategy(inputs=(grad,), outputs=(out,), moves=tuple(moves), pin=pin)
 
     def _op(self, node: JointNode, sources: list[Source]) -> list[Strategy]:
-        options = [self.outputs_of(s) for s in sources]
+        combos = self._combinations(sources)
         metas = tuple(self.joint.nodes[s.node].outputs[s.output] for s in sources)
-        key = (node.target, _freeze(node.args), _freeze(node.kwargs), metas, tuple(tuple(o) for o in options))
+        key = (node.target, _freeze(node.args), _freeze(node.kwargs), metas, tuple(combos))
         if key not in self.cache:
-            self.cache[key] = self._propagated(node, sources, combinations(options))
+            self.cache[key] = self._propagated(node, sources, combos)
         return self.cache[key]
+
+    def _combinations(self, sources: list[Source]) -> list[tuple[Placements, ...]]:
+        """The input placements an op may see. Inputs from one producer (the outputs of one layer norm or
+        attention, the pieces of one split) arrive together as one of the producer's strategies gives them."""
+        producers: dict[int, list[int]] = {}
+        for k, s in enumerate(sources):
+            producers.setdefault(self.joint.representative(s.node), []).append(k)
+        groups: list[list[int]] = []
+        options: list[list[tuple[Placements, ...]]] = []
+        for rep, positions in producers.items():
+            known = self.strategies_of.get(rep)
+            if known is None or len(positions) == 1:
+                groups.extend([k] for k in positions)
+                options.extend([(p,) for p in self.outputs_of(sources[k])] for k in positions)
+                continue
+            seen: dict[tuple[Placements, ...], None] = {}
+            for st in known:
+                picked = tuple(st.outputs[sources[k].output] for k in positions)
+                if all(p is not None for p in picked):
+                    seen[picked] = None  # type: ignore[index]
+            groups.append(positions)
+            options.append(list(seen) or [tuple(self.replicated for _ in positions)])
+        out = []
+        for combo in combinations(options):
+            full: list[Placements] = [self.replicated] * len(sources)
+            for positions, part in zip(groups, combo, strict=True):
+                for k, p in zip(positions, part, strict=True):
+                    full[k] = p
+            out.append(tuple(full))
+        return out
 
     def _propagated(self, node: JointNode, sources: list[Source], combos: list[tuple[Placements, ...]]) -> list[Strategy]:
         """DTensor's choice for each combination of input placements."""
@@ -207,6 +243,7 @@ class Enumerator:
     def remember(self, choices: NodeChoices) -> None:
         """Record the output placements a node may produce, for its consumers."""
         node = self.joint.nodes[choices.node]
+        self.strategies_of[choices.node] = choices.strategies
         for k in range(len(node.outputs)):
             seen: dict[Placements, None] = {}
             for s in choices.strategies:
@@ -215,7 +252,7 @@ class Enumerator:
             self.outputs[(choices.node, k)] = list(seen) or [self.replicated]
 
 
-def combinations(options: list[list[Placements]]) -> list[tuple[Placements, ...]]:
+def combinations(options: list[list[Any]]) -> list[tuple[Any, ...]]:
     """The input-placement combinations an op is enumerated on: all of them when there are at most
     MAX_COMBINATIONS; otherwise first the uniform ones (every input with the same placements where it may
     have them, else its first), then the others in order up to the limit."""
@@ -224,7 +261,7 @@ def combinations(options: list[list[Placements]]) -> list[tuple[Placements, ...]
         total *= max(1, len(o))
     if total <= MAX_COMBINATIONS:
         return list(product(*options))
-    chosen: dict[tuple[Placements, ...], None] = {}
+    chosen: dict[tuple[Any, ...], None] = {}
     for p in dict.fromkeys(x for o in options for x in o):
         chosen[tuple(p if p in o else o[0] for o in options)] = None
     for combo in product(*options):
