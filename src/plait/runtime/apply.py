@@ -4,8 +4,8 @@ placements (plait's wait-free buckets, FSDP2 or HSDP) and the precision policy. 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
-from dataclasses import dataclass, field
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -18,6 +18,12 @@ from plait.plan.layout import shard_axis_of
 from plait.runtime.checks import PlanMismatchError, check_plan, check_plan_model
 from plait.runtime.context import DistContext
 from plait.runtime.recompute import apply_recompute
+from plait.runtime.tensor_parallel import (
+    Pin,
+    distribute_parameters,
+    pin_activations,
+    reduce_grads_to_placements,
+)
 from plait.runtime.wfbp import WaitFreeReplicate
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -36,8 +42,7 @@ class AppliedPlan:
     replicate: WaitFreeReplicate | None = None  # the gradient buckets, when parameters are replicated on dp axes
     sharded_with_replicas: bool = False  # FSDP2 with a replicated data-parallel axis (HSDP)
     autocast_dtype: torch.dtype | None = None
-    model_parallel: object | None = None  # the tensor-parallel handle (DTensor parameters, pins)
-    _contexts: list[AbstractContextManager[object]] = field(default_factory=list)
+    model_parallel: bool = False  # parameters are DTensors on model axes (gradients reduced before the step)
 
     def accumulate(self) -> AbstractContextManager[None]:
         """Context for a micro-batch that is not the last of a step: defer what communication can wait.
@@ -52,20 +57,16 @@ class AppliedPlan:
             return _fsdp_without_all_reduce(self.model)
         return nullcontext()
 
-    @contextmanager
-    def step_context(self) -> Iterator[None]:
-        """Around a micro-batch's forward and backward: autocast to the compute dtype, model-axis helpers."""
-        with ExitStack() as stack:
-            if self.autocast_dtype is not None:
-                stack.enter_context(torch.autocast(self.mesh.device_type, dtype=self.autocast_dtype))
-            if self.model_parallel is not None:
-                stack.enter_context(self.model_parallel.context())  # type: ignore[attr-defined]
-            yield
+    def step_context(self) -> AbstractContextManager[object]:
+        """Around a micro-batch's forward and backward: autocast to the compute dtype when the plan asks for it."""
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.mesh.device_type, dtype=self.autocast_dtype)
 
     def before_optimizer_step(self) -> None:
         """Bring every gradient to its parameter's placements (model-axis reductions the backward left pending)."""
-        if self.model_parallel is not None:
-            self.model_parallel.reduce_grads()  # type: ignore[attr-defined]
+        if self.model_parallel:
+            reduce_grads_to_placements(self.model)
 
     def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
         """Clear gradients before a step (replicated parameters keep them as views of the bucket buffers)."""
@@ -107,7 +108,8 @@ def apply_plan(model: nn.Module, plan: Plan, ctx: DistContext) -> AppliedPlan:
     apply_recompute(model, [layer.name for layer in plan.layers if layer.recompute])
     model_axes = tuple(a for a in plan.model_axes if plan.mesh.axis_size(a) > 1)
     if model_axes:
-        applied.model_parallel = _apply_model_axes(model, plan, _submesh(mesh, model_axes), model_axes)
+        _apply_model_axes(model, plan, _submesh(mesh, model_axes), model_axes)
+        applied.model_parallel = True
     shard_axis = shard_axis_of(plan)
     if shard_axis is not None:
         _apply_fsdp(model, plan, mesh, shard_axis)
@@ -120,14 +122,11 @@ def apply_plan(model: nn.Module, plan: Plan, ctx: DistContext) -> AppliedPlan:
     return applied
 
 
-def _apply_model_axes(model: nn.Module, plan: Plan, mesh: DeviceMesh, axes: tuple[str, ...]) -> object:
+def _apply_model_axes(model: nn.Module, plan: Plan, mesh: DeviceMesh, axes: tuple[str, ...]) -> None:
     """DTensor parameters and pinned activations on the model axes (the data-parallel axes are left out)."""
-    from plait.runtime.tensor_parallel import ModelParallel
-
     index = [plan.mesh.axes.index(a) for a in axes]
-    params = {p.name: tuple(p.placements[i] for i in index) for p in plan.params}
-    pins = [(a.module, a.port, a.index, tuple(a.placements[i] for i in index)) for a in plan.activations]
-    return ModelParallel.apply(model, mesh, params, pins)
+    distribute_parameters(model, mesh, {p.name: tuple(p.placements[i] for i in index) for p in plan.params})
+    pin_activations(model, mesh, [Pin(a.module, a.port, a.index, tuple(a.placements[i] for i in index)) for a in plan.activations])
 
 
 def _apply_buckets(model: nn.Module, plan: Plan, mesh: DeviceMesh, dp_axes: tuple[str, ...]) -> WaitFreeReplicate:

@@ -6,6 +6,13 @@ asynchronously (buckets launch in index order on every rank, so the collectives 
 autograd goes on computing earlier layers. A callback queued on the autograd engine runs when
 backward ends: it launches any bucket still pending (parameters unused in this step), waits for
 every all-reduce and records the step's timings.
+
+Parameters may be DTensors on other (model) mesh axes: a bucket then holds their local shards, and
+each such ``.grad`` is a DTensor with the parameter's placements whose local tensor is a view of the
+bucket (no copies). A gradient that arrives with other placements (a ``Partial`` sum for a replicated
+weight used on sharded activations) is reduced over the model axes to the parameter's placements
+first: inside autograd's in-place accumulation into the view, or, when the gradient was set to None,
+by the hook, which then copies it into the view.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from plait.errors import PlaitError
 
@@ -37,19 +45,23 @@ class StepTrace:
 
 
 class _Bucket:
-    """One flat gradient buffer and the parameters whose gradients are views of it."""
+    """One flat gradient buffer and the parameters whose gradients are views of it (of their local shards)."""
 
     def __init__(self, index: int, names: Sequence[str], params: Sequence[nn.Parameter]) -> None:
         self.index = index
         self.names = tuple(names)
         self.params = tuple(params)
-        numel = sum(p.numel() for p in params)
-        self.buffer = torch.zeros(numel, dtype=params[0].dtype, device=params[0].device)
-        self.views: list[torch.Tensor] = []
+        shards = [_local_shard(p) for p in params]
+        numel = sum(s.numel() for s in shards)
+        self.buffer = torch.zeros(numel, dtype=shards[0].dtype, device=shards[0].device)
+        self.views: list[torch.Tensor] = []  # each parameter's local gradient, in the buffer
+        self.grads: list[torch.Tensor] = []  # what each ``.grad`` is: the view, or a DTensor around it
         offset = 0
-        for p in params:
-            self.views.append(self.buffer[offset : offset + p.numel()].view_as(p))
-            offset += p.numel()
+        for p, shard in zip(params, shards, strict=True):
+            view = self.buffer[offset : offset + shard.numel()].view_as(shard)
+            self.views.append(view)
+            self.grads.append(_wrap_like(view, p))
+            offset += shard.numel()
         self.num_ready = 0
         self.work: dist.Work | None = None
         self.launch_s = 0.0
@@ -61,12 +73,33 @@ class _Bucket:
 
     def attach_grads(self) -> None:
         """Make every parameter's ``.grad`` a view of this bucket (keeping any gradient already there)."""
-        for p, view in zip(self.params, self.views, strict=True):
-            if p.grad is not None and p.grad is not view:
-                view.copy_(p.grad)
+        for p, view, grad in zip(self.params, self.views, self.grads, strict=True):
+            if p.grad is not None and p.grad is not grad:
+                view.copy_(_local_shard(_as_placed(p.grad, p)))
             elif p.grad is None:
                 view.zero_()
-            p.grad = view
+            p.grad = grad
+
+
+def _local_shard(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (the tensor itself when plain)."""
+    return t._local_tensor if isinstance(t, DTensor) else t
+
+
+def _wrap_like(view: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``view`` as the gradient of ``param``: a DTensor with its placements aliasing ``view``, or ``view``."""
+    if not isinstance(param, DTensor):
+        return view
+    with torch.no_grad():
+        mesh, placements, shape = param.device_mesh, param.placements, param.shape
+        return DTensor.from_local(view, mesh, placements, run_check=False, shape=shape, stride=param.stride())
+
+
+def _as_placed(grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``grad`` with ``param``'s placements (a collective over the model axes when they differ)."""
+    if isinstance(grad, DTensor) and isinstance(param, DTensor) and grad.placements != param.placements:
+        return grad.redistribute(param.device_mesh, param.placements)
+    return grad
 
 
 class WaitFreeReplicate:
@@ -94,8 +127,8 @@ class WaitFreeReplicate:
             self.broadcast(broadcast_from)
         for bucket in self.buckets:
             bucket.attach_grads()
-            for param, view in zip(bucket.params, bucket.views, strict=True):
-                param.register_post_accumulate_grad_hook(self._hook(bucket, view))
+            for i, param in enumerate(bucket.params):
+                param.register_post_accumulate_grad_hook(self._hook(bucket, i))
 
     # ---- user-facing -------------------------------------------------------------------------
 
@@ -111,7 +144,7 @@ class WaitFreeReplicate:
     def zero_grad(self) -> None:
         """Zero every bucket buffer in place (the gradients stay views of it)."""
         for bucket in self.buckets:
-            if any(p.grad is not v for p, v in zip(bucket.params, bucket.views, strict=True)):
+            if any(p.grad is not g for p, g in zip(bucket.params, bucket.grads, strict=True)):
                 bucket.attach_grads()
             bucket.buffer.zero_()
 
@@ -120,27 +153,30 @@ class WaitFreeReplicate:
         global_src = dist.get_global_rank(self.group, src) if self.group is not None else src
         with torch.no_grad():
             for bucket in self.buckets:
-                flat = torch.cat([p.detach().reshape(-1) for p in bucket.params])
+                shards = [_local_shard(p) for p in bucket.params]
+                flat = torch.cat([s.reshape(-1) for s in shards])
                 dist.broadcast(flat, src=global_src, group=self.group)
                 offset = 0
-                for p in bucket.params:
-                    p.copy_(flat[offset : offset + p.numel()].view_as(p))
-                    offset += p.numel()
+                for s in shards:
+                    s.copy_(flat[offset : offset + s.numel()].view_as(s))
+                    offset += s.numel()
             for buf in self.model.buffers():
-                dist.broadcast(buf, src=global_src, group=self.group)
+                dist.broadcast(_local_shard(buf), src=global_src, group=self.group)
 
     # ---- autograd side -----------------------------------------------------------------------
 
-    def _hook(self, bucket: _Bucket, view: torch.Tensor) -> Callable[[torch.Tensor], None]:
+    def _hook(self, bucket: _Bucket, i: int) -> Callable[[torch.Tensor], None]:
+        view, grad = bucket.views[i], bucket.grads[i]  # its slot in the bucket, and what its .grad is
+
         def on_grad_ready(param: torch.Tensor) -> None:
             if not self._in_backward:
                 self._in_backward = True
                 self._first_grad_s = time.perf_counter()
                 torch.autograd.Variable._execution_engine.queue_callback(self._on_backward_end)
-            if param.grad is not view:  # the user set grads to None: keep the bucket view
+            if param.grad is not grad:  # the user set grads to None: keep the bucket view
                 assert param.grad is not None
-                view.copy_(param.grad)
-                param.grad = view
+                view.copy_(_local_shard(_as_placed(param.grad, param)))
+                param.grad = grad
             if self._sync:
                 bucket.num_ready += 1
                 if bucket.num_ready == len(bucket.params):
