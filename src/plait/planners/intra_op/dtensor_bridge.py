@@ -147,16 +147,36 @@ def make_schema(op: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> OpSchem
     return OpSchema(op, tuple(args), dict(kwargs), schema_info=info)
 
 
+_CHOICES: dict[Any, tuple[Any, tuple[DTensorSpec, ...] | None] | str] = {}
+
+
 def propagate(op: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> tuple[Any, tuple[DTensorSpec, ...] | None]:
     """DTensor's choice for ``op`` on inputs with these specs: the output spec(s), and the specs the tensor
-    inputs are redistributed to first (None when none moves)."""
+    inputs are redistributed to first (None when none moves). Remembered per schema: repeated layers ask
+    the same questions."""
     schema = make_schema(op, args, kwargs)
+    try:
+        key: Any = schema
+        hash(key)
+    except TypeError:
+        key = None
+    if key is not None and key in _CHOICES:
+        found = _CHOICES[key]
+        if isinstance(found, str):
+            raise UnsupportedOpError(found)
+        return found
     try:
         out = _propagator().propagate_op_sharding_non_cached(schema)
     except NotImplementedError as exc:
-        raise UnsupportedOpError(str(exc).splitlines()[0]) from None
+        message = str(exc).splitlines()[0]
+        if key is not None:
+            _CHOICES[key] = message
+        raise UnsupportedOpError(message) from None
     redistributed = out.redistribute_schema.args_spec if out.needs_redistribute and out.redistribute_schema else None
-    return out.output_spec, redistributed
+    result = (out.output_spec, redistributed)
+    if key is not None:
+        _CHOICES[key] = result
+    return result
 
 
 def _strategy_of(op: Any, schema: OpSchema) -> Any:

@@ -31,7 +31,7 @@ from plait.plan.ir import (
 from plait.plan.placement import REPLICATE, Placement, shard
 from plait.planners.buckets import DEFAULT_BUCKET_BYTES, make_buckets
 from plait.planners.data_parallel import batch_spec, provenance_of, resolve_precision
-from plait.planners.ilp import ILPSolution, ILPStats, solve_ilp
+from plait.planners.ilp import ILPSolution, solve_ilp
 from plait.planners.intra_op.costs import CostTable, DataParallel
 from plait.planners.intra_op.dtensor_bridge import Placements, planning_mesh
 from plait.planners.intra_op.problem import IntraOpProblem, ProblemOptions, build_problem, chosen
@@ -60,18 +60,25 @@ class IntraOpOptions:
 
 @dataclass(frozen=True)
 class Solved:
-    """The ILP's choice on the model axes and what DTensor does with it."""
+    """A choice on the model axes (the ILP's, or a layout given by hand) and what DTensor does with it."""
 
     params: dict[str, Placements]
     pins: dict[int, Placements]
     propagation: Propagation
-    solution: ILPSolution
-    problem: IntraOpProblem
+    solution: ILPSolution | None = None  # None: a layout given by hand
+    problem: IntraOpProblem | None = None
 
     @property
-    def stats(self) -> ILPStats:
-        """Problem size and solve time."""
-        return self.solution.stats
+    def summary(self) -> str:
+        """The ILP's size and solve time, or where the layout came from."""
+        return str(self.solution.stats) if self.solution is not None else "layout given by hand"
+
+
+def given_layout(joint: JointGraph, mesh: MeshSpec, model_axes: tuple[str, ...], params: dict[str, Placements],
+                 pins: dict[int, Placements]) -> Solved:
+    """A layout chosen by hand (parameter placements and pins by boundary key, on the model axes), propagated."""
+    pmesh = planning_mesh(tuple(mesh.axis_size(a) for a in model_axes), model_axes)
+    return Solved(params=dict(params), pins=dict(pins), propagation=propagate_plan(joint, pmesh, params, pins, joint.boundaries))
 
 
 def solve_model_axes(joint: JointGraph, mesh: MeshSpec, model_axes: tuple[str, ...], cost: object, *,
@@ -195,8 +202,8 @@ def build_intra_op_plan(
         "plait.planners.intra_op", search_s=t3 - t0,
         passes={"intra_op_ilp": t1 - t0, "lower": t2 - t1, "simulate": t3 - t2},
         options={"mesh": " x ".join(f"{a}={s}" for a, s in zip(mesh.axes, mesh.shape, strict=True)),
-                 "model_axes": ",".join(model_axes), "fsdp": str(fsdp), "ilp": str(solved.stats),
-                 "ilp_objective_s": f"{solved.solution.objective:.6g}"},
+                 "model_axes": ",".join(model_axes), "fsdp": str(fsdp), "ilp": solved.summary,
+                 "ilp_objective_s": f"{solved.solution.objective:.6g}" if solved.solution is not None else "-"},
     )
     return replace(plan, predicted=result.prediction, provenance=provenance), solved
 

@@ -10,8 +10,9 @@ re-use its choice when memory needs them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from itertools import product
 
 from plait.cluster import Cluster
@@ -21,6 +22,8 @@ from plait.planners.intra_op.planner import IntraOpOptions, Solved, build_intra_
 from plait.planners.intra_op.propagate import PropagationError
 from plait.planners.intra_op.source import ModelSource
 from plait.planners.intra_op.strategies import UnsupportedOpError
+
+MEMORY_RETRIES = 2  # re-solves of the ILP under a memory limit when its choice fits no accumulation
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -100,26 +103,38 @@ def score_mesh(option: MeshOption, source: ModelSource, cluster: Cluster, *, glo
     per_rank = global_batch // dp
     graph = source.graph(per_rank)
     joint = source.joint(per_rank)
-    solved: Solved | None = None
-    leanest: Plan | None = None
+    build = partial(build_intra_op_plan, graph, joint, cluster, mesh=option.mesh, model_axes=option.model_axes,
+                    global_batch=global_batch, joint_batch=per_rank, fsdp=option.fsdp, cost=cost, optimizer=optimizer,
+                    precision=precision, options=options)
+    counts = [n for n in micro_counts if per_rank % n == 0]
+    if not counts:
+        return IntraOpScore(plan=None, fits=False, peak_bytes=0, reason="not applicable: no accumulation splits the batch")
     try:
-        for n in micro_counts:
-            if per_rank % n:
-                continue
-            for recompute in (False, True):
-                plan, solved = build_intra_op_plan(
-                    graph, joint, cluster, mesh=option.mesh, model_axes=option.model_axes, global_batch=global_batch,
-                    joint_batch=per_rank, num_micro=n, fsdp=option.fsdp, cost=cost, optimizer=optimizer,
-                    precision=precision, recompute=recompute, options=options, solved=solved,
-                )
-                assert plan.predicted is not None
-                peak = max(plan.predicted.peak_memory_bytes)
-                if peak <= limit:
-                    return IntraOpScore(plan=plan, fits=True, peak_bytes=peak)
-                if leanest is None or peak <= max(leanest.predicted.peak_memory_bytes):  # type: ignore[union-attr]
-                    leanest = plan
+        plan, solved = build(num_micro=counts[0])
+        found = _fewest_that_fit(build, solved, counts, limit)
+        for _ in range(MEMORY_RETRIES):  # the choice itself holds too much: ask the ILP for a leaner one
+            if found.fits or solved.solution is None:
+                break
+            excess = found.peak_bytes - limit
+            _, solved = build(num_micro=counts[0], memory_limit=max(0.0, solved.solution.memory - 1.05 * excess))
+            found = _fewest_that_fit(build, solved, counts, limit)
     except (UnsupportedOpError, PropagationError, NoFeasiblePlanError) as exc:
         return IntraOpScore(plan=None, fits=False, peak_bytes=0, reason=f"not applicable: {exc}")
-    if leanest is None:
-        return IntraOpScore(plan=None, fits=False, peak_bytes=0, reason="not applicable: no accumulation splits the batch")
-    return IntraOpScore(plan=leanest, fits=False, peak_bytes=max(leanest.predicted.peak_memory_bytes))  # type: ignore[union-attr]
+    return found
+
+
+def _fewest_that_fit(build: Callable[..., tuple[Plan, Solved]], solved: Solved, counts: Sequence[int], limit: int) -> IntraOpScore:
+    """The fewest micro-batches (without, then with recomputation) whose simulated peak fits ``limit`` under
+    the choice ``solved``; else the leanest plan tried."""
+    leanest: Plan | None = None
+    for n in counts:
+        for recompute in (False, True):
+            plan, _ = build(num_micro=n, recompute=recompute, solved=solved)
+            assert plan.predicted is not None
+            peak = max(plan.predicted.peak_memory_bytes)
+            if peak <= limit:
+                return IntraOpScore(plan=plan, fits=True, peak_bytes=peak)
+            if leanest is None or peak <= max(leanest.predicted.peak_memory_bytes):  # type: ignore[union-attr]
+                leanest = plan
+    assert leanest is not None and leanest.predicted is not None
+    return IntraOpScore(plan=leanest, fits=False, peak_bytes=max(leanest.predicted.peak_memory_bytes))

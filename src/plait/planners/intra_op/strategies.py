@@ -34,7 +34,7 @@ from plait.planners.intra_op.dtensor_bridge import (
 )
 
 BOUNDARY, BOUNDARY_GRAD = BOUNDARY_OPS
-MAX_COMBINATIONS = 1024  # input-placement combinations enumerated per op (the likeliest are kept)
+FULL_PRODUCT = 64  # up to this many input-placement combinations an op is enumerated on all of them
 
 
 @dataclass(frozen=True)
@@ -254,20 +254,22 @@ class Enumerator:
 
 def combinations(options: list[list[Any]]) -> list[tuple[Any, ...]]:
     """The input-placement combinations an op is enumerated on: all of them when there are at most
-    MAX_COMBINATIONS; otherwise first the uniform ones (every input with the same placements where it may
-    have them, else its first), then the others in order up to the limit."""
+    FULL_PRODUCT; otherwise the uniform ones (every input with the same placements where it may have
+    them, else its first) and those where one input departs from a uniform one. An op whose inputs are
+    split in two different ways at once would have to move most of them; plans never use that."""
     total = 1
     for o in options:
         total *= max(1, len(o))
-    if total <= MAX_COMBINATIONS:
+    if total <= FULL_PRODUCT:
         return list(product(*options))
     chosen: dict[tuple[Any, ...], None] = {}
-    for p in dict.fromkeys(x for o in options for x in o):
-        chosen[tuple(p if p in o else o[0] for o in options)] = None
-    for combo in product(*options):
-        if len(chosen) >= MAX_COMBINATIONS:
-            break
-        chosen[combo] = None
+    uniform = [tuple(p if p in o else o[0] for o in options) for p in dict.fromkeys(x for o in options for x in o)]
+    for base in uniform:
+        chosen[base] = None
+    for base in uniform:
+        for k, o in enumerate(options):
+            for p in o:
+                chosen[base[:k] + (p,) + base[k + 1:]] = None
     return list(chosen)
 
 
