@@ -1,4 +1,4 @@
-"""``plait plan``: choose a data-parallel plan for a model on a cluster, print why, write the plan JSON."""
+"""``plait plan``: choose a plan (data-parallel or intra-op) for a model on a cluster, print why, write the plan JSON."""
 
 from __future__ import annotations
 
@@ -10,11 +10,13 @@ from typing import Any
 
 import click
 
+from plait.cli.progress import planning_progress
 from plait.cluster import Cluster, load_cluster
 from plait.errors import PlaitError
 from plait.graph.model_graph import ModelGraph
-from plait.plan import plan_table, plan_to_json, save_plan
+from plait.plan import MeshSpec, plan_table, plan_to_json, save_plan
 from plait.plan.table import console_for_tables
+from plait.planners.auto import FAMILIES
 
 DEFAULT_PER_RANK_BATCH = 8
 
@@ -56,22 +58,42 @@ def _from_factory(spec: str) -> tuple[Any, Any, Callable[..., Any] | None, str]:
     return made[0], made[1], loss_fn, attr
 
 
-def resolve_model(spec: str, per_rank_batch: int) -> ModelGraph:
-    """Capture MODEL: a zoo name (built on the meta device) or ``module.path:factory``."""
+def resolve_module(spec: str, per_rank_batch: int) -> tuple[Any, Any, Callable[..., Any] | None, str]:
+    """MODEL as (module, example batch, loss_fn, name): a zoo name (built on the meta device, batch of
+    ``per_rank_batch``) or ``module.path:factory``."""
     import torch
 
-    from plait.graph import capture
     from plait.models import ZOO, zoo_model
 
     if ":" in spec and spec.split(":", 1)[0] not in ZOO:
-        model, example_batch, loss_fn, name = _from_factory(spec)
-        return capture(model, example_batch, name=name, loss_fn=loss_fn, with_ops=False)
+        return _from_factory(spec)
     if spec not in ZOO:
         raise PlaitError(f"unknown model {spec!r}; zoo models: {', '.join(ZOO)} (or give module.path:factory)")
     zoo = zoo_model(spec)
     with torch.device("meta"):
         model = zoo.build()
-    return capture(model, zoo.make_batch(per_rank_batch, device="meta"), name=spec, loss_fn=zoo.loss, with_ops=False)
+    return model, zoo.make_batch(per_rank_batch, device="meta"), zoo.loss, spec
+
+
+def resolve_model(spec: str, per_rank_batch: int) -> ModelGraph:
+    """Capture MODEL's layer view (see ``resolve_module``)."""
+    from plait.graph import capture
+
+    model, example_batch, loss_fn, name = resolve_module(spec, per_rank_batch)
+    return capture(model, example_batch, name=name, loss_fn=loss_fn, with_ops=False)
+
+
+def parse_mesh(text: str) -> MeshSpec:
+    """``2x4`` (axes dp, tp) or ``x=2,y=4`` (named axes) as a MeshSpec."""
+    try:
+        if "=" in text:
+            pairs = [item.split("=") for item in text.split(",")]
+            return MeshSpec(shape=tuple(int(n) for _, n in pairs), axes=tuple(a.strip() for a, _ in pairs))
+        sizes = tuple(int(n) for n in text.lower().split("x"))
+    except ValueError:
+        raise PlaitError(f"--mesh {text!r} is not a mesh; write 2x4 or dp=2,tp=4") from None
+    names = ("dp", "tp") if len(sizes) == 2 else tuple(f"d{k}" for k in range(len(sizes)))
+    return MeshSpec(shape=sizes, axes=names[: len(sizes)])
 
 
 @click.command()
@@ -82,14 +104,21 @@ def resolve_model(spec: str, per_rank_batch: int) -> ModelGraph:
 @click.option("--profile", type=click.Path(dir_okay=False), help="A measured profile JSON (`plait profile`) for the cost model.")
 @click.option("--memory-fraction", type=click.FloatRange(0, 1, min_open=True), default=0.9, show_default=True,
               help="Share of each device's memory a plan may use.")
+@click.option("--family", "family", type=click.Choice(["all", "data-parallel", "intra-op"]), default="all", show_default=True,
+              help="Search data-parallel plans, intra-op (tensor-parallel) plans, or both.")
+@click.option("--mesh", "mesh_text", help="Intra-op mesh to plan on, e.g. 2x4 (dp x tp) or x=2,y=4 (every role of its axes is tried); "
+                                          "default: a tp axis of 2, 4, ... ranks inside a node.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "bf16-reduce"]), default=None,
               help="fp32, or bf16 compute with fp32 master weights (bf16-reduce: also bf16 gradient reduction). "
                    "Default: bf16 on GPU clusters, fp32 on CPUs.")
 @click.option("--out", type=click.Path(dir_okay=False), help="Write the chosen plan's JSON here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan JSON instead of the tables.")
 def plan(model: str, cluster_spec: str, batch: int | None, micro_batch: int | None, profile: str | None,
-         memory_fraction: float, precision: str | None, out: str | None, as_json: bool) -> None:
-    """Choose the fastest data-parallel plan for MODEL that fits the cluster's memory and explain it.
+         memory_fraction: float, family: str, mesh_text: str | None, precision: str | None, out: str | None,
+         as_json: bool) -> None:
+    """Choose the fastest plan for MODEL that fits the cluster's memory, data-parallel or intra-op
+    (tensor-parallel by an ILP), and explain it: placements per layer, every candidate's predicted step
+    time and memory.
 
     MODEL is a zoo name (see `plait.models`, e.g. gpt2-small, mlp-small) or `module.path:factory`, a
     callable with no arguments that returns (model, example_batch) or (model, example_batch, loss_fn);
@@ -99,10 +128,13 @@ def plan(model: str, cluster_spec: str, batch: int | None, micro_batch: int | No
     from plait.planners import plan as choose
 
     cluster = with_profile(load_cluster(cluster_spec), profile)
-    graph = resolve_model(model, _per_rank_batch(cluster, batch, micro_batch))
-    cost = CostModel(cluster)
-    chosen = choose(graph, None, cluster, global_batch=batch, micro_batch=micro_batch, cost=cost, memory_fraction=memory_fraction,
-                    precision=precision)
+    module, example_batch, loss_fn, name = resolve_module(model, _per_rank_batch(cluster, batch, micro_batch))
+    families = FAMILIES if family == "all" else (family,)
+    meshes = [parse_mesh(mesh_text)] if mesh_text else None
+    with planning_progress(not as_json) as progress:
+        chosen = choose(module, example_batch, cluster, global_batch=batch, micro_batch=micro_batch, cost=CostModel(cluster),
+                        memory_fraction=memory_fraction, precision=precision, loss_fn=loss_fn, name=name, families=families,
+                        meshes=meshes, progress=progress)
     if as_json:
         click.echo(plan_to_json(chosen), nl=False)
     else:

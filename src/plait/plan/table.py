@@ -9,6 +9,7 @@ from rich.table import Table
 
 from plait.plan.ir import CandidateReport, Plan, Prediction
 from plait.plan.layout import shard_axis_of
+from plait.plan.placement import placements_text
 
 MB = 1e6
 GB = 1e9
@@ -117,9 +118,65 @@ def candidates_table(candidates: tuple[CandidateReport, ...]) -> Table:
     return table
 
 
+def _relative(name: str, layer: str) -> str:
+    return name[len(layer) + 1 :] if layer and name.startswith(f"{layer}.") else name
+
+
+def _layer_of(name: str, layers: list[str]) -> str:
+    """The layer-view layer a parameter or module belongs to (the longest layer name it starts with)."""
+    best = ""
+    for layer in layers:
+        if (name == layer or name.startswith(f"{layer}.")) and len(layer) > len(best):
+            best = layer
+    return best
+
+
+def _layer_rows(plan: Plan) -> list[tuple[str, str, str]]:
+    """Per layer: its parameters split on the model axes, and its pinned outputs, as short text."""
+    index = [plan.mesh.axes.index(a) for a in plan.model_axes]
+    layers = [layer.name for layer in plan.layers]
+    split: dict[str, list[str]] = {name: [] for name in layers}
+    pinned: dict[str, list[str]] = {name: [] for name in layers}
+    for p in plan.params:
+        mine = [p.placements[i] for i in index]
+        if any(not x.is_replicate for x in mine):
+            layer = _layer_of(p.name, layers)
+            split.setdefault(layer, []).append(f"{_relative(p.name, layer)} {placements_text(mine)}")
+    for a in plan.activations:
+        mine = [a.placements[i] for i in index]
+        if a.port == "output":
+            layer = _layer_of(a.module, layers)
+            pinned.setdefault(layer, []).append(f"{_relative(a.module, layer) or 'out'} {placements_text(mine)}")
+    return [(name, ", ".join(split.get(name, [])) or "-", ", ".join(pinned.get(name, [])) or "-") for name in layers]
+
+
+def placements_table(plan: Plan) -> Table:
+    """The model-axis placements per layer; consecutive layers alike (repeated blocks) share a row."""
+    axes = ", ".join(f"{a}={plan.mesh.axis_size(a)}" for a in plan.model_axes)
+    table = Table(title=f"placements on the model axes ({axes}); everything else replicated there")
+    for col in ("layers", "split parameters", "pinned outputs"):
+        table.add_column(col)
+    rows = _layer_rows(plan)
+    k = 0
+    while k < len(rows):
+        j = k
+        while j + 1 < len(rows) and _alike(rows[j + 1], rows[k]):
+            j += 1
+        label = rows[k][0] if j == k else f"{rows[k][0]} .. {rows[j][0]} ({j - k + 1})"
+        table.add_row(label, rows[k][1], rows[k][2])
+        k = j + 1
+    return table
+
+
+def _alike(a: tuple[str, str, str], b: tuple[str, str, str]) -> bool:
+    return a[1:] == b[1:] and a[0].rsplit(".", 1)[0] == b[0].rsplit(".", 1)[0]
+
+
 def plan_table(plan: Plan) -> Group:
-    """Rich renderables: the chosen plan, then every candidate the planner weighed."""
+    """Rich renderables: the chosen plan, its placements per layer, then every candidate the planner weighed."""
     parts: list[Table] = [_head(plan)]
+    if plan.model_axes and any(plan.mesh.axis_size(a) > 1 for a in plan.model_axes):
+        parts.append(placements_table(plan))
     if plan.candidates:
         parts.append(candidates_table(plan.candidates))
     return Group(*parts)

@@ -60,6 +60,7 @@ def plan(
     force_batch_axis: str | None = None,
     intra_op: IntraOpOptions | None = None,
     dp_kinds: Sequence[DataParallelKind] = DP_KINDS,
+    progress: Callable[[str], None] | None = None,
 ) -> Plan:
     """Choose the fastest plan that fits each device's memory, and explain the choice.
 
@@ -73,7 +74,8 @@ def plan(
     keeps one axis data-parallel, ``intra_op`` holds the ILP's options. ``dp_kinds`` limits how parameters
     meet on data-parallel axes: ``replicate`` (all-reduce), ``fsdp`` and ``hybrid`` (sharded parameters,
     gradients and optimizer state, ZeRO-3); ``("fsdp",)`` is the prefer-reduce-scatter option. Every
-    candidate weighed is in ``plan.candidates``; raises NoFeasiblePlanError when none fits.
+    candidate weighed is in ``plan.candidates``; ``progress`` is told which candidate is being scored.
+    Raises NoFeasiblePlanError when none fits.
     """
     t0 = time.perf_counter()
     if not 0 < memory_fraction <= 1:
@@ -100,11 +102,13 @@ def plan(
         candidates += intra_op_options(mesh_options(cluster, meshes, force_batch_axis=force_batch_axis, fsdp=sharded,
                                                     max_model_axes=max_axes))
     source = _source_of(model_or_graph, example_batch, loss_fn, name, graph)
-    scored = [
-        score(graph, cluster, o, global_batch=global_batch, micro_batch=micro_batch, cost=cost, limit=limit, optimizer=optimizer,
-              precision=policy, source=source, intra_op=intra_op, mesh=meshes[0] if meshes and len(meshes) == 1 else None)
-        for o in candidates
-    ]
+    scored = []
+    for k, option in enumerate(candidates):
+        if progress is not None:
+            progress(f"candidate {k + 1}/{len(candidates)}: {option.name}")
+        scored.append(score(graph, cluster, option, global_batch=global_batch, micro_batch=micro_batch, cost=cost, limit=limit,
+                            optimizer=optimizer, precision=policy, source=source, intra_op=intra_op,
+                            mesh=meshes[0] if meshes and len(meshes) == 1 else None))
     t2 = time.perf_counter()
     best = winner_of(scored)
     if best is None:

@@ -27,6 +27,8 @@ and every edge at a fixed node) is folded into its endpoints' costs. Only the re
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Sequence
@@ -316,8 +318,7 @@ def _run(lp: highspy.HighsLp, options: _Options) -> tuple[np.ndarray | None, str
     if lp.num_col_ == 0:
         feasible = bool(np.all(np.asarray(lp.row_upper_) >= -1e-9))
         return (np.zeros(0), "optimal") if feasible else (None, "infeasible")
-    highs = highspy.Highs()
-    highs.setOptionValue("output_flag", False)
+    highs = _quiet_highs()
     highs.setOptionValue("mip_rel_gap", options.mip_rel_gap)
     if options.mip_rel_gap == 0.0:
         highs.setOptionValue("mip_abs_gap", 0.0)
@@ -335,6 +336,21 @@ def _run(lp: highspy.HighsLp, options: _Options) -> tuple[np.ndarray | None, str
         highspy.Highs.resetGlobalScheduler(True)
         highs.run()
     return _outcome(highs, options)
+
+
+def _quiet_highs() -> highspy.Highs:
+    """A HiGHS instance with its output off; its constructor prints a banner from C++, kept off stdout."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as sink:
+            os.dup2(sink.fileno(), 1)
+            highs = highspy.Highs()
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+    highs.setOptionValue("output_flag", False)
+    return highs
 
 
 def _outcome(highs: highspy.Highs, options: _Options) -> tuple[np.ndarray | None, str]:
