@@ -31,7 +31,8 @@ def test_plan_then_sim(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert code == 0, err
     assert "plait plan: mlp-tiny on local-pinned:4" in text and "candidates" in text and "chosen" in text
     plan = load_plan(out)
-    assert plan.batch.global_size == 32 and plan.mesh.size == 4 and len(plan.candidates) == 6
+    assert plan.batch.global_size == 32 and plan.mesh.size == 4 and len(plan.candidates) == 9
+    assert [c.family for c in plan.candidates].count("intra-op") == 3  # dp=2 x tp=2 (replicate, fsdp) and tp=4
     png = tmp_path / "timeline.png"
     code, text, err = run(["sim", str(out), "--timeline", str(png)], capsys)
     assert code == 0, err

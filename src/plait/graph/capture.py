@@ -11,6 +11,7 @@ from plait.errors import CaptureError
 from plait.graph.diagnose import capture_error, module_stack
 from plait.graph.fake import (
     as_input_tuple,
+    autocast_to,
     buffer_bytes,
     dtype_name,
     fake_inputs,
@@ -32,6 +33,7 @@ def capture(
     loss_fn: LossFn | None = None,
     with_ops: bool = True,
     with_joint: bool = False,
+    autocast: str | None = None,
 ) -> ModelGraph:
     """Capture ``model`` into a ModelGraph: layers, parameters, FLOPs, activation and boundary bytes, ops.
 
@@ -39,7 +41,9 @@ def capture(
     arguments of ``model``, or the batch given to ``loss_fn(model, batch)`` when ``loss_fn`` is set.
     Without ``loss_fn`` the backward pass differentiates the sum of the model's floating-point outputs.
     ``with_joint`` also traces the joint forward+backward ATen graph (``ModelGraph.joint``, see
-    ``capture_joint``). The model is never modified: capture runs on a copy whose parameters are fake tensors.
+    ``capture_joint``). ``autocast`` ("bf16") captures under autocast, as mixed precision runs the model:
+    activations and their bytes are then those of the compute dtype. The model is never modified: capture
+    runs on a copy whose parameters are fake tensors.
     """
     if not isinstance(model, nn.Module):
         raise CaptureError(f"capture() needs an nn.Module, got {type(model).__name__}")
@@ -49,7 +53,8 @@ def capture(
     fmodel = fake_model(model, mode)
     finputs = fake_inputs(inputs, mode)
     candidates = candidate_layers(fmodel)
-    trace = _run_trace(fmodel, finputs, loss_fn, candidates, mode, graph_name)
+    with autocast_to(autocast):
+        trace = _run_trace(fmodel, finputs, loss_fn, candidates, mode, graph_name)
     order = order_by_call(candidates, trace.call_order)
     layers, params = _layer_view(fmodel, candidates, order, trace)
     ops: tuple[OpNode, ...] = ()
@@ -61,7 +66,8 @@ def capture(
     if with_joint:
         from plait.graph.joint import joint_of_fake
 
-        joint = joint_of_fake(fmodel, finputs, loss_fn, graph_name, [layer.name for layer in layers])
+        with autocast_to(autocast):
+            joint = joint_of_fake(fmodel, finputs, loss_fn, graph_name, [layer.name for layer in layers])
     first = next(x for x in inputs if isinstance(x, torch.Tensor))
     return ModelGraph(
         name=graph_name,

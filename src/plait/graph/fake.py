@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections import Counter
 from typing import Any
@@ -102,3 +103,16 @@ def buffer_bytes(model: nn.Module) -> int:
     for b in model.buffers():
         seen[storage_key(b)] = b.untyped_storage().nbytes()
     return sum(seen.values())
+
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_to(dtype: str | None) -> contextlib.AbstractContextManager[object]:
+    """Autocast of the (fake, CPU) capture to ``dtype`` ("bf16", "fp16"), as the runtime's mixed precision
+    runs the model; a null context for None or "fp32"."""
+    if dtype is None or dtype == "fp32":
+        return contextlib.nullcontext()
+    if dtype not in AUTOCAST_DTYPES:
+        raise ValueError(f"cannot capture in {dtype!r}; use one of fp32, {', '.join(AUTOCAST_DTYPES)}")
+    return torch.autocast("cpu", dtype=AUTOCAST_DTYPES[dtype])

@@ -26,7 +26,7 @@ from torch import fx, nn
 from plait.errors import CaptureError
 from plait.graph.boundary import Boundary, boundary_markers
 from plait.graph.diagnose import capture_error, module_stack
-from plait.graph.fake import as_input_tuple, fake_inputs, fake_model, new_fake_mode
+from plait.graph.fake import as_input_tuple, autocast_to, fake_inputs, fake_model, new_fake_mode
 from plait.graph.joint_trace import JointTrace, ModuleMarks, node_flops, node_outputs, trace_joint
 from plait.graph.layers import candidate_layers, order_by_call, structural_owner
 from plait.graph.model_graph import TensorMeta
@@ -127,20 +127,22 @@ def capture_joint(
     loss_fn: LossFn | None = None,
     name: str | None = None,
     markers: bool = False,
+    autocast: str | None = None,
 ) -> JointGraph:
     """Capture the joint forward+backward ATen graph of ``model`` and its loss on fake tensors.
 
     ``example_inputs`` and ``loss_fn`` mean what they mean for ``capture()``; the model is never modified.
     With ``markers`` the inputs and outputs of every module holding parameters (and of the model) pass
     boundary markers (``plait.graph.boundary``), listed in ``JointGraph.boundaries``: where the sharding
-    planner may pin activations.
+    planner may pin activations. ``autocast`` ("bf16") traces under autocast, as mixed precision runs it.
     """
     if not isinstance(model, nn.Module):
         raise CaptureError(f"capture_joint() needs an nn.Module, got {type(model).__name__}")
     inputs = as_input_tuple(example_inputs)
     mode = new_fake_mode()
     fmodel = fake_model(model, mode)
-    return joint_of_fake(fmodel, fake_inputs(inputs, mode), loss_fn, name or type(model).__name__, markers=markers)
+    with autocast_to(autocast):
+        return joint_of_fake(fmodel, fake_inputs(inputs, mode), loss_fn, name or type(model).__name__, markers=markers)
 
 
 def joint_of_fake(

@@ -23,22 +23,28 @@ from plait.planners.intra_op.source import ModelSource
 FAMILIES = ("data-parallel", "intra-op")
 
 
-def _graph_of(model_or_graph: Any, example_batch: Any, loss_fn: Any, name: str | None) -> ModelGraph:
+def _graph_of(model_or_graph: Any, example_batch: Any, loss_fn: Any, name: str | None, policy: PrecisionPolicy) -> ModelGraph:
     if isinstance(model_or_graph, ModelGraph):
         return model_or_graph
     if example_batch is None:
         raise PlaitError("planning a module needs an example batch (real or meta tensors) to capture it with")
     from plait.graph import capture
 
-    return capture(model_or_graph, example_batch, name=name, loss_fn=loss_fn, with_ops=False)
+    return capture(model_or_graph, example_batch, name=name, loss_fn=loss_fn, with_ops=False, autocast=_autocast(policy))
 
 
-def _source_of(model_or_graph: Any, example_batch: Any, loss_fn: Any, name: str | None, graph: ModelGraph) -> ModelSource | None:
+def _autocast(policy: PrecisionPolicy) -> str | None:
+    """The dtype captures run under: the compute dtype of mixed precision."""
+    return policy.compute_dtype if policy.mixed else None
+
+
+def _source_of(model_or_graph: Any, example_batch: Any, loss_fn: Any, name: str | None, graph: ModelGraph,
+               policy: PrecisionPolicy) -> ModelSource | None:
     """The module to capture again for intra-op candidates (None for a ModelGraph)."""
     if isinstance(model_or_graph, ModelGraph):
         return None
     return ModelSource(model=model_or_graph, example_batch=example_batch, batch_size=graph.batch_size, loss_fn=loss_fn,
-                       name=name or graph.name)
+                       name=name or graph.name, autocast=_autocast(policy))
 
 
 def plan(
@@ -81,27 +87,32 @@ def plan(
     if not 0 < memory_fraction <= 1:
         raise PlaitError(f"memory_fraction must be in (0, 1], got {memory_fraction}")
     cluster = cluster if isinstance(cluster, Cluster) else load_cluster(cluster)
-    graph = _graph_of(model_or_graph, example_batch, loss_fn, name)
+    policy = resolve_precision(precision, cluster)
+    graph = _graph_of(model_or_graph, example_batch, loss_fn, name, policy)
     t1 = time.perf_counter()
     cost = cost or CostModel(cluster)
     if global_batch is None:
         global_batch = (micro_batch or graph.batch_size) * cluster.world_size
     limit = int(cluster.device.memory_bytes * memory_fraction)
     sizes = tuple(bucket_sizes) if bucket_sizes else DEFAULT_BUCKET_SIZES
-    policy = resolve_precision(precision, cluster)
     unknown = set(families) - set(FAMILIES)
     if unknown or not families:
         raise PlaitError(f"unknown plan families {sorted(unknown)}; choose from {', '.join(FAMILIES)}")
     unknown_kinds = set(dp_kinds) - set(DP_KINDS)
     if unknown_kinds or not dp_kinds:
         raise PlaitError(f"unknown data-parallel kinds {sorted(unknown_kinds)}; choose from {', '.join(DP_KINDS)}")
+    source = _source_of(model_or_graph, example_batch, loss_fn, name, graph, policy)
+    if source is None and "intra-op" in families:
+        if "data-parallel" not in families:
+            raise PlaitError("intra-op planning captures the model's op graph: give the nn.Module (with an example batch), "
+                             "not a ModelGraph")
+        families = tuple(f for f in families if f != "intra-op")  # a ModelGraph plans data-parallel only
     candidates = [o for o in options(cluster, sizes) if o.kind in dp_kinds] if "data-parallel" in families else []
     if "intra-op" in families:
         max_axes = (intra_op or IntraOpOptions()).max_model_axes
         sharded = [f for f in (False, True) if ("fsdp" if f else "replicate") in dp_kinds]
         candidates += intra_op_options(mesh_options(cluster, meshes, force_batch_axis=force_batch_axis, fsdp=sharded,
                                                     max_model_axes=max_axes))
-    source = _source_of(model_or_graph, example_batch, loss_fn, name, graph)
     scored = []
     for k, option in enumerate(candidates):
         if progress is not None:

@@ -111,6 +111,10 @@ def score_mesh(option: MeshOption, source: ModelSource, cluster: Cluster, *, glo
         return IntraOpScore(plan=None, fits=False, peak_bytes=0, reason="not applicable: no accumulation splits the batch")
     try:
         plan, solved = build(num_micro=counts[0])
+        if _shards_nothing(solved):
+            return IntraOpScore(plan=None, fits=False, peak_bytes=0,
+                                reason="not applicable: the ILP splits nothing on the model axis (every rank would repeat "
+                                       "the same work; the data-parallel candidates cover that)")
         found = _fewest_that_fit(build, solved, counts, limit)
         for _ in range(MEMORY_RETRIES):  # the choice itself holds too much: ask the ILP for a leaner one
             if found.fits or solved.solution is None:
@@ -121,6 +125,12 @@ def score_mesh(option: MeshOption, source: ModelSource, cluster: Cluster, *, glo
     except (UnsupportedOpError, PropagationError, NoFeasiblePlanError) as exc:
         return IntraOpScore(plan=None, fits=False, peak_bytes=0, reason=f"not applicable: {exc}")
     return found
+
+
+def _shards_nothing(solved: Solved) -> bool:
+    """True when neither a parameter nor a pinned activation is split or partial on a model axis."""
+    placed = [*solved.params.values(), *solved.pins.values()]
+    return all(p.is_replicate for placements in placed for p in placements)
 
 
 def _fewest_that_fit(build: Callable[..., tuple[Plan, Solved]], solved: Solved, counts: Sequence[int], limit: int) -> IntraOpScore:

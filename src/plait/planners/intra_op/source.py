@@ -34,6 +34,7 @@ class ModelSource:
     batch_size: int
     loss_fn: Callable[..., Any] | None = None
     name: str | None = None
+    autocast: str | None = None  # the compute dtype of mixed precision ("bf16"): captures run under autocast
     _joints: dict[int, JointGraph] = field(default_factory=dict)
     _graphs: dict[int, ModelGraph] = field(default_factory=dict)
 
@@ -45,12 +46,12 @@ class ModelSource:
         """The layer view at ``batch_size`` rows per rank (captured once per size)."""
         if batch_size not in self._graphs:
             self._graphs[batch_size] = capture(self.model, self.batch(batch_size), name=self.name, loss_fn=self.loss_fn,
-                                               with_ops=False)
+                                               with_ops=False, autocast=self.autocast)
         return self._graphs[batch_size]
 
     def joint(self, batch_size: int) -> JointGraph:
         """The joint graph with boundary markers at ``batch_size`` rows per rank (captured once per size)."""
         if batch_size not in self._joints:
             self._joints[batch_size] = capture_joint(self.model, self.batch(batch_size), loss_fn=self.loss_fn, name=self.name,
-                                                     markers=True)
+                                                     markers=True, autocast=self.autocast)
         return self._joints[batch_size]
