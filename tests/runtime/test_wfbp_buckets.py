@@ -126,3 +126,31 @@ def wrong_model_rank(kind: str) -> str:
 def test_plan_for_another_model_is_refused(kind: str) -> None:
     (text,) = run_ranks(wrong_model_rank, 1, kind)
     assert "the model has parameters the plan does not place (0.bias, 0.weight)" in text and "re-run `plait plan`" in text
+
+
+def narrow_reduce_rank() -> dict[str, object]:
+    """Gradients all-reduced in bf16: the buckets cross the wire at half the bytes, and stay fp32 views."""
+    from plait.runtime.collectives import CollectiveCounter
+
+    ctx = init_distributed()
+    torch.manual_seed(0)
+    model = TwoHeads()
+    sync = WaitFreeReplicate(model, BUCKETS, reduce_dtype=torch.bfloat16)
+    reference = TwoHeads()
+    reference.load_state_dict(model.state_dict())
+    with CollectiveCounter() as counter:
+        model(rank_batch(ctx.rank)).square().mean().backward()
+    torch.stack([reference(rank_batch(r)).square().mean() for r in range(ctx.world_size)]).mean().backward()
+    gap = max(float((p.grad - reference.get_parameter(n).grad).abs().max() / reference.get_parameter(n).grad.abs().max().clamp_min(1e-6))
+              for n, p in model.named_parameters() if n != "unused.weight" and n != "unused.bias")
+    out = {"bytes": [e.bytes for e in counter.events], "gap": gap, "dtypes": {str(p.grad.dtype) for p in model.parameters()},
+           "numels": [b.buffer.numel() for b in sync.buckets]}
+    teardown()
+    return out
+
+
+def test_gradients_can_be_reduced_in_bf16() -> None:
+    (out, _) = run_ranks(narrow_reduce_rank, 2)
+    assert out["bytes"] == [2 * n for n in out["numels"]]  # bf16 on the wire
+    assert out["dtypes"] == {"torch.float32"}
+    assert 0 < out["gap"] < 1e-2  # bf16 rounding of the sum (relative to each gradient's largest element)

@@ -137,7 +137,7 @@ def _apply_buckets(model: nn.Module, plan: Plan, mesh: DeviceMesh, dp_axes: tupl
     dp_mesh = _submesh(mesh, dp_axes)
     group = dp_mesh.get_group() if dp_mesh.ndim == 1 else dp_mesh._flatten().get_group()
     buckets = [b.params for b in sorted(plan.buckets, key=lambda b: b.index)]
-    return WaitFreeReplicate(model, buckets, group=group, broadcast_from=0)
+    return WaitFreeReplicate(model, buckets, group=group, broadcast_from=0, reduce_dtype=TORCH_DTYPES[plan.precision.reduce_dtype])
 
 
 def _apply_fsdp(model: nn.Module, plan: Plan, mesh: DeviceMesh, shard_axis: str) -> None:

@@ -64,6 +64,7 @@ class _Bucket:
             offset += shard.numel()
         self.num_ready = 0
         self.work: dist.Work | None = None
+        self.sent = self.buffer  # what the all-reduce works on (a narrower copy under a reduce dtype)
         self.launch_s = 0.0
         self.done_s = 0.0
 
@@ -112,9 +113,11 @@ class WaitFreeReplicate:
         *,
         group: dist.ProcessGroup | None = None,
         broadcast_from: int | None = 0,
+        reduce_dtype: torch.dtype | None = None,
     ) -> None:
         self.model = model
         self.group = group
+        self.reduce_dtype = reduce_dtype  # all-reduce in this dtype (e.g. bf16 for fp32 gradients), else the buffer's
         self.size = dist.get_world_size(group)
         self.buckets = _build_buckets(model, buckets)
         self._sync = True
@@ -194,7 +197,8 @@ class WaitFreeReplicate:
                 bucket.attach_grads()  # unused parameters contribute zeros
             bucket.buffer.div_(self.size)
             bucket.launch_s = time.perf_counter()
-            bucket.work = dist.all_reduce(bucket.buffer, group=self.group, async_op=True)
+            bucket.sent = bucket.buffer if self.reduce_dtype in (None, bucket.buffer.dtype) else bucket.buffer.to(self.reduce_dtype)
+            bucket.work = dist.all_reduce(bucket.sent, group=self.group, async_op=True)
             bucket.work.get_future().add_done_callback(bucket.mark_done)
             self.num_launches += 1
             self._next += 1
@@ -207,10 +211,12 @@ class WaitFreeReplicate:
                 for bucket in self.buckets:
                     assert bucket.work is not None
                     bucket.work.wait()
+                    if bucket.sent is not bucket.buffer:  # reduced in a narrower dtype: back into the gradients
+                        bucket.buffer.copy_(bucket.sent)
                 self.traces.append(self._trace(end_s))
         finally:
             for bucket in self.buckets:
-                bucket.num_ready, bucket.work = 0, None
+                bucket.num_ready, bucket.work, bucket.sent = 0, None, bucket.buffer
             self._next = 0
             self._in_backward = False
 
