@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q "torch>=2.6,<2.14" -e ".[dev]"
+	$(BIN)/python -m pip install -q "torch>=2.13,<2.14" -e ".[dev]"
 	touch $(STAMP)
 
 .PHONY: demo test lint
