@@ -102,7 +102,7 @@ def test_plan_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     code, _, err = run(["plan", "mlp-tiny", "--cluster", CLUSTER, "--batch", "30"], capsys)
     assert code == 2 and "multiple of 4" in err
     code, _, err = run(["plan", "gpt3-175b", "--cluster", CLUSTER, "--batch", "4"], capsys)
-    assert code == 2 and "fits no data-parallel plan" in err and "fsdp, unit = layer: needs" in err
+    assert code == 2 and "fits no plan" in err and "fsdp, unit = layer: needs" in err
 
 
 def test_sim_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -108,7 +108,7 @@ def test_no_feasible_plan_lists_each_candidate() -> None:
     with pytest.raises(NoFeasiblePlanError) as info:
         plan(graph, None, gpu_cluster(memory_gb=0.4))
     text = str(info.value)
-    assert "fits no data-parallel plan on test-gpu:1" in text and "360.0 MB per device (90% of 400.0 MB)" in text
+    assert "fits no plan on test-gpu:1" in text and "360.0 MB per device (90% of 400.0 MB)" in text
     for name in ("replicate, bucket 1 MiB", "replicate, bucket 100 MiB", "fsdp, unit = layer", "hybrid, unit = layer"):
         assert name in text
     assert text.count("needs") >= 5 and "not applicable" in text

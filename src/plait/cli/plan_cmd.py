@@ -131,10 +131,11 @@ def plan(model: str, cluster_spec: str, batch: int | None, micro_batch: int | No
     module, example_batch, loss_fn, name = resolve_module(model, _per_rank_batch(cluster, batch, micro_batch))
     families = FAMILIES if family == "all" else (family,)
     meshes = [parse_mesh(mesh_text)] if mesh_text else None
+    batch_axis = "dp" if meshes and meshes[0].axes == ("dp", "tp") else None  # 2x4 names the roles
     with planning_progress(not as_json) as progress:
         chosen = choose(module, example_batch, cluster, global_batch=batch, micro_batch=micro_batch, cost=CostModel(cluster),
                         memory_fraction=memory_fraction, precision=precision, loss_fn=loss_fn, name=name, families=families,
-                        meshes=meshes, progress=progress)
+                        meshes=meshes, force_batch_axis=batch_axis, progress=progress)
     if as_json:
         click.echo(plan_to_json(chosen), nl=False)
     else:

@@ -40,9 +40,12 @@ GPT_CONFIGS: dict[str, GPTConfig] = {
     "gpt2-medium": GPTConfig(num_layers=24, num_heads=16, hidden=1024),
     "gpt2-large": GPTConfig(num_layers=36, num_heads=20, hidden=1280),
     "gpt2-xl": GPTConfig(num_layers=48, num_heads=25, hidden=1600),
+    "gpt3-1.3b": GPTConfig(seq_len=2048, num_layers=24, num_heads=16, hidden=2048),
     "gpt3-2.7b": GPTConfig(seq_len=2048, num_layers=32, num_heads=32, hidden=2560),
     "gpt3-6.7b": GPTConfig(seq_len=2048, num_layers=32, num_heads=32, hidden=4096),
     "gpt3-13b": GPTConfig(seq_len=2048, num_layers=40, num_heads=40, hidden=5120),
+    # the largest GPT of Alpa's evaluation (OSDI'22); its benchmark suite uses 1,024 tokens, here 2,048
+    "gpt-39b": GPTConfig(seq_len=2048, num_layers=48, num_heads=64, hidden=8192),
     "gpt3-70b": GPTConfig(seq_len=2048, num_layers=80, num_heads=64, hidden=8192),
     "gpt3-175b": GPTConfig(seq_len=2048, num_layers=96, num_heads=96, hidden=12288),
 }

@@ -87,8 +87,10 @@ def _devices_needed(s: Scored, limit: int) -> str:
 
 def infeasible_message(graph: ModelGraph, cluster: Cluster, scored: Sequence[Scored], limit: int, fraction: float) -> str:
     """Why no plan fits: the smallest memory each candidate needs against the limit, and what to try."""
+    if all(s.plan is None for s in scored):
+        return _none_applies(graph, cluster, scored)
     lines = [
-        f"{graph.name} ({graph.num_params / 1e6:,.1f} M parameters) fits no data-parallel plan on {cluster.name}: "
+        f"{graph.name} ({graph.num_params / 1e6:,.1f} M parameters) fits no plan on {cluster.name}: "
         f"the limit is {fmt_bytes(limit)} per device ({fraction:.0%} of {fmt_bytes(cluster.device.memory_bytes)})."
     ]
     for s in scored:
@@ -103,5 +105,15 @@ def infeasible_message(graph: ModelGraph, cluster: Cluster, scored: Sequence[Sco
         "Try more devices or a bigger cluster (sharded plans divide parameters, gradients and optimizer state "
         "by the device count), a smaller micro-batch or sequence length, devices with more memory, "
         "or a higher memory fraction."
+    )
+    return "\n".join(lines)
+
+
+def _none_applies(graph: ModelGraph, cluster: Cluster, scored: Sequence[Scored]) -> str:
+    lines = [f"No candidate plan applies to {graph.name} on {cluster.name}:"]
+    lines += [f"  - {s.option.name}: {s.reason}" for s in scored]
+    lines.append(
+        "Search every family (--family all), or try another mesh (--mesh) or a smaller batch per device "
+        "(a model axis pays off when the layers are large against the batch)."
     )
     return "\n".join(lines)

@@ -110,6 +110,7 @@ def _propagator() -> Any:
     def cached(schema: OpSchema) -> Any:
         key = (schema.op, _shape_key(schema.args_schema), _shape_key(tuple(schema.kwargs_schema.items())))
         if key not in shapes:
+            _make_room(shapes)
             shapes[key] = compute(schema)
         return shapes[key]
 
@@ -148,6 +149,12 @@ def make_schema(op: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> OpSchem
 
 
 _CHOICES: dict[Any, tuple[Any, tuple[DTensorSpec, ...] | None] | str] = {}
+_CACHE_LIMIT = 100_000  # entries; a long-lived process planning many models starts afresh past it
+
+
+def _make_room(cache: dict[Any, Any]) -> None:
+    if len(cache) >= _CACHE_LIMIT:
+        cache.clear()
 
 
 def propagate(op: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> tuple[Any, tuple[DTensorSpec, ...] | None]:
@@ -170,11 +177,13 @@ def propagate(op: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> tuple[Any
     except NotImplementedError as exc:
         message = str(exc).splitlines()[0]
         if key is not None:
+            _make_room(_CHOICES)
             _CHOICES[key] = message
         raise UnsupportedOpError(message) from None
     redistributed = out.redistribute_schema.args_spec if out.needs_redistribute and out.redistribute_schema else None
     result = (out.output_spec, redistributed)
     if key is not None:
+        _make_room(_CHOICES)
         _CHOICES[key] = result
     return result
 
