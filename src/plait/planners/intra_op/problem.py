@@ -153,7 +153,8 @@ def _edges(joint: JointGraph, choices: dict[int, NodeChoices], members: dict[int
     for k, nodes in members.items():
         for v in nodes:
             rep_v = joint.representative(v)
-            for i, src in enumerate(choices[rep_v].sources):
+            for i, ref in enumerate(joint.nodes[v].refs):  # this node's own producers, not its representative's
+                src = source_of(joint, ref)
                 rep_p = joint.representative(src.node)
                 counts[(decision_key(joint, joint.nodes[src.node]), rep_p, src.output, k, rep_v, i)] += 1
     for name, g in joint.grads.items():  # input -1: the gradient meets its parameter's placements

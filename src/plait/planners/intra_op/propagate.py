@@ -23,6 +23,7 @@ from plait.errors import PlaitError
 from plait.graph.boundary import BOUNDARY_OPS, Boundary
 from plait.graph.joint import JointGraph, JointNode, JointRef
 from plait.plan.placement import REPLICATE, Placement
+from plait.planners.intra_op.costs import divisor_of
 from plait.planners.intra_op.dtensor_bridge import (
     Placements,
     Transform,
@@ -168,7 +169,7 @@ class _Walker:
         outs = out if isinstance(out, tuple) else (out,)
         first = next((o for o in outs if o is not None), None)
         if first is not None:
-            self.result.divisor[node.index] = _work_divisor(first, self.mesh)
+            self.result.divisor[node.index] = divisor_of(placements_of(first), self.mesh.shape)
         return tuple(outs)
 
     def gradients(self) -> None:
@@ -189,15 +190,6 @@ def _substitute(value: Any, walker: _Walker) -> Any:
     if isinstance(value, tuple | list):
         return type(value)(_substitute(v, walker) for v in value)
     return value
-
-
-def _work_divisor(spec: DTensorSpec, mesh: DeviceMesh) -> int:
-    """How many ranks share an op's work: the sizes of the mesh axes its output is sharded or partial on."""
-    n = 1
-    for size, p in zip(mesh.shape, spec.placements, strict=True):
-        if p.is_shard() or p.is_partial():
-            n *= size
-    return n
 
 
 def propagate_plan(joint: JointGraph, mesh: DeviceMesh, params: Mapping[str, Placements],

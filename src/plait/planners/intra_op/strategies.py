@@ -8,6 +8,8 @@ redistributes first; that combination is one strategy, and what it redistributes
 The batch, buffers, constants and tensors made inside the model are replicated; ``getitem`` reads one
 output of its producer. Nodes of repeated layers share their representative's decision; a gradient
 marker shares its forward marker's, whose strategies are (input placement, pin, incoming gradient).
+A shared decision's strategies cover the placements reaching any of its members: the first block of a
+stack reads the embedding, the others read the block before.
 """
 
 from __future__ import annotations
@@ -123,11 +125,26 @@ class Enumerator:
         self.cache: dict[Any, list[Strategy]] = {}
         self.outputs: dict[tuple[int, int], list[Placements]] = {}
         self.strategies_of: dict[int, list[Strategy]] = {}
+        self.members: dict[int, list[int]] = {}
+        for n in joint.nodes:
+            self.members.setdefault(joint.representative(n.index), []).append(n.index)
 
     def choices(self, node: JointNode) -> NodeChoices:
         """The strategies of one decision node (its inputs' producers enumerated before, where possible)."""
         sources = [source_of(self.joint, r) for r in node.refs]
         return NodeChoices(node=node.index, strategies=self._strategies(node, sources), sources=sources)
+
+    def member_sources(self, index: int) -> list[list[Source]]:
+        """The sources of node ``index`` and of every node sharing its decision (one list per member)."""
+        nodes = self.joint.nodes
+        return [[source_of(self.joint, r) for r in nodes[m].refs] for m in self.members.get(index, [index])]
+
+    def outputs_reaching(self, sources: Sequence[Source]) -> list[Placements]:
+        """The placements any of ``sources`` may produce (in order, without repeats)."""
+        seen: dict[Placements, None] = {}
+        for s in sources:
+            seen.update(dict.fromkeys(self.outputs_of(s)))
+        return list(seen)
 
     def _strategies(self, node: JointNode, sources: list[Source]) -> list[Strategy]:
         if node.kind == "param":
@@ -153,10 +170,11 @@ class Enumerator:
     def _marker(self, node: JointNode, sources: list[Source]) -> list[Strategy]:
         """Strategies of a marker key: (forward input, pin, incoming gradient); both markers use the same list."""
         key = int(node.args[1])
-        forward = self.joint.nodes[forward_marker(self.joint, key)]
-        grad_node = gradient_marker(self.joint, key)
-        ins = self.outputs_of(source_of(self.joint, forward.refs[0]))
-        grads = self.outputs_of(source_of(self.joint, self.joint.nodes[grad_node].refs[0])) if grad_node is not None else [None]
+        forward = self.joint.representative(forward_marker(self.joint, key))
+        ins = self.outputs_reaching([m[0] for m in self.member_sources(forward)])
+        grad_nodes = [gradient_marker(self.joint, int(self.joint.nodes[m].args[1])) for m in self.members.get(forward, [forward])]
+        grad_sources = [source_of(self.joint, self.joint.nodes[g].refs[0]) for g in grad_nodes if g is not None]
+        grads: Sequence[Placements | None] = self.outputs_reaching(grad_sources) if grad_sources else [None]
         out = []
         for a, pin, g in product(ins, self.pins(key), grads):
             if node.target is BOUNDARY:
@@ -180,16 +198,17 @@ class Enumerator:
         return Strategy(inputs=(grad,), outputs=(out,), moves=tuple(moves), pin=pin)
 
     def _op(self, node: JointNode, sources: list[Source]) -> list[Strategy]:
-        combos = self._combinations(sources)
+        combos = self._combinations(sources, self.member_sources(node.index))
         metas = tuple(self.joint.nodes[s.node].outputs[s.output] for s in sources)
         key = (node.target, _freeze(node.args), _freeze(node.kwargs), metas, tuple(combos))
         if key not in self.cache:
             self.cache[key] = self._propagated(node, sources, combos)
         return self.cache[key]
 
-    def _combinations(self, sources: list[Source]) -> list[tuple[Placements, ...]]:
-        """The input placements an op may see. Inputs from one producer (the outputs of one layer norm or
-        attention, the pieces of one split) arrive together as one of the producer's strategies gives them."""
+    def _combinations(self, sources: list[Source], members: list[list[Source]]) -> list[tuple[Placements, ...]]:
+        """The input placements an op may see (from the producers of any member of its decision). Inputs
+        from one producer (the outputs of one layer norm or attention, the pieces of one split) arrive
+        together as one of the producer's strategies gives them."""
         producers: dict[int, list[int]] = {}
         for k, s in enumerate(sources):
             producers.setdefault(self.joint.representative(s.node), []).append(k)
@@ -197,9 +216,10 @@ class Enumerator:
         options: list[list[tuple[Placements, ...]]] = []
         for rep, positions in producers.items():
             known = self.strategies_of.get(rep)
-            if known is None or len(positions) == 1:
+            same = all(self.joint.representative(m[k].node) == rep for m in members for k in positions)
+            if known is None or len(positions) == 1 or not same:
                 groups.extend([k] for k in positions)
-                options.extend([(p,) for p in self.outputs_of(sources[k])] for k in positions)
+                options.extend([(p,) for p in self.outputs_reaching([m[k] for m in members])] for k in positions)
                 continue
             seen: dict[tuple[Placements, ...], None] = {}
             for st in known:
