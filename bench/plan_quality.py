@@ -363,9 +363,7 @@ def compare(
     if plan is not None:
         out.plait = describe(plan)
         out.candidates = [asdict(c) for c in plan.candidates]
-    source = ModelSource(
-        model=model, example_batch=lm_batch(cfg, 1, device="meta"), batch_size=1, loss_fn=lm_loss, name=name
-    )
+    source = model_source(model, cfg, cluster, name=name)
     hand = megatron_plans(source, cluster, cfg.num_layers, global_batch=global_batch, cost=cost, limit=limit)
     best = best_hand_plan(hand)
     out.megatron = dict(describe(best.plan), vocab=best.vocab, fsdp=best.fsdp)
@@ -375,6 +373,22 @@ def compare(
     ]
     out.same_mesh = same_mesh_candidate(out.candidates, best.plan.mesh, fsdp=best.fsdp)
     return out
+
+
+def model_source(
+    model: torch.nn.Module, cfg: GPTConfig, cluster: Cluster, *, name: str | None = None
+) -> ModelSource:
+    """The model the hand layout is captured from: under autocast to the compute dtype, as ``plait.plan`` captures it
+    (both plans run under it: activations and their collectives in bf16, and the casts among the ops)."""
+    policy = resolve_precision(PRECISION, cluster)
+    return ModelSource(
+        model=model,
+        example_batch=lm_batch(cfg, 1, device="meta"),
+        batch_size=1,
+        loss_fn=lm_loss,
+        name=name,
+        autocast=policy.compute_dtype if policy.mixed else None,
+    )
 
 
 def same_mesh_candidate(

@@ -18,7 +18,7 @@ from plait.cluster import local_cluster
 from plait.cost.alpha_beta import AlphaBetaCost
 from plait.models import zoo_model
 from plait.models.mlp import MLP, MLPConfig, mse_loss
-from plait.plan import MeshSpec, Plan, Placement, shard
+from plait.plan import MeshSpec, Placement, Plan, shard
 from plait.planners.intra_op.planner import IntraOpOptions
 
 ALPA = IntraOpOptions(replicated_heavy_ops=False)

@@ -16,7 +16,11 @@ from plankit import gpu_cluster
 from plait.cost import CostModel
 from plait.graph.boundary import Boundary
 from plait.models import GPT, GPTConfig, lm_batch, lm_loss
+from plait.plan.ir import MeshSpec
 from plait.plan.placement import REPLICATE, shard
+from plait.planners.ilp_model import evaluate
+from plait.planners.intra_op.planner import build_intra_op_plan
+from plait.planners.intra_op.problem import layout_choices
 from plait.planners.intra_op.source import ModelSource
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "plan_quality.py"
@@ -48,9 +52,7 @@ def hand(bench: ModuleType) -> list[Any]:
     cluster = gpu_cluster(2, devices=4)
     with torch.device("meta"):
         model = GPT(CFG)
-    source = ModelSource(
-        model=model, example_batch=lm_batch(CFG, 1, device="meta"), batch_size=1, loss_fn=lm_loss
-    )
+    source = bench.model_source(model, CFG, cluster)
     limit = int(cluster.device.memory_bytes * bench.MEMORY_FRACTION)
     return list(
         bench.megatron_plans(
@@ -82,6 +84,17 @@ def test_megatron_layout_is_tensor_parallel_in_a_node_and_data_parallel_across(h
         assert p.sync.kind == "allreduce" and "dp" in p.sync.axes
 
 
+def test_megatron_layout_is_captured_in_the_compute_dtype_plait_plans_in(hand: list[Any]) -> None:
+    # both sides run under bf16 autocast: the hand layout's activations cross the tp axis in bf16, as plait's do
+    plan = hand[0].plan
+    assert plan.precision.compute_dtype == "bf16"
+    tp = [
+        i for i in plan.programs[0].instrs if i.op == "collective" and i.axes == ("tp",) and i.phase == "fwd"
+    ]
+    assert len(tp) == 2 * CFG.num_layers  # attention's and the MLP's output all-reduce per block
+    assert {i.nbytes for i in tp} == {plan.batch.micro_size * CFG.seq_len * CFG.hidden * 2}
+
+
 def test_megatron_layout_names_boundaries_the_joint_graph_has(bench: ModuleType) -> None:
     with torch.device("meta"):
         model = GPT(CFG)
@@ -107,3 +120,25 @@ def test_plait_is_no_worse_than_megatron_under_the_same_cost_model(bench: Module
     assert (
         c.same_mesh is not None and c.same_mesh["name"] == "intra-op dp=2 x tp=4"
     )  # plait's ILP on Megatron's mesh
+
+
+def test_megatron_layout_is_a_point_of_the_ilp_that_costs_no_less_than_its_solution(
+    bench: ModuleType,
+) -> None:
+    cluster = gpu_cluster(devices=4)
+    with torch.device("meta"):
+        model = GPT(CFG)
+    source = bench.model_source(model, CFG, cluster)
+    graph, joint = source.graph(GLOBAL_BATCH), source.joint(GLOBAL_BATCH)
+    _, solved = build_intra_op_plan(
+        graph, joint, cluster, mesh=MeshSpec(shape=(1, 4), axes=("dp", "tp")), model_axes=("tp",),
+        global_batch=GLOBAL_BATCH, joint_batch=GLOBAL_BATCH, cost=CostModel(cluster), precision="bf16",
+    )  # fmt: skip
+    problem, solution = solved.problem, solved.solution
+    assert problem is not None and solution is not None
+    assert layout_choices(problem, solved.params, solved.pins) == list(solution.choices)
+    for split in (False, True):
+        choices = layout_choices(problem, *bench.megatron_layout(joint, CFG.num_layers, vocab_parallel=split))
+        assert choices is not None, "Megatron's layout must be a point of the ILP's space"
+        objective, _ = evaluate(problem.ilp, choices)
+        assert solution.objective <= objective * (1 + 1e-9), (split, solution.objective, objective)

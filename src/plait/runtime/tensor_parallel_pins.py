@@ -64,11 +64,16 @@ def to_placements(value: Any, mesh: DeviceMesh, placements: Sequence[Placement])
         if isinstance(value, DTensor)
         else DTensor.from_local(value, mesh, [Replicate()] * mesh.ndim, run_check=False)
     )
-    if tuple(dt.placements) != target:
+    if not _already(tuple(dt.placements), target):
         dt = dt.redistribute(mesh, target)
     if not dt.requires_grad:
         return dt
     return _PinGrad.apply(dt, tuple(Replicate() if p.is_partial() else p for p in target))
+
+
+def _already(current: tuple[Any, ...], target: tuple[Any, ...]) -> bool:
+    """True when ``current`` is ``target`` where a pending sum of any kind (an embedding's masked one) counts as Partial."""
+    return all(c == t or (c.is_partial() and t.is_partial()) for c, t in zip(current, target, strict=True))
 
 
 class _PinGrad(torch.autograd.Function):

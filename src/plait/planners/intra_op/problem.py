@@ -9,7 +9,7 @@ state (parameter, gradient, optimizer) and per saved activation its shard.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,6 +22,8 @@ from plait.planners.ilp import ILPEdge, ILPProblem
 from plait.planners.intra_op.costs import INF, CostTable, DataParallel, divisor_of, local_bytes
 from plait.planners.intra_op.dtensor_bridge import Placements
 from plait.planners.intra_op.strategies import (
+    BOUNDARY,
+    BOUNDARY_GRAD,
     Enumerator,
     NodeChoices,
     Strategy,
@@ -53,6 +55,7 @@ class IntraOpProblem:
     keys: list[int]  # the decision key of each ILP node
     choices: dict[int, NodeChoices]  # enumerated strategies of every representative node
     members: dict[int, list[int]] = field(default_factory=dict)  # key -> the graph nodes that share it
+    graph: JointGraph | None = None  # the graph the problem was built on (its repeats decide the keys)
 
 
 def _replicated_somewhere(placements: Placements, shape: tuple[int, ...]) -> bool:
@@ -103,7 +106,7 @@ def build_problem(joint: JointGraph, enumerator: Enumerator, table: CostTable, d
     edges = _edges(joint, choices, members, slot, table, costs)
     problem = ILPProblem(costs=costs, memory=memory, edges=edges, memory_limit=options.memory_limit,
                          names=[f"{joint.nodes[k].name} ({joint.nodes[k].module or 'model'})" for k in keys])
-    return IntraOpProblem(ilp=problem, keys=keys, choices=choices, members=dict(members))
+    return IntraOpProblem(ilp=problem, keys=keys, choices=choices, members=dict(members), graph=joint)
 
 
 def _node_terms(joint: JointGraph, node: JointNode, found: NodeChoices, table: CostTable, dp: DataParallel,
@@ -208,3 +211,52 @@ def chosen(problem: IntraOpProblem, joint: JointGraph, choice_of_key: Sequence[i
 def boundaries_of(joint: JointGraph) -> tuple[Boundary, ...]:
     """The boundary table of a joint graph captured with markers (empty otherwise)."""
     return tuple(getattr(joint, "boundaries", ()))
+
+
+def layout_choices(problem: IntraOpProblem, params: Mapping[str, Placements],
+                   pins: Mapping[int, Placements]) -> list[int] | None:
+    """The choice of every decision key that a layout given by hand makes (parameter placements, pins by boundary key),
+    for ``evaluate``; None when the layout is outside the ILP's space.
+
+    Each op takes the strategy of the placements its inputs arrive with. A boundary without a pin is pinned to the
+    placements its value arrives with: its gradient is then reduced at the boundary rather than in the op after it
+    (the same collective).
+    """
+    joint = problem.graph
+    assert joint is not None, "the problem does not hold its graph"
+    allowed: dict[int, set[int]] = {}
+    value: dict[tuple[int, int], Placements] = {}
+    arrived: dict[int, Placements] = {}  # boundary key -> the placements its forward value arrived with
+    for node in joint.nodes:
+        if not is_decision(node):
+            continue
+        found = problem.choices[joint.representative(node.index)]
+        ins = tuple(value[(src.node, src.output)] for src in (source_of(joint, r) for r in node.refs))
+        if node.target is BOUNDARY:
+            arrived[int(node.args[1])] = ins[0]
+        key = decision_key(joint, node)
+        fits = {c for c, s in enumerate(found.strategies) if _takes(joint, node, s, ins, params, pins, arrived)}
+        allowed[key] = allowed.get(key, fits) & fits
+        if not allowed[key]:
+            return None
+        for k, p in enumerate(found.strategies[min(allowed[key])].outputs):
+            if p is not None:
+                value[(node.index, k)] = p
+    return [min(allowed[k]) for k in problem.keys]
+
+
+def _takes(joint: JointGraph, node: JointNode, s: Strategy, ins: tuple[Placements, ...], params: Mapping[str, Placements],
+           pins: Mapping[int, Placements], arrived: Mapping[int, Placements]) -> bool:
+    """Whether strategy ``s`` of ``node`` is what a layout makes of it, its inputs arriving with ``ins``."""
+    if node.kind == "param":
+        want = params.get(node.param or "")
+        out = s.outputs[0]
+        return out is not None and (out == want if want is not None else all(p.is_replicate for p in out))
+    if node.kind != "call" or not node.refs:
+        return True  # a placeholder or a tensor made inside the model: replicated, its one strategy
+    if node.target in (BOUNDARY, BOUNDARY_GRAD):
+        key = int(node.args[1])
+        pin = pins.get(key, arrived[key])
+        b = joint.boundaries[key]
+        return s.inputs == ins and (s.pin == pin or (b.module == "" and b.port == "output"))
+    return s.inputs == ins

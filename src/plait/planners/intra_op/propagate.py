@@ -33,6 +33,7 @@ from plait.planners.intra_op.dtensor_bridge import (
     spec_of,
     transforms,
 )
+from plait.planners.intra_op.strategies import pin_reachable
 
 BOUNDARY, BOUNDARY_GRAD = BOUNDARY_OPS
 
@@ -130,6 +131,11 @@ class _Walker:
             pinned = self.replicated  # the model's output leaves as a plain full tensor
         if pinned is None:
             return src
+        if placements_of(src) == pinned:
+            return src  # already so (a masked pending sum stays masked, as at run time)
+        if not pin_reachable(placements_of(src), pinned):
+            raise PropagationError(f"{self.boundaries[key]}: DTensor cannot redistribute {placements_of(src)} to the pin "
+                                   f"{pinned} (a pending sum is made only where one already is)")
         dst = self.spec(node, 0, pinned)
         self.record(node, src, dst)
         return dst

@@ -177,6 +177,8 @@ class Enumerator:
         grads: Sequence[Placements | None] = self.outputs_reaching(grad_sources) if grad_sources else [None]
         out = []
         for a, pin, g in product(ins, self.pins(key), grads):
+            if not pin_reachable(a, pin):
+                continue
             if node.target is BOUNDARY:
                 out.append(Strategy(inputs=(a,), outputs=(pin,), moves=((0, pin),) if a != pin else (), pin=pin))
             else:
@@ -270,6 +272,11 @@ class Enumerator:
                 if k < len(s.outputs) and s.outputs[k] is not None:
                     seen[s.outputs[k]] = None  # type: ignore[index]
             self.outputs[(choices.node, k)] = list(seen) or [self.replicated]
+
+
+def pin_reachable(value: Placements, pin: Placements) -> bool:
+    """True when DTensor can redistribute ``value`` to ``pin``: it makes a pending sum only from one already there."""
+    return all(not p.is_partial or v == p for v, p in zip(value, pin, strict=True))
 
 
 def combinations(options: list[list[Any]]) -> list[tuple[Any, ...]]:

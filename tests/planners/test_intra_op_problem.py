@@ -1,10 +1,12 @@
-"""Identical layers sharing one ILP decision cost what they cost alone, and the work of an op whose output
-is a strided shard (a sequence split flattened into rows) counts as split."""
+"""The ILP's model agrees with what DTensor runs: identical layers sharing one decision cost what they cost
+alone, the work of an op whose output is a strided shard (a sequence split flattened into rows) counts as
+split, and no pin makes a pending sum DTensor cannot make."""
 
 from __future__ import annotations
 
 from functools import cache
 
+import pytest
 import torch
 from plankit import gpu_cluster
 
@@ -14,10 +16,14 @@ from plait.graph.joint import JointGraph
 from plait.graph.model_graph import ModelGraph
 from plait.models import GPT, GPTConfig, lm_batch, lm_loss
 from plait.plan.ir import MeshSpec
-from plait.plan.placement import shard
+from plait.plan.placement import PARTIAL, shard
 from plait.planners.intra_op.costs import divisor_of
+from plait.planners.intra_op.dtensor_bridge import planning_mesh
 from plait.planners.intra_op.planner import IntraOpOptions, build_intra_op_plan, given_layout
+from plait.planners.intra_op.problem import enumerate_choices
+from plait.planners.intra_op.propagate import PropagationError
 from plait.planners.intra_op.source import ModelSource
+from plait.planners.intra_op.strategies import BOUNDARY, Enumerator, pin_reachable
 
 STACK = GPTConfig(vocab_size=1024, seq_len=128, num_layers=3, num_heads=8, hidden=512)
 BATCH = 16
@@ -58,3 +64,21 @@ def test_work_of_an_op_with_a_strided_shard_output_is_divided() -> None:
     assert strided, "DTensor no longer makes a strided shard here: pick another layout for this test"
     for n in heavy:
         assert propagation.divisor[n.index] == divisor_of(propagation.placements(n.index), (4,)) == 4, n.name
+
+
+def test_no_pin_turns_a_shard_or_a_copy_into_a_pending_sum() -> None:
+    _, joint = stack()
+    mesh = MeshSpec(shape=(1, 4), axes=("dp", "tp"))
+    enumerator = Enumerator(joint, planning_mesh((4,), ("tp",)), joint.boundaries)
+    choices = enumerate_choices(joint, enumerator)
+    markers = [n for n in joint.nodes if n.kind == "call" and n.target is BOUNDARY and n.index in choices]
+    assert markers
+    partial_pins = 0
+    for node in markers:
+        for s in choices[node.index].strategies:
+            assert s.pin is not None and pin_reachable(s.inputs[0], s.pin), (node.name, s)
+            partial_pins += any(p.is_partial for p in s.pin)
+    assert partial_pins, "Partial pins (from a pending sum) must stay possible"
+    key = joint.boundaries.index(Boundary("blocks.0.attn.proj", "input", 0))
+    with pytest.raises(PropagationError, match="cannot redistribute"):
+        given_layout(joint, mesh, ("tp",), {}, {key: (PARTIAL,)})
