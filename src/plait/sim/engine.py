@@ -101,6 +101,7 @@ def simulate(plan: Plan, cost: CostModel) -> SimResult:
                 op=ins.op,
                 stream=ins.stream,
                 phase=ins.phase,
+                axes=ins.axes,
                 start=starts[k],
                 end=ends[k],
                 alloc_bytes=ins.alloc_bytes,

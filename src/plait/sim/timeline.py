@@ -33,6 +33,15 @@ def _kind(event: Event) -> str:
     return name if name in COLOURS else "other"
 
 
+HATCHES = ("", "//", "..", "xx")  # one per distinct set of mesh axes a collective spans, in order of appearance
+
+
+def span_label(event: Event) -> str:
+    """A span's legend entry: its kind, and for a collective on a mesh the axes it spans."""
+    kind = _kind(event)
+    return f"{kind} ({','.join(event.axes)})" if event.stream == "comm" and event.axes else kind
+
+
 def _rank_label(ranks: tuple[int, ...]) -> str:
     if len(ranks) == 1:
         return f"rank {ranks[0]}"
@@ -54,16 +63,21 @@ def draw_timeline(result: SimResult, path: str | os.PathLike[str], *, title: str
     unit, scale = ("ms", 1e3) if step < 10 else ("s", 1.0)
     fig_h = 1.2 + 0.9 * len(traces)
     fig, ax = plt.subplots(figsize=(13, fig_h), layout="constrained")
-    labels, used = [], set()
+    labels: list[tuple[float, str]] = []
+    styles: dict[str, dict[str, str]] = {}  # legend entry -> colour and hatch, in order of appearance
+    hatch_of: dict[tuple[str, ...], str] = {}
     for lane, trace in enumerate(traces):
         for sub, stream in enumerate(("compute", "comm")):
             y = lane * 2.5 + (1 - sub)
             labels.append((y + 0.4, f"{_rank_label(trace.ranks)} {stream}"))
             spans = [e for e in trace.events if e.stream == stream and e.end > e.start]
-            for kind in {_kind(e) for e in spans}:
-                mine = [(e.start * scale, e.duration * scale) for e in spans if _kind(e) == kind]
-                ax.broken_barh(mine, (y, 0.8), facecolors=COLOURS[kind], edgecolor="white", linewidth=0.3)
-                used.add(kind)
+            for e in spans:
+                hatch = hatch_of.setdefault(e.axes, HATCHES[len(hatch_of) % len(HATCHES)]) if e.stream == "comm" else ""
+                styles.setdefault(span_label(e), {"color": COLOURS[_kind(e)], "hatch": hatch})
+            for label in dict.fromkeys(span_label(e) for e in spans):
+                mine = [(e.start * scale, e.duration * scale) for e in spans if span_label(e) == label]
+                ax.broken_barh(mine, (y, 0.8), facecolors=styles[label]["color"], hatch=styles[label]["hatch"],
+                               edgecolor="white", linewidth=0.3)
     ax.set_yticks([y for y, _ in labels], [text for _, text in labels])
     ax.set_xlabel(f"time ({unit})")
     ax.set_xlim(0, step * scale * 1.02)
@@ -73,7 +87,8 @@ def draw_timeline(result: SimResult, path: str | os.PathLike[str], *, title: str
         or f"predicted step {p.step_s * scale:.3g} {unit}: compute {p.compute_s * scale:.3g}, "
         f"comm {p.comm_s * scale:.3g}, exposed {p.exposed_comm_s * scale:.3g} {unit} (overlap {p.overlap:.0%})"
     )
-    fig.legend(handles=[Patch(color=COLOURS[k], label=k) for k in COLOURS if k in used], loc="outside right upper", fontsize=8)
+    handles = [Patch(facecolor=st["color"], hatch=st["hatch"], edgecolor="white", label=label) for label, st in styles.items()]
+    fig.legend(handles=handles, loc="outside right upper", fontsize=8)
     if len(result.traces) > len(traces):
         ax.text(0.0, -0.9, f"{len(result.traces) - len(traces)} more programs not drawn", fontsize=8)
     target = Path(path)

@@ -20,6 +20,7 @@ class Event:
     end: float
     alloc_bytes: int = 0
     free_bytes: int = 0
+    axes: tuple[str, ...] = ()  # mesh axes a collective spans
 
     @property
     def duration(self) -> float:
