@@ -5,6 +5,15 @@ tensors, transient gradients, gathered parameters) as they are on one rank at th
 after the plan's sharding, plus the tensor-parallel collectives its forward and backward issue. The
 data-parallel planner derives it from the captured layer view; the intra-op planner from the joint graph
 under the chosen placements.
+
+**DTensor's and FSDP2's host cost.** An op on DTensors runs DTensor's dispatch (sharding propagation,
+wrapping the local result, plait's root hooks) on the host before the local kernel, and FSDP2 runs hooks
+around each unit. The CostModel times host work in kernel launches of ``kernel_s``, so the work carries
+this host work in that unit. The constants below were measured on this project's CPU machine (``python
+bench/cost_fidelity.py --dtensor-host``: one process, a one-rank mesh, two GPT blocks of hidden 64 and
+their AdamW step, six FSDP2 units) as the extra time over the same code on plain tensors, divided by the
+profile's ``kernel_s`` measured in the same process. They are measured ratios, not fitted to the fidelity
+benchmark's step times; a profile that measured them on the machine at hand would replace them.
 """
 
 from __future__ import annotations
@@ -16,6 +25,20 @@ from plait.cost.comm import CollectiveOp
 from plait.graph.model_graph import DTYPE_BYTES, ModelGraph
 from plait.plan.ir import Plan
 
+# Host cost of one DTensor op in forward or backward (every joint-graph op, and the detach of each fresh
+# parameter gradient), in kernel launches: measured 1.41-1.67 on this machine.
+DTENSOR_OP_KERNELS = 1.5
+# One redistribution of an activation or gradient (DTensor's Redistribute, the functional collective and
+# its wait, plait's pin hooks) beyond the collective's own time: measured 2.84-3.00.
+DTENSOR_REDISTRIBUTE_KERNELS = 3.0
+# The single-tensor AdamW step of one DTensor parameter (about ten DTensor ops): measured 10.3-11.7.
+DTENSOR_ADAMW_KERNELS = 10.5
+# FSDP2's hooks of one unit (unshard and wait, copy-out, reshard; in backward also the gradients' copy-in,
+# reduce-scatter and its wait), beyond their copies and collectives: measured 9.9-10.8 in forward and
+# 25.6-31.4 in forward and backward on this machine (one-rank mesh, Linear + GELU units).
+FSDP2_UNIT_FWD_KERNELS = 10
+FSDP2_UNIT_BWD_KERNELS = 17
+
 
 @dataclass(frozen=True, kw_only=True)
 class Comm:
@@ -24,6 +47,8 @@ class Comm:
     collective: CollectiveOp
     nbytes: int  # the full tensor the collective works on, this rank's view of it
     axes: tuple[str, ...]
+    temp_bytes: int = 0  # buffers held while it runs (DTensor's functional collectives are out of place)
+    linger_bytes: int = 0  # of those, what its communication thread may hold until after the next compute
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,9 +66,13 @@ class LayerWork:
     input_bytes: int  # the layer's input (what a recomputed layer keeps)
     grad_bytes: int  # fresh parameter gradients alive while the layer's backward runs
     unit_bytes: int  # the layer's parameters as gathered for compute (sharded data parallelism)
+    layer_grad_bytes: int = 0  # all its parameters' gradients on this rank (kept to the step without buckets)
     recompute: bool = False
     tp_fwd: tuple[Comm, ...] = ()
     tp_bwd: tuple[Comm, ...] = ()
+    tp_recompute: tuple[Comm, ...] = ()  # forward collectives a recomputation issues again (inside the layer)
+    dispatch_fwd: int = 0  # host-only work of the forward, in kernel launches (DTensor's dispatch)
+    dispatch_bwd: int = 0  # the same for the backward
 
 
 def dtype_ratio(to: str, frm: str) -> float:
@@ -61,6 +90,7 @@ def layer_work(
     for layer in graph.layers:
         params = graph.params_of(layer.index)
         largest = max((p.nbytes for p in params), default=0)
+        total = sum(p.nbytes for p in params)
         unit = int(sum(p.nbytes * dtype_ratio(compute_dtype, p.dtype) for p in params))
         previous = graph.layers[layer.index - 1].output_bytes if layer.index > 0 else 0
         out.append(
@@ -72,6 +102,7 @@ def layer_work(
                 input_bytes=int(previous * scale),
                 grad_bytes=unit if shard_degree > 1 else largest,
                 unit_bytes=unit if shard_degree > 1 else 0,
+                layer_grad_bytes=-(-total // shard_degree),
                 recompute=layer.name in recompute,
             )
         )

@@ -5,6 +5,12 @@ when an instruction starts, ``free_bytes`` given back when it ends (static state
 The lowering reads the plan's fields only: data-parallel axes from the batch placements, sharded data
 parallelism from a ``Shard(0)`` parameter placement on a data-parallel axis, buckets, recomputation,
 and the per-layer work (``LayerWork``) with its tensor-parallel collectives.
+
+DTensor's own work on a CPU rank is an instruction after the compute it belongs to (``dispatch``): the host
+work of a layer's dispatched ops and redistributions, with the copies its out-of-place collectives make, and
+of the optimizer step's ops on DTensor parameters (the parameters are DTensors under model-axis placements,
+and under FSDP2). On a GPU the host runs ahead of the device and this work is taken as hidden. A recomputed
+layer runs its forward's ops and tensor-parallel collectives again before its backward.
 """
 
 from __future__ import annotations
@@ -13,18 +19,27 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from plait.cost.memory import step_temporaries
-from plait.cost.work import Comm, LayerWork, dtype_ratio
-from plait.plan.ir import Instr, Plan, RankProgram
+from plait.cost.work import DTENSOR_ADAMW_KERNELS, Comm, LayerWork, dtype_ratio
+from plait.plan.ir import Instr, Phase, Plan, RankProgram
+from plait.plan.layout import shard_axis_of
 
 
 @dataclass(kw_only=True)
 class Builder:
-    """An instruction list under construction; ``add`` returns the new instruction's index."""
+    """An instruction list under construction; ``add`` returns the new instruction's index.
+
+    ``lingering`` bytes (buffers a finished collective's communication thread still holds) are given back at
+    the end of the next compute instruction added.
+    """
 
     mesh_groups: dict[tuple[str, ...], tuple[int, ...]] = field(default_factory=dict)
     instrs: list[Instr] = field(default_factory=list)
+    lingering: int = 0
 
     def add(self, instr: Instr) -> int:
+        if self.lingering and instr.op == "compute":
+            instr = replace(instr, free_bytes=instr.free_bytes + self.lingering)
+            self.lingering = 0
         self.instrs.append(instr)
         return len(self.instrs) - 1
 
@@ -72,6 +87,44 @@ def backward(work: LayerWork, micro: int, *, last_layer: bool, keep_grads: bool 
     )
 
 
+def dispatch(b: Builder, plan: Plan, kernels: int, name: str, after: int, phase: Phase = "none", *,
+             comms: Sequence[Comm] = ()) -> int:
+    """DTensor's work after instruction ``after`` on a CPU rank: host work of ``kernels`` launches (the
+    dispatch of the ops that instruction stands for) and a copy of the tensor of each of ``comms`` (a
+    functional all_reduce works on a copy of its input; a gather or scatter over a dim other than the first
+    rearranges the tensor). Returns the instruction the next one waits for (``after`` when there is none)."""
+    copied = sum(c.nbytes for c in comms)
+    if plan.cluster.device.kind == "cuda" or (kernels <= 0 and not copied):
+        return after
+    return b.add(Instr(op="compute", stream="compute", name=name, phase=phase, num_kernels=kernels,
+                       bytes_moved=2.0 * copied, deps=(after,)))
+
+
+def layer_forward(b: Builder, plan: Plan, w: LayerWork, micro: int, deps: tuple[int, ...]) -> int:
+    """A layer's forward, DTensor's work for it and its tensor-parallel collectives; returns the last."""
+    done = b.add(forward(w, micro, deps=deps))
+    done = dispatch(b, plan, w.dispatch_fwd, f"dispatch fwd[{micro}] {w.name}", done, "fwd", comms=w.tp_fwd)
+    return tp_collectives(b, plan, w.tp_fwd, f"fwd[{micro}] {w.name}", done)
+
+
+def layer_recompute(b: Builder, plan: Plan, w: LayerWork, micro: int,
+                    deps: tuple[int, ...]) -> tuple[int, ...]:
+    """A recomputed layer's forward again (DTensor's work and the collectives inside it too); the deps of its
+    backward."""
+    done = b.add(recompute(w, micro, deps))
+    label = f"recompute[{micro}] {w.name}"
+    done = dispatch(b, plan, w.dispatch_fwd, f"dispatch {label}", done, "bwd", comms=w.tp_recompute)
+    return (tp_collectives(b, plan, w.tp_recompute, label, done),)
+
+
+def layer_backward(b: Builder, plan: Plan, w: LayerWork, micro: int, *, last_layer: bool,
+                   keep_grads: bool = False, deps: tuple[int, ...] = ()) -> int:
+    """A layer's backward, DTensor's work for it and its tensor-parallel collectives; returns the last."""
+    done = b.add(backward(w, micro, last_layer=last_layer, keep_grads=keep_grads, deps=deps))
+    done = dispatch(b, plan, w.dispatch_bwd, f"dispatch bwd[{micro}] {w.name}", done, "bwd", comms=w.tp_bwd)
+    return tp_collectives(b, plan, w.tp_bwd, f"bwd[{micro}] {w.name}", done)
+
+
 def copy_instr(name: str, nbytes: int, deps: tuple[int, ...] = (), *, alloc: int = 0, free: int = 0) -> Instr:
     """A memory-bound pass over ``nbytes`` (read and write) on the compute stream: scaling a bucket,
     packing gradients into a flat buffer, or splitting a gathered buffer into parameters."""
@@ -82,15 +135,43 @@ def copy_instr(name: str, nbytes: int, deps: tuple[int, ...] = (), *, alloc: int
 
 
 def tp_collectives(b: Builder, plan: Plan, comms: Sequence[Comm], label: str, after: int) -> int:
-    """The tensor-parallel collectives of a layer's forward or backward, in order after ``after``;
-    returns the instruction the next compute must wait for."""
+    """The tensor-parallel collectives of a layer's forward, backward or recomputation, in order after
+    ``after``, each holding its buffers while it runs (some until the next compute ends); returns the
+    instruction the next compute must wait for."""
     last = after
+    phase: Phase = "fwd" if label.startswith("fwd") else "bwd"
     for k, c in enumerate(comms):
         last = b.add(Instr(
-            op="collective", stream="comm", name=f"{c.collective} {label} #{k}", phase="bwd" if label.startswith("bwd") else "fwd",
+            op="collective", stream="comm", name=f"{c.collective} {label} #{k}", phase=phase,
             collective=c.collective, nbytes=c.nbytes, group=rank0_group(plan, c.axes), axes=c.axes, deps=(last,),
+            alloc_bytes=c.temp_bytes, free_bytes=c.temp_bytes - c.linger_bytes,
         ))
+        b.lingering += c.linger_bytes
     return last
+
+
+def dtensor_params(plan: Plan) -> int:
+    """How many parameters the runtime makes DTensors: all under model-axis placements or FSDP2, else none."""
+    model_parallel = any(plan.mesh.axis_size(a) > 1 for a in plan.model_axes)
+    return len(plan.params) if model_parallel or shard_axis_of(plan) is not None else 0
+
+
+def optimizer_dispatch(plan: Plan) -> int:
+    """DTensor's host work in the optimizer step, in kernel launches: the single-tensor AdamW of a CPU rank
+    dispatches its ops per DTensor parameter (a GPU's foreach step counts nothing: see ``dispatch``)."""
+    n = dtensor_params(plan)
+    if not n or plan.optimizer not in ("adamw", "adam"):
+        return 0
+    return round(DTENSOR_ADAMW_KERNELS * n)
+
+
+def optimizer_step(b: Builder, plan: Plan, state: OptimizerShape, deps: tuple[int, ...], *,
+                   free_bytes: int = 0) -> int:
+    """The optimizer step after ``deps`` and DTensor's dispatch of its ops (``free_bytes`` more freed at its
+    end)."""
+    step = optimizer(plan, state.numel, state.num_tensors, state.largest_bytes, state.total_bytes, deps)
+    done = b.add(replace(step, free_bytes=step.free_bytes + free_bytes))
+    return dispatch(b, plan, optimizer_dispatch(plan), "dispatch optimizer step", done, "step")
 
 
 def optimizer(plan: Plan, numel: int, num_tensors: int, largest_bytes: int, total_bytes: int, deps: tuple[int, ...]) -> Instr:
@@ -105,7 +186,9 @@ def lower_replicate(plan: Plan, work: Sequence[LayerWork], state: OptimizerShape
     """Parameters replicated on every data-parallel axis, with wait-free backprop: forward and backward
     per micro-batch (gradients accumulate in place in the bucket buffers); on the last micro-batch each
     bucket is scaled by 1/dp and all-reduced as soon as backward has filled it; the optimizer step waits
-    for every bucket. Tensor-parallel collectives block the layer that issues them."""
+    for every bucket. Tensor-parallel collectives block the layer that issues them. Without data-parallel
+    replicas there are no buckets: the first micro-batch's backward makes each layer's gradients, which live
+    until ``zero_grad(set_to_none=True)`` after the optimizer step."""
     dp_axes = plan.data_parallel_axes
     reduce_ratio = dtype_ratio(plan.precision.reduce_dtype, plan.precision.param_dtype)
     sync = plan.dp_degree > 1
@@ -115,14 +198,14 @@ def lower_replicate(plan: Plan, work: Sequence[LayerWork], state: OptimizerShape
         last_micro = m == plan.batch.num_micro - 1
         prev = -1
         for w in work:
-            done = b.add(forward(w, m, deps=(prev,) if prev >= 0 else ()))
-            prev = tp_collectives(b, plan, w.tp_fwd, f"fwd[{m}] {w.name}", done)
+            prev = layer_forward(b, plan, w, m, (prev,) if prev >= 0 else ())
         for w in reversed(work):
-            deps = (prev,) if prev >= 0 else ()
+            deps: tuple[int, ...] = (prev,) if prev >= 0 else ()
             if w.recompute:
-                deps = (b.add(recompute(w, m, deps)),)
-            done = b.add(backward(w, m, last_layer=w.index == len(work) - 1, deps=deps))
-            prev = tp_collectives(b, plan, w.tp_bwd, f"bwd[{m}] {w.name}", done)
+                deps = layer_recompute(b, plan, w, m, deps)
+            made = not sync and m == 0  # the gradients made here are the ones kept
+            prev = layer_backward(b, plan, replace(w, grad_bytes=w.layer_grad_bytes) if made else w, m,
+                                  last_layer=w.index == len(work) - 1, keep_grads=made, deps=deps)
             ready = [bk for bk in plan.buckets if bk.ready_after_layer == w.index] if last_micro and sync else []
             for bk in ready:
                 scaled = b.add(copy_instr(f"scale bucket {bk.index}", bk.nbytes, (prev,)))
@@ -131,7 +214,8 @@ def lower_replicate(plan: Plan, work: Sequence[LayerWork], state: OptimizerShape
                     collective="all_reduce", nbytes=int(bk.nbytes * reduce_ratio), group=rank0_group(plan, dp_axes),
                     axes=dp_axes, deps=(scaled,),
                 )))
-    b.add(optimizer(plan, state.numel, state.num_tensors, state.largest_bytes, state.total_bytes, tuple(reduces)))
+    kept = 0 if sync else sum(w.layer_grad_bytes for w in work)
+    optimizer_step(b, plan, state, tuple(reduces), free_bytes=kept)
     return RankProgram(ranks=tuple(range(plan.mesh.size)), instrs=tuple(b.instrs))
 
 

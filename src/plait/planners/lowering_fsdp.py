@@ -1,23 +1,24 @@
 """Lower a step whose parameters are ``Shard(0)`` on a data-parallel axis (FSDP2, and HSDP with a second,
-replicated data-parallel axis) to one rank's instruction list."""
+replicated data-parallel axis) to one rank's instruction list. On a CPU rank the host work of FSDP2's
+hooks around each unit rides on the unit's copy-out (``plait.cost.work``'s measured constants; taken as
+hidden on a GPU)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
-from plait.cost.work import LayerWork, dtype_ratio
+from plait.cost.work import FSDP2_UNIT_BWD_KERNELS, FSDP2_UNIT_FWD_KERNELS, LayerWork, dtype_ratio
 from plait.plan.ir import Instr, Plan, RankProgram
 from plait.planners.lowering import (
     Builder,
     OptimizerShape,
-    backward,
     copy_instr,
-    forward,
-    optimizer,
+    layer_backward,
+    layer_forward,
+    layer_recompute,
+    optimizer_step,
     rank0_group,
-    recompute,
-    tp_collectives,
 )
 
 
@@ -42,6 +43,7 @@ class _GatherWindow:
     group: tuple[int, ...]
     axis: str
     sequence: list[tuple[int, str]]
+    hook_kernels: tuple[int, int] = (0, 0)  # FSDP2's hooks per unit in forward and backward, kernel launches
     frees: list[int] = field(default_factory=list)
     emitted: dict[str, int] = field(default_factory=dict)
 
@@ -51,13 +53,16 @@ class _GatherWindow:
             self._emit(k)
 
     def copy_out(self, nbytes: int, name: str, after: tuple[int, ...]) -> tuple[int, ...]:
-        """Split the gathered buffer of this unit into its parameters; returns the deps of the compute
-        that uses the unit (``after`` alone for a layer without parameters)."""
+        """Split the gathered buffer of this unit into its parameters, with the host work of FSDP2's hooks
+        around the unit's forward or backward on a CPU rank (``hook_kernels``); returns the deps of the
+        compute that uses the unit (``after`` alone for a layer without parameters)."""
         if not nbytes:
             return after
         label = name.replace("all_gather", "copy_out", 1)
         deps = (self.emitted[name], *after)
-        return (self.builder.add(copy_instr(label, nbytes, deps, alloc=nbytes, free=nbytes)),)
+        hooks = self.hook_kernels[1] if name.endswith("(bwd)") else self.hook_kernels[0]
+        copy = copy_instr(label, nbytes, deps, alloc=nbytes, free=nbytes)
+        return (self.builder.add(replace(copy, num_kernels=1 + hooks)),)
 
     def release(self, nbytes: int, name: str, after: int) -> None:
         """Free a gathered unit after instruction ``after`` and issue the gather this makes room for."""
@@ -83,8 +88,9 @@ def lower_sharded(plan: Plan, work: Sequence[LayerWork], state: OptimizerShape, 
     all-reduce of the shard on the last micro-batch. Then the optimizer step on the local shard."""
     replicate_axes = tuple(a for a in plan.data_parallel_axes if a != shard_axis)
     b = Builder()
+    hooks = (0, 0) if plan.cluster.device.kind == "cuda" else (FSDP2_UNIT_FWD_KERNELS, FSDP2_UNIT_BWD_KERNELS)
     window = _GatherWindow(builder=b, group=rank0_group(plan, (shard_axis,)), axis=shard_axis,
-                           sequence=_gather_sequence(work, plan.batch.num_micro))
+                           sequence=_gather_sequence(work, plan.batch.num_micro), hook_kernels=hooks)
     window.start()
     reduce_ratio = dtype_ratio(plan.precision.reduce_dtype, plan.precision.compute_dtype)
     finals: list[int] = []
@@ -93,18 +99,18 @@ def lower_sharded(plan: Plan, work: Sequence[LayerWork], state: OptimizerShape, 
         last_micro = m == plan.batch.num_micro - 1
         for w in work:
             deps = window.copy_out(w.unit_bytes, f"all_gather[{m}] {w.name} (fwd)", prev)
-            done = b.add(forward(w, m, deps))
+            done = layer_forward(b, plan, w, m, deps)
             window.release(w.unit_bytes, f"free[{m}] {w.name} (fwd)", done)
-            prev = (tp_collectives(b, plan, w.tp_fwd, f"fwd[{m}] {w.name}", done),)
+            prev = (done,)
         backward_order = list(reversed(work))
         prefetched: dict[str, tuple[int, ...]] = {}
         for k, w in enumerate(backward_order):
             gathered = f"all_gather[{m}] {w.name} (bwd)"
             deps = prefetched.pop(w.name, ()) or window.copy_out(w.unit_bytes, gathered, prev)
             if w.recompute:
-                deps = (b.add(recompute(w, m, deps)),)
-            done = b.add(backward(w, m, last_layer=w.index == len(work) - 1, keep_grads=bool(w.unit_bytes), deps=deps))
-            prev = (tp_collectives(b, plan, w.tp_bwd, f"bwd[{m}] {w.name}", done),)
+                deps = layer_recompute(b, plan, w, m, deps)
+            prev = (layer_backward(b, plan, w, m, last_layer=w.index == len(work) - 1,
+                                   keep_grads=bool(w.unit_bytes), deps=deps),)
             if not w.unit_bytes:
                 continue
             packed = b.add(copy_instr(f"pack[{m}] {w.name}", int(w.unit_bytes * reduce_ratio), prev, alloc=int(w.unit_bytes * reduce_ratio)))
@@ -114,9 +120,9 @@ def lower_sharded(plan: Plan, work: Sequence[LayerWork], state: OptimizerShape, 
             rs, final = _reduce_grad(b, plan, w, m, last_micro, packed, shard_axis, replicate_axes)
             window.release(w.unit_bytes, f"free[{m}] {w.name} (bwd)", rs)
             finals += final
-    step = optimizer(plan, state.numel, state.num_tensors, state.largest_bytes, state.total_bytes, tuple(finals))
     grads = sum(sharded_grad_bytes(w, plan, shard_axis) for w in work if w.unit_bytes)
-    b.add(replace(step, free_bytes=step.free_bytes + grads))  # zero_grad(set_to_none=True) drops the sharded gradients
+    # zero_grad(set_to_none=True) drops the sharded gradients after the step
+    optimizer_step(b, plan, state, tuple(finals), free_bytes=grads)
     return RankProgram(ranks=tuple(range(plan.mesh.size)), instrs=tuple(b.instrs))
 
 

@@ -12,11 +12,18 @@ from plait.sim.trace import Event
 
 def resident_bytes(plan: Plan) -> int:
     """What a device holds for the whole step: parameters, optimizer state, module buffers, the batch, and the
-    gradients when they are replicated buckets (sharded gradients are in the program: made by each unit's
-    reduce-scatter, dropped after the optimizer step)."""
+    gradients when they live in the buckets of a replicated data-parallel axis. Other gradients are in the
+    program: sharded ones made by each unit's reduce-scatter, those of a rank without buckets (no
+    data-parallel replicas) by each layer's backward; ``zero_grad(set_to_none=True)`` drops both after the
+    optimizer step."""
     params, grads, optimizer = state_bytes(plan)
-    held_grads = grads if shard_axis_of(plan) is None else 0
+    held_grads = grads if has_buckets(plan) else 0
     return params + held_grads + optimizer + plan.model.buffer_bytes + batch_bytes(plan)
+
+
+def has_buckets(plan: Plan) -> bool:
+    """Whether gradients live in flat bucket buffers for the whole step (replicated data parallelism)."""
+    return shard_axis_of(plan) is None and plan.dp_degree > 1
 
 
 def memory_trace(events: Sequence[Event]) -> tuple[tuple[tuple[float, int], ...], int]:

@@ -1,36 +1,97 @@
 """Per-layer work of an intra-op plan: the captured layer view, scaled by what the propagation found each rank does.
 
 A layer's FLOPs are its joint-graph nodes' FLOPs over the ranks that share each node's work; its memory
-traffic and saved activations scale by the same shares; its boundary output by the placements of the value
-that leaves it; its parameters by their placements. Its tensor-parallel collectives are the propagation's,
-at the plan's micro-batch (an activation's collective grows with the batch, a gradient's does not).
+traffic scales by the same share. Its saved activations scale by the share of the storages its backward
+reads that one rank holds: views (``t``, ``transpose``, ``detach``, a pin that moves nothing) share their
+base's storage, so each storage counts once, in the first layer whose backward reads it, as autograd keeps
+it. Its boundary output scales by the placements of the value that leaves it; its parameters by their
+placements. Its tensor-parallel collectives are the propagation's, at the plan's micro-batch (an
+activation's collective grows with the batch, a gradient's does not), each with the out-of-place buffers
+DTensor holds while it runs (and those its communication thread may hold a little longer). A recomputed
+layer issues again the forward collectives that run inside its module's ``forward`` (not those of the pin
+hooks on the layer module itself, nor of glue outside every layer). Every op runs DTensor's dispatch on
+the host (``plait.cost.work``'s constants): the forward and backward ops, the detach of each fresh
+parameter gradient and each redistribution.
 """
 
 from __future__ import annotations
 
+import operator
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
+from math import ceil
 
-from plait.cost.work import Comm, LayerWork, dtype_ratio
-from plait.graph.joint import JointGraph
+import torch
+
+from plait.cost.work import (
+    DTENSOR_OP_KERNELS,
+    DTENSOR_REDISTRIBUTE_KERNELS,
+    Comm,
+    LayerWork,
+    dtype_ratio,
+)
+from plait.graph.boundary import BOUNDARY_OPS
+from plait.graph.joint import JointGraph, JointNode
 from plait.graph.model_graph import ModelGraph, TensorMeta
 from plait.planners.intra_op.costs import local_bytes
-from plait.planners.intra_op.dtensor_bridge import Placements, placements_of
+from plait.planners.intra_op.dtensor_bridge import Placements, Transform, placements_of
 from plait.planners.intra_op.propagate import Propagation
+
+BOUNDARY, BOUNDARY_GRAD = BOUNDARY_OPS
+# Ops that return a tensor sharing its input's storage although their schema does not say so.
+_STORAGE_VIEWS = frozenset({torch.ops.aten._unsafe_view.default})
 
 
 def _ratio(part: float, whole: float) -> float:
     return part / whole if whole > 0 else 1.0
 
 
-def layer_comms(joint: JointGraph, prop: Propagation, axes: Sequence[str], scale: float) -> dict[tuple[int, str], list[Comm]]:
-    """The collectives of each (layer, phase), in issue order, at ``scale`` x the captured batch."""
+def temp_bytes(t: Transform, mesh_shape: Sequence[int]) -> tuple[int, int]:
+    """Buffers one redistribution step holds while it runs, beyond its input, and how many may outlive it.
+
+    DTensor's functional collectives write a new tensor: all_reduce a full copy; reduce_scatter and
+    all_to_all this rank's part; an all_gather the gathered buffer and, when the split dim is not the first,
+    the contiguous copy it is rearranged into (counted always: the step does not say which dim it gathers).
+    The communication thread drops its reference to a finished collective's buffers only when it runs
+    again: on busy cores after the rank has gone on computing. An all_gather's gathered buffer and input
+    shard can so outlive it; the buffers of the others are their results (or their input's owner frees it).
+    """
+    n = mesh_shape[t.mesh_dim]
+    part = -(-t.nbytes // n)
+    if t.collective == "all_reduce":
+        return t.nbytes, 0
+    if t.collective == "all_gather":
+        return 2 * t.nbytes + part, t.nbytes + part
+    return part, 0
+
+
+def layer_comms(joint: JointGraph, prop: Propagation, axes: Sequence[str], scale: float,
+                mesh_shape: Sequence[int]) -> dict[tuple[int, str], list[Comm]]:
+    """The collectives of each (layer, phase), in issue order, at ``scale`` x the captured batch; phase
+    ``recompute`` holds the forward collectives a recomputation of the layer issues again."""
     out: dict[tuple[int, str], list[Comm]] = defaultdict(list)
     for event in prop.comms:
         t = event.transform
-        nbytes = int(t.nbytes * scale) if event.per_sample else t.nbytes
-        out[(event.layer, event.phase)].append(Comm(collective=t.collective, nbytes=nbytes, axes=(axes[t.mesh_dim],)))
+        factor = scale if event.per_sample else 1.0
+        scaled = Transform(collective=t.collective, mesh_dim=t.mesh_dim, nbytes=int(t.nbytes * factor))
+        temp, linger = temp_bytes(scaled, mesh_shape)
+        comm = Comm(collective=t.collective, nbytes=scaled.nbytes, axes=(axes[t.mesh_dim],), temp_bytes=temp,
+                    linger_bytes=linger)
+        out[(event.layer, event.phase)].append(comm)
+        if event.phase == "fwd" and runs_in_layer_forward(joint, joint.nodes[event.node]):
+            out[(event.layer, "recompute")].append(comm)
     return out
+
+
+def runs_in_layer_forward(joint: JointGraph, node: JointNode) -> bool:
+    """Whether a forward node runs inside its layer module's ``forward`` (what recomputation runs again): an
+    op of the layer or of a module inside it, or a pin of a module strictly inside it. The pins of the layer
+    module itself are hooks around its ``forward``; glue outside every layer (a parent's op, the loss, the
+    model's own input and output) runs outside."""
+    layer = joint.layer_names[node.layer]
+    if node.target is BOUNDARY:
+        return joint.boundaries[int(node.args[1])].module.startswith(layer + ".")
+    return node.module == layer or node.module.startswith(layer + ".")
 
 
 def _leaving(joint: JointGraph, layer: int) -> int | None:
@@ -60,8 +121,9 @@ def intra_op_work(
     """``LayerWork`` per layer of ``graph`` under the propagated plan, at ``micro_batch`` (see the module docstring)."""
     scale = micro_batch / joint_batch
     layer_scale = micro_batch / graph.batch_size
-    comms = layer_comms(joint, prop, axes, scale)
+    comms = layer_comms(joint, prop, axes, scale, mesh_shape)
     shares = _shares(joint, prop, mesh_shape)
+    ops = dispatched_ops(joint)
     out: list[LayerWork] = []
     for layer in graph.layers:
         fwd_share, bwd_share, saved_share = shares.get(layer.index, (1.0, 1.0, 1.0))
@@ -69,6 +131,9 @@ def intra_op_work(
         unit = int(sum(b * dtype_ratio(compute_dtype, p.dtype) for p, b in zip(graph.params_of(layer.index), shard.values(), strict=True)))
         output_share = _output_share(joint, prop, layer.index, mesh_shape)
         previous = out[-1].output_bytes if out else 0
+        tp_fwd = tuple(comms.get((layer.index, "fwd"), ()))
+        tp_bwd = tuple(comms.get((layer.index, "bwd"), ()))
+        fwd_ops, bwd_ops = ops.get((layer.index, "fwd"), 0), ops.get((layer.index, "bwd"), 0)
         out.append(LayerWork(
             index=layer.index, name=layer.name,
             fwd_flops=layer.fwd_flops * layer_scale * fwd_share, bwd_flops=layer.bwd_flops * layer_scale * bwd_share,
@@ -77,16 +142,101 @@ def intra_op_work(
             output_bytes=int(layer.output_bytes * layer_scale * output_share), input_bytes=previous,
             grad_bytes=unit if fsdp_degree > 1 else max(shard.values(), default=0),
             unit_bytes=unit if fsdp_degree > 1 else 0,
+            layer_grad_bytes=-(-sum(shard.values()) // fsdp_degree),
             recompute=layer.name in recompute,
-            tp_fwd=tuple(comms.get((layer.index, "fwd"), ())), tp_bwd=tuple(comms.get((layer.index, "bwd"), ())),
+            tp_fwd=tp_fwd, tp_bwd=tp_bwd, tp_recompute=tuple(comms.get((layer.index, "recompute"), ())),
+            dispatch_fwd=dispatch_kernels(fwd_ops, len(tp_fwd)),
+            dispatch_bwd=dispatch_kernels(bwd_ops + len(shard), len(tp_bwd)),
         ))
     return tuple(out)
+
+
+def dispatch_kernels(num_ops: int, num_redistributions: int) -> int:
+    """DTensor's host work for ``num_ops`` ops and ``num_redistributions`` collectives, in kernel launches."""
+    return ceil(num_ops * DTENSOR_OP_KERNELS + num_redistributions * DTENSOR_REDISTRIBUTE_KERNELS)
+
+
+def dispatched_ops(joint: JointGraph) -> dict[tuple[int, str], int]:
+    """Per (layer, phase): the ops DTensor dispatches: every call but tuple reads and boundary markers, and
+    but the loss and its gradient (after the model's output leaves as a plain tensor, before its gradient
+    comes back)."""
+    leaves, enters = _model_output_markers(joint)
+    out: dict[tuple[int, str], int] = defaultdict(int)
+    for node in joint.nodes:
+        if node.kind != "call" or node.target is operator.getitem or node.target in BOUNDARY_OPS:
+            continue
+        if (node.phase == "fwd" and node.index > leaves) or (node.phase == "bwd" and node.index < enters):
+            continue
+        out[(node.layer, node.phase)] += 1
+    return out
+
+
+def _model_output_markers(joint: JointGraph) -> tuple[int, int]:
+    """The nodes where the model's output leaves (forward) and its gradient comes back (backward); past the
+    ends of the graph when it has no markers."""
+    keys = {k for k, b in enumerate(joint.boundaries) if b.module == "" and b.port == "output"}
+    leaves, enters = len(joint.nodes), -1
+    for node in joint.nodes:
+        if node.target in BOUNDARY_OPS and int(node.args[1]) in keys:
+            if node.target is BOUNDARY:
+                leaves = min(leaves, node.index)
+            else:
+                enters = max(enters, node.index)
+    return leaves, enters
 
 
 def local_bytes_of(shape: Sequence[int], dtype: str, placements: Placements | None, mesh_shape: Sequence[int]) -> int:
     """Bytes of a parameter's shard on one rank (its full size when it has no model-axis placements)."""
     meta = TensorMeta(shape=tuple(shape), dtype=dtype)
     return meta.nbytes if placements is None else local_bytes(meta, placements, mesh_shape)
+
+
+def storage_root(joint: JointGraph, prop: Propagation, index: int) -> int:
+    """The node whose output owns the storage of node ``index``'s output (itself unless it is a view)."""
+    while True:
+        node = joint.nodes[index]
+        if node.kind != "call" or not node.refs:
+            return index
+        source = node.refs[0]
+        if node.target is operator.getitem:
+            target = joint.nodes[source].target
+            if not _is_view(target):
+                return index  # one output of a multi-output op: a storage of its own
+            source = joint.nodes[source].refs[0]
+        elif node.target is BOUNDARY:
+            if _placements(prop, index) != _placements(prop, source):
+                return index  # the pin redistributed: a new tensor
+        elif not _is_view(node.target):
+            return index
+        index = source
+
+
+def _placements(prop: Propagation, index: int) -> Placements | None:
+    spec = prop.specs[index][0] if prop.specs[index] else None
+    return None if spec is None else placements_of(spec)
+
+
+def _is_view(target: object) -> bool:
+    return isinstance(target, torch._ops.OpOverload) and (target.is_view or target in _STORAGE_VIEWS)
+
+
+def saved_storages(joint: JointGraph, prop: Propagation) -> dict[int, dict[int, JointNode]]:
+    """Per layer: the storages its backward reads (by root node), each once, in the first layer (in forward
+    order) whose backward reads it; parameters and buffers are state, not activations."""
+    first: dict[int, int] = {}
+    for node in joint.nodes:
+        if not (node.saved and node.phase == "fwd" and node.outputs):
+            continue
+        root = storage_root(joint, prop, node.index)
+        if joint.nodes[root].kind in ("param", "buffer") or not joint.nodes[root].outputs:
+            continue
+        readers = [joint.nodes[u].layer for u in joint.users[node.index] if joint.nodes[u].phase == "bwd"]
+        layer = min(readers, default=node.layer)
+        first[root] = min(first.get(root, layer), layer)
+    out: dict[int, dict[int, JointNode]] = defaultdict(dict)
+    for root, layer in first.items():
+        out[layer][root] = joint.nodes[root]
+    return out
 
 
 def _shares(joint: JointGraph, prop: Propagation, mesh_shape: Sequence[int]) -> dict[int, tuple[float, float, float]]:
@@ -99,11 +249,13 @@ def _shares(joint: JointGraph, prop: Propagation, mesh_shape: Sequence[int]) -> 
         k = 0 if node.phase == "fwd" else 2
         acc[k] += node.flops / prop.divisor[node.index]
         acc[k + 1] += node.flops
-        if node.saved and prop.specs[node.index]:
-            spec = prop.specs[node.index][0]
-            if spec is not None:
-                acc[4] += local_bytes(node.outputs[0], placements_of(spec), mesh_shape)
-                acc[5] += node.outputs[0].nbytes
+    for layer, roots in saved_storages(joint, prop).items():
+        acc = sums[layer]
+        for root, node in roots.items():
+            spec = prop.specs[root][0] if prop.specs[root] else None
+            acc[5] += node.outputs[0].nbytes
+            meta = node.outputs[0]
+            acc[4] += meta.nbytes if spec is None else local_bytes(meta, placements_of(spec), mesh_shape)
     return {layer: (_ratio(a[0], a[1]), _ratio(a[2], a[3]), _ratio(a[4], a[5])) for layer, a in sums.items()}
 
 
