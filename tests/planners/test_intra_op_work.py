@@ -27,6 +27,7 @@ from plait.plan.ir import Instr, Plan
 from plait.plan.placement import REPLICATE, shard
 from plait.planners import build_dp_plan
 from plait.planners.intra_op.dtensor_bridge import Transform, planning_mesh
+from plait.planners.intra_op.early_stop import last_saving_node, saves
 from plait.planners.intra_op.propagate import Propagation, propagate_plan
 from plait.planners.intra_op.work import (
     dispatched_ops,
@@ -230,3 +231,13 @@ def test_optimizer_dispatch_on_dtensor_parameters() -> None:
     assert not [
         i for i in gpu.programs[0].instrs if i.name.startswith("dispatch")
     ]  # foreach AdamW: not measured
+
+
+def test_ops_that_save_tensors_for_backward_are_told_apart() -> None:
+    _, joint = mlp_tiny()
+    fwd = [n for n in joint.nodes if n.phase == "fwd" and n.kind == "call" and callable(n.target)]
+    by_op = {str(n.target).split(".")[1]: saves(joint, n) for n in fwd if n.target not in BOUNDARY_OPS}
+    assert by_op["addmm"] and by_op["gelu"], by_op  # save their inputs
+    assert not by_op["t"], by_op  # a view saves nothing
+    last = last_saving_node(joint, lambda n: True, 0)
+    assert last >= 0 and str(joint.nodes[last].target).split(".")[1] in ("addmm", "gelu")

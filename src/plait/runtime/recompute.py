@@ -4,16 +4,24 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from plait.runtime.tensor_parallel_pins import recompute_context
+
+
+def _contexts() -> tuple[AbstractContextManager[None], AbstractContextManager[None]]:
+    # forward runs as it is; the recomputation in backward re-enters the tensor-parallel root's context
+    return nullcontext(), recompute_context()
+
 
 def _recomputed(forward: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(forward)
     def run(*args: Any, **kwargs: Any) -> Any:
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, context_fn=_contexts, **kwargs)
 
     return run
 

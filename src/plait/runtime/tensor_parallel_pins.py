@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, NamedTuple, cast
 
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate
-from torch.overrides import TorchFunctionMode
+from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from torch.utils.hooks import RemovableHandle
 
@@ -302,3 +302,17 @@ def replicate_plain_tensors() -> Iterator[None]:
         yield
     finally:
         _set_implicit_replication(previous)
+
+
+def recompute_context() -> AbstractContextManager[None]:
+    """The context a layer recomputed in backward needs: the root's forward context (plain tensors made inside
+    become replicated DTensors) when its forward ran in one, else nothing. Called at forward time."""
+    if any(isinstance(m, _ReplicatePlain) for m in _get_current_function_mode_stack()):
+        return _replicating()
+    return nullcontext()
+
+
+@contextmanager
+def _replicating() -> Iterator[None]:
+    with replicate_plain_tensors(), _ReplicatePlain():
+        yield

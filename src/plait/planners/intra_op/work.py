@@ -9,7 +9,8 @@ placements. Its tensor-parallel collectives are the propagation's, at the plan's
 activation's collective grows with the batch, a gradient's does not), each with the out-of-place buffers
 DTensor holds while it runs (and those its communication thread may hold a little longer). A recomputed
 layer issues again the forward collectives that run inside its module's ``forward`` (not those of the pin
-hooks on the layer module itself, nor of glue outside every layer). Every op runs DTensor's dispatch on
+hooks on the layer module itself, nor of glue outside every layer), up to its last op that saves a tensor
+for backward, where torch's checkpointing stops recomputing (``early_stop``). Every op runs DTensor's dispatch on
 the host (``plait.cost.work``'s constants): the forward and backward ops, the detach of each fresh
 parameter gradient and each redistribution.
 """
@@ -35,6 +36,7 @@ from plait.graph.joint import JointGraph, JointNode
 from plait.graph.model_graph import ModelGraph, TensorMeta
 from plait.planners.intra_op.costs import local_bytes
 from plait.planners.intra_op.dtensor_bridge import Placements, Transform, placements_of
+from plait.planners.intra_op.early_stop import last_saving_node
 from plait.planners.intra_op.propagate import Propagation
 
 BOUNDARY, BOUNDARY_GRAD = BOUNDARY_OPS
@@ -70,6 +72,7 @@ def layer_comms(joint: JointGraph, prop: Propagation, axes: Sequence[str], scale
     """The collectives of each (layer, phase), in issue order, at ``scale`` x the captured batch; phase
     ``recompute`` holds the forward collectives a recomputation of the layer issues again."""
     out: dict[tuple[int, str], list[Comm]] = defaultdict(list)
+    stops: dict[int, int] = {}
     for event in prop.comms:
         t = event.transform
         factor = scale if event.per_sample else 1.0
@@ -79,7 +82,10 @@ def layer_comms(joint: JointGraph, prop: Propagation, axes: Sequence[str], scale
                     linger_bytes=linger)
         out[(event.layer, event.phase)].append(comm)
         if event.phase == "fwd" and runs_in_layer_forward(joint, joint.nodes[event.node]):
-            out[(event.layer, "recompute")].append(comm)
+            if event.layer not in stops:
+                stops[event.layer] = last_saving_node(joint, lambda n: runs_in_layer_forward(joint, n), event.layer)
+            if event.node <= stops[event.layer]:  # recomputation stops after the layer's last saving op
+                out[(event.layer, "recompute")].append(comm)
     return out
 
 
