@@ -116,7 +116,7 @@ def test_no_feasible_plan_lists_each_candidate() -> None:
     needed = int(re.search(r"would fit on about (\d+) such devices", text).group(1))  # type: ignore[union-attr]
     bigger = plan(graph, None, gpu_cluster(devices=needed, memory_gb=0.4), global_batch=needed)
     assert dp_kind(bigger) == "fsdp"
-    with pytest.raises(NoFeasiblePlanError, match=r"gathered layers \(3\d\d.\d MB\) alone exceed the limit"):
+    with pytest.raises(NoFeasiblePlanError, match=r"gathered layers \(\d+.\d MB\) alone exceed the limit"):
         plan(graph, None, gpu_cluster(memory_gb=0.2))
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from plait.cost.memory import batch_bytes, state_bytes
+from plait.cost.memory import state_bytes
 from plait.plan.ir import MemoryEstimate, Plan, Prediction
 from plait.sim.trace import Event, ProgramTrace
 
@@ -62,8 +62,8 @@ def prediction_of(plan: Plan, traces: Sequence[ProgramTrace], resident: int) -> 
     ``resident`` is what each device holds for the whole step (``sim.memory.resident_bytes``); a rank's
     peak adds its program's dynamic peak. ``memory`` holds the state (parameters, gradients, optimizer
     state), the activations one micro-batch keeps, and as buffers the module buffers plus the rest of
-    the dynamic peak (gathered units, gradients in flight, optimizer temporaries), so ``memory.total``
-    is the worst peak.
+    the peak (module buffers, the batch, gathered units, optimizer temporaries), so ``memory.total`` is the
+    worst peak.
     """
     slowest = max(traces, key=step_time)
     peaks = [0] * plan.world_size
@@ -74,12 +74,13 @@ def prediction_of(plan: Plan, traces: Sequence[ProgramTrace], resident: int) -> 
     worst = max(traces, key=lambda t: t.peak_dynamic_bytes)
     params, grads, optimizer = state_bytes(plan)
     activations = min(activations_of(worst), worst.peak_dynamic_bytes)
-    memory = MemoryEstimate(
+    peak = resident + worst.peak_dynamic_bytes
+    memory = MemoryEstimate(  # buffers: the rest of the peak (gradients a program makes are not counted twice)
         params=params,
         grads=grads,
         optimizer=optimizer,
         activations=activations,
-        buffers=plan.model.buffer_bytes + batch_bytes(plan) + worst.peak_dynamic_bytes - activations,
+        buffers=max(0, peak - params - grads - optimizer - activations),
     )
     return Prediction(
         step_s=step_time(slowest),
