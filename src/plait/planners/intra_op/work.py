@@ -132,7 +132,7 @@ def intra_op_work(
     ops = dispatched_ops(joint)
     out: list[LayerWork] = []
     for layer in graph.layers:
-        fwd_share, bwd_share, saved_share = shares.get(layer.index, (1.0, 1.0, 1.0))
+        fwd_share, bwd_share, saved_share, traffic_share = shares.get(layer.index, (1.0, 1.0, 1.0, 1.0))
         shard = {p.name: local_bytes_of(p.shape, p.dtype, params.get(p.name), mesh_shape) for p in graph.params_of(layer.index)}
         unit = int(sum(b * dtype_ratio(compute_dtype, p.dtype) for p, b in zip(graph.params_of(layer.index), shard.values(), strict=True)))
         output_share = _output_share(joint, prop, layer.index, mesh_shape)
@@ -143,7 +143,7 @@ def intra_op_work(
         out.append(LayerWork(
             index=layer.index, name=layer.name,
             fwd_flops=layer.fwd_flops * layer_scale * fwd_share, bwd_flops=layer.bwd_flops * layer_scale * bwd_share,
-            fwd_bytes_moved=layer.fwd_bytes_moved * layer_scale * fwd_share, num_kernels=layer.num_kernels,
+            fwd_bytes_moved=layer.fwd_bytes_moved * layer_scale * traffic_share, num_kernels=layer.num_kernels,
             activation_bytes=int(layer.activation_bytes * layer_scale * saved_share),
             output_bytes=int(layer.output_bytes * layer_scale * output_share), input_bytes=previous,
             grad_bytes=unit if fsdp_degree > 1 else max(shard.values(), default=0),
@@ -245,9 +245,10 @@ def saved_storages(joint: JointGraph, prop: Propagation) -> dict[int, dict[int, 
     return out
 
 
-def _shares(joint: JointGraph, prop: Propagation, mesh_shape: Sequence[int]) -> dict[int, tuple[float, float, float]]:
-    """Per layer: the fraction of its forward FLOPs, backward FLOPs and saved bytes one rank holds."""
-    sums: dict[int, list[float]] = defaultdict(lambda: [0.0] * 6)
+def _shares(joint: JointGraph, prop: Propagation, mesh_shape: Sequence[int]) -> dict[int, tuple[float, float, float, float]]:
+    """Per layer: the fraction of its forward FLOPs, backward FLOPs, saved bytes and forward memory traffic
+    (the bytes its forward ops write) one rank has."""
+    sums: dict[int, list[float]] = defaultdict(lambda: [0.0] * 8)
     for node in joint.nodes:
         if node.kind != "call" or not node.outputs:
             continue
@@ -255,6 +256,9 @@ def _shares(joint: JointGraph, prop: Propagation, mesh_shape: Sequence[int]) -> 
         k = 0 if node.phase == "fwd" else 2
         acc[k] += node.flops / prop.divisor[node.index]
         acc[k + 1] += node.flops
+        if node.phase == "fwd" and node.target not in BOUNDARY_OPS:
+            acc[6] += _local_output_bytes(node, prop, mesh_shape)
+            acc[7] += sum(m.nbytes for m in node.outputs)
     for layer, roots in saved_storages(joint, prop).items():
         acc = sums[layer]
         for root, node in roots.items():
@@ -262,7 +266,16 @@ def _shares(joint: JointGraph, prop: Propagation, mesh_shape: Sequence[int]) -> 
             acc[5] += node.outputs[0].nbytes
             meta = node.outputs[0]
             acc[4] += meta.nbytes if spec is None else local_bytes(meta, placements_of(spec), mesh_shape)
-    return {layer: (_ratio(a[0], a[1]), _ratio(a[2], a[3]), _ratio(a[4], a[5])) for layer, a in sums.items()}
+    return {layer: (_ratio(a[0], a[1]), _ratio(a[2], a[3]), _ratio(a[4], a[5]), _ratio(a[6], a[7])) for layer, a in sums.items()}
+
+
+def _local_output_bytes(node: JointNode, prop: Propagation, mesh_shape: Sequence[int]) -> int:
+    specs = prop.specs[node.index]
+    total = 0
+    for k, meta in enumerate(node.outputs):
+        spec = specs[k] if k < len(specs) else None
+        total += meta.nbytes if spec is None else local_bytes(meta, placements_of(spec), mesh_shape)
+    return total
 
 
 def _output_share(joint: JointGraph, prop: Propagation, layer: int, mesh_shape: Sequence[int]) -> float:
