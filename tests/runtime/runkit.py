@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import os
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from functools import cache
 from pathlib import Path
@@ -17,8 +20,9 @@ from plait.cluster import local_cluster
 from plait.graph.capture import capture
 from plait.graph.model_graph import ModelGraph
 from plait.models import zoo_model
-from plait.plan.ir import DataParallelKind, Plan
+from plait.plan.ir import Plan
 from plait.planners import build_dp_plan
+from plait.planners.data_parallel import DataParallelKind
 from plait.runtime.procs import pid_alive
 
 
@@ -74,6 +78,30 @@ def start_plait_run(args: list[str]) -> subprocess.Popen[str]:
     return subprocess.Popen([*PLAIT, "run", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def finish(proc: subprocess.Popen[str], timeout_s: float = 60.0) -> tuple[int, str, str]:
+    """Wait for a started ``plait run``: exit code, stdout, stderr; kill it and fail after ``timeout_s``."""
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError(f"plait run did not exit within {timeout_s} s; stderr:\n{err[-2000:]}") from None
+    return proc.returncode, out, err
+
+
+@contextlib.contextmanager
+def reaping(pid_dir: Path) -> Iterator[None]:
+    """On leaving, SIGKILL each rank that wrote its pid into ``pid_dir`` and still runs (a failed test's)."""
+    try:
+        yield
+    finally:
+        for path in pid_dir.glob("*.pid"):
+            with contextlib.suppress(ValueError, ProcessLookupError, PermissionError):
+                pid = int(path.read_text())
+                if pid_alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+
+
 def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
     """Poll until ``predicate()`` holds; fail the test naming ``what`` after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
@@ -88,7 +116,7 @@ def read_pids(pid_dir: Path, n: int) -> list[int]:
     return [int((pid_dir / f"rank{r}.pid").read_text()) for r in range(n)]
 
 
-def none_alive(pids: list[int], timeout_s: float = 10.0) -> bool:
+def none_alive(pids: list[int], timeout_s: float = 30.0) -> bool:
     """True once none of ``pids`` is running (waits up to ``timeout_s`` for the kernel to reap them)."""
     deadline = time.monotonic() + timeout_s
     while any(pid_alive(p) for p in pids):

@@ -3,19 +3,36 @@ the user presses Ctrl-C, with every rank stopped."""
 
 from __future__ import annotations
 
+import importlib
 import io
 import os
 import signal
+import sys
 import textwrap
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
-from runkit import SCRIPTS, none_alive, plait_run, read_pids, start_plait_run, wait_for, zoo_plan
+from runkit import (
+    SCRIPTS,
+    finish,
+    none_alive,
+    plait_run,
+    read_pids,
+    reaping,
+    start_plait_run,
+    wait_for,
+    zoo_plan,
+)
 
 from plait.cli.main import main
 from plait.plan import save_plan
-from plait.runtime import launch
+from plait.runtime import launch, launch_argv
+
+launch_module = importlib.import_module("plait.runtime.launch")  # the package exports a function of that name
 
 # Ranks of these scripts import nothing heavy, so they start in a fraction of a second.
 ENV_SCRIPT = """
@@ -31,7 +48,8 @@ HANG_OR_DIE = """
 import os, signal, sys, time
 from pathlib import Path
 rank = int(os.environ["RANK"])
-Path(sys.argv[1], f"rank{rank}.pid").write_text(str(os.getpid()))
+Path(sys.argv[1], f".rank{rank}").write_text(str(os.getpid()))
+os.replace(Path(sys.argv[1], f".rank{rank}"), Path(sys.argv[1], f"rank{rank}.pid"))  # whole, once it is there
 while len(list(Path(sys.argv[1]).glob("*.pid"))) < int(os.environ["WORLD_SIZE"]):
     time.sleep(0.02)
 if rank == int(sys.argv[2]):
@@ -42,6 +60,19 @@ if rank == int(sys.argv[2]):
     if sys.argv[3] == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
 time.sleep(120)  # the other ranks would wait for the failed one for ever
+"""
+
+# A rank that sleeps until stopped; with "ignore-term" it outlives SIGTERM (noting it in rankR.term).
+SLEEPER = """
+import os, signal, sys, time
+from pathlib import Path
+rank, folder = os.environ["RANK"], Path(sys.argv[1])
+if sys.argv[2] == "ignore-term":
+    signal.signal(signal.SIGTERM, lambda *_: (folder / f"rank{rank}.term").touch())
+(folder / f".rank{rank}").write_text(str(os.getpid()))
+os.replace(folder / f".rank{rank}", folder / f"rank{rank}.pid")
+while True:
+    time.sleep(60)
 """
 
 
@@ -83,20 +114,101 @@ def test_one_rank_fails_all_stop(tmp_path: Path, mode: str, why: str) -> None:
     assert time.monotonic() - t0 < 60
 
 
-def test_ctrl_c_stops_every_rank(tmp_path: Path) -> None:
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_stops_every_rank(tmp_path: Path, presses: int) -> None:
     script = write(tmp_path, "hang.py", HANG_OR_DIE)
-    proc = start_plait_run([str(script), "--nproc", "2", "--", str(tmp_path), "-1", "none"])
-    wait_for(lambda: len(list(tmp_path.glob("*.pid"))) == 2, 60, "both ranks to start")
-    pids = read_pids(tmp_path, 2)
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130
-    assert "error: interrupted; stopped all 2 ranks" in stderr
-    assert none_alive(pids)
+    with reaping(tmp_path):
+        proc = start_plait_run([str(script), "--nproc", "2", "--", str(tmp_path), "-1", "none"])
+        started = files_there(tmp_path, "*.pid", 2)
+        wait_for(lambda: started() or proc.poll() is not None, 120, "both ranks to start")
+        pids = read_pids(tmp_path, 2)
+        for _ in range(presses):
+            proc.send_signal(signal.SIGINT)
+        code, _, stderr = finish(proc, 120)
+        assert code == 130, stderr
+        assert "error: interrupted; stopped all 2 ranks" in stderr
+        assert none_alive(pids)
 
 
-def test_training_script_that_raises_on_one_rank(tmp_path: Path) -> None:
+def signal_self(sig: signal.Signals) -> None:
+    """Send ``sig`` to this process, as Ctrl-C (SIGINT) or ``kill`` (SIGTERM) would."""
+    os.kill(os.getpid(), sig)
+
+
+def signal_after_first_rank(launcher: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C once rank 0 is started and before rank 1 is."""
+    class SignalAfterFirst(launcher._Rank):
+        def __init__(self, rank: int, *args: Any) -> None:
+            super().__init__(rank, *args)
+            if rank == 0:
+                signal_self(signal.SIGINT)
+
+    monkeypatch.setattr(launcher, "_Rank", SignalAfterFirst)
+
+
+def signal_before_supervision(launcher: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C once every rank is started and before supervision starts its threads."""
+    real = launcher.supervise
+
+    def late(*args: Any, **kwargs: Any) -> Any:
+        signal_self(signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(launcher, "supervise", late)
+
+
+def files_there(folder: Path, pattern: str, count: int) -> Callable[[], bool]:
+    """A test for ``wait_for``: at least ``count`` files in ``folder`` match ``pattern``."""
+    return lambda: len(list(folder.glob(pattern))) >= count
+
+
+def signal_when(folder: Path, steps: list[tuple[str, signal.Signals]]) -> threading.Thread:
+    """A thread that sends each signal once files match its pattern in ``folder`` (all 3 for "*.pid")."""
+    def run() -> None:
+        for pattern, sig in steps:
+            want = 3 if pattern == "*.pid" else 1
+            wait_for(files_there(folder, pattern, want), 120, f"{want} {pattern} files")
+            signal_self(sig)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("moment", ["after the first rank", "before supervision", "while ranks run", "twice"])
+def test_ctrl_c_at_any_moment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, moment: str) -> None:
+    """Ctrl-C (sent to this process, so it comes at a set moment) stops every started rank and is never lost;
+    the second signal of "twice" (SIGTERM while the ranks outlive SIGTERM) SIGKILLs them without waiting."""
+    script = write(tmp_path, "sleeper.py", SLEEPER)
+    arm: dict[str, Callable[[], threading.Thread | None]] = {
+        "after the first rank": lambda: signal_after_first_rank(launch_module, monkeypatch),
+        "before supervision": lambda: signal_before_supervision(launch_module, monkeypatch),
+        "while ranks run": lambda: signal_when(tmp_path, [("*.pid", signal.SIGINT)]),
+        "twice": lambda: signal_when(tmp_path, [("*.pid", signal.SIGINT), ("*.term", signal.SIGTERM)]),
+    }
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    grace_s = 600.0 if moment == "twice" else 60.0
+    with reaping(tmp_path):
+        sender = arm[moment]()
+        try:
+            argv = [sys.executable, str(script), str(tmp_path), "ignore-term" if moment == "twice" else "-"]
+            result = launch_argv(argv, nproc=3, timeout_s=300, grace_s=grace_s, stdout=io.StringIO(),
+                                 stderr=io.StringIO())
+        except KeyboardInterrupt:
+            pytest.fail(f"Ctrl-C {moment} escaped the launcher")
+        if sender is not None:
+            sender.join(60)
+        assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
+        assert (result.exit_code, result.message) == (130, "interrupted; stopped all 3 ranks")
+        assert none_alive([ex.pid for ex in result.ranks])
+        want = -signal.SIGKILL if moment == "twice" else -signal.SIGTERM
+        assert [ex.exit_code for ex in result.ranks] == [want] * 3
+        assert result.elapsed_s < grace_s / 2
+
+
+def test_training_script_that_raises_on_one_rank(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The real thing: gloo ranks in the Trainer; rank 1's data loader raises while rank 0 waits in a collective."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # gloo on CPU also where a GPU is (one GPU cannot hold 2 ranks)
     plan = save_plan(zoo_plan("gpt-tiny", "replicate", world=2, global_batch=4), tmp_path / "plan.json")
     pid_dir = tmp_path / "pids"
     pid_dir.mkdir()

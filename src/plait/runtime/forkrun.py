@@ -6,12 +6,14 @@ and do not initialise torch.distributed in the parent.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
+import signal
 import tempfile
 import traceback
 from collections.abc import Callable, Mapping
-from multiprocessing.context import ForkProcess
+from multiprocessing.context import ForkContext, ForkProcess
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,14 @@ import torch
 
 from plait.errors import LaunchError
 from plait.runtime.launch import free_port, rank_env
-from plait.runtime.procs import DEFAULT_GRACE_S, describe_exit, supervise
+from plait.runtime.procs import (
+    DEFAULT_GRACE_S,
+    StopSignals,
+    describe_exit,
+    signal_group,
+    stop_signals,
+    supervise,
+)
 
 
 class _Forked:
@@ -37,9 +46,27 @@ class _Forked:
         code = self.proc.exitcode
         return -1 if code is None else code
 
+    def kill(self) -> None:
+        """SIGKILL the rank's process group and reap the rank."""
+        signal_group(self.pid, signal.SIGKILL)
+        self.proc.join(DEFAULT_GRACE_S)
 
-def _child(fn: Callable[..., Any], args: tuple[Any, ...], env: dict[str, str], result: Path, error: Path) -> None:
-    os.setsid()  # own process group, so the supervisor can stop anything this rank starts
+
+def _start(ctx: ForkContext, rank: int, child_args: tuple[Any, ...]) -> _Forked:
+    """Fork one rank and make it lead its own process group at once, before the child gets to run."""
+    proc = ctx.Process(target=_child, args=child_args, daemon=False)
+    proc.start()
+    forked = _Forked(rank, proc)
+    with contextlib.suppress(OSError):  # the child may have called setsid already: then it leads its group
+        os.setpgid(forked.pid, forked.pid)
+    return forked
+
+
+def _child(fn: Callable[..., Any], args: tuple[Any, ...], env: dict[str, str], result: Path, error: Path,
+           stops: StopSignals) -> None:
+    with contextlib.suppress(PermissionError):  # the parent may have made this rank a group leader already
+        os.setsid()  # own session and process group, so the supervisor can stop anything this rank starts
+    stops.restore()  # the signal handlers this process had before the parent's supervision
     os.environ.clear()
     os.environ.update(env)
     torch.set_num_threads(int(env.get("OMP_NUM_THREADS", "1")))
@@ -73,15 +100,18 @@ def run_ranks(
     """
     ctx = mp.get_context("fork")
     port = free_port()
-    with tempfile.TemporaryDirectory(prefix="plait-ranks-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="plait-ranks-") as tmp, stop_signals() as stops:
         paths = [(Path(tmp) / f"rank{r}.pt", Path(tmp) / f"rank{r}.err") for r in range(nproc)]
-        ranks = []
-        for r in range(nproc):
-            child_env = rank_env(r, nproc, port, threads=threads, base=env)
-            proc = ctx.Process(target=_child, args=(fn, args, child_env, *paths[r]), daemon=False)
-            proc.start()
-            ranks.append(_Forked(r, proc))
-        sup = supervise(ranks, timeout_s=timeout_s, grace_s=grace_s)
+        ranks: list[_Forked] = []
+        try:
+            for r in range(nproc):
+                child_env = rank_env(r, nproc, port, threads=threads, base=env)
+                ranks.append(_start(ctx, r, (fn, args, child_env, *paths[r], stops)))
+            sup = supervise(ranks, timeout_s=timeout_s, grace_s=grace_s, stops=stops)
+        except BaseException:  # a rank that could not start (or a bug): leave no rank running
+            for started in ranks:
+                started.kill()
+            raise
         if sup.outcome != "ok":
             raise LaunchError(_failure(sup.outcome, sup.failed_rank, sup.exit_codes, paths, timeout_s))
         return [torch.load(result, weights_only=False) for result, _ in paths]

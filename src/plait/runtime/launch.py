@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import re
 import signal
@@ -10,15 +11,14 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 from plait.errors import LaunchError, PlaitError
 from plait.runtime.envvars import OUT_ENV, PLAN_ENV, RESUME_ENV
-from plait.runtime.procs import DEFAULT_GRACE_S, describe_exit, supervise
+from plait.runtime.procs import DEFAULT_GRACE_S, describe_exit, signal_group, stop_signals, supervise
 
 LOOPBACK = "127.0.0.1"
 TAIL_LINES = 200
@@ -94,12 +94,22 @@ class _Rank:
             threading.Thread(target=self._pump, args=(self.popen.stdout, out, "out", lock), daemon=True),
             threading.Thread(target=self._pump, args=(self.popen.stderr, err, "err", lock), daemon=True),
         ]
-        for t in self.pumps:
-            t.start()
+        try:
+            for t in self.pumps:
+                t.start()
+        except BaseException:
+            self.kill()
+            raise
 
     def wait(self) -> int:
         """Block until the rank ends; its exit code."""
         return self.popen.wait()
+
+    def kill(self) -> None:
+        """SIGKILL the rank's process group and reap the rank."""
+        signal_group(self.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(DEFAULT_GRACE_S)
 
     def _pump(self, source: IO[bytes], sink: IO[str], stream: str, lock: threading.Lock) -> None:
         for raw in iter(source.readline, b""):
@@ -138,23 +148,6 @@ class _Rank:
             t.join(timeout_s)
 
 
-@contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """Treat SIGTERM to the launcher like Ctrl-C, so the ranks are stopped too (main thread only)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def launch_argv(
     argv: Sequence[str],
     *,
@@ -166,28 +159,29 @@ def launch_argv(
     stdout: IO[str] | None = None,
     stderr: IO[str] | None = None,
 ) -> LaunchResult:
-    """Run ``argv`` as ``nproc`` local ranks; if one fails, stop all and report it."""
+    """Run ``argv`` as ``nproc`` local ranks; if one fails, stop all and report it. Ctrl-C or SIGTERM to this
+    process (when called on the main thread) stops them all too, whenever it comes: exit code 130."""
     if nproc < 1:
         raise PlaitError(f"--nproc must be at least 1, got {nproc}")
     out, err = stdout or sys.stdout, stderr or sys.stderr
     port, lock = free_port(), threading.Lock()
     ranks: list[_Rank] = []
-    with _sigterm_as_interrupt():
+
+    def mute_others(failed: int) -> None:
+        for rank in ranks:
+            rank.muted = rank.rank != failed
+
+    with stop_signals() as stops:  # before the first rank starts: a signal from now on is seen by supervise
         try:
             for r in range(nproc):
                 ranks.append(_Rank(r, argv, rank_env(r, nproc, port, threads=threads, base=env), out, err, lock))
-        except BaseException:
+            sup = supervise(ranks, timeout_s=timeout_s, grace_s=grace_s, on_failure=mute_others, stops=stops)
+        except BaseException:  # a rank that could not start (or a bug): leave no rank running
             for started in ranks:
-                started.popen.kill()
+                started.kill()
             raise
-
-        def mute_others(failed: int) -> None:
-            for rank in ranks:
-                rank.muted = rank.rank != failed
-
-        sup = supervise(ranks, timeout_s=timeout_s, grace_s=grace_s, on_failure=mute_others)
-    for rank in ranks:
-        rank.join_pumps()
+        for rank in ranks:
+            rank.join_pumps()
     exits = tuple(
         RankExit(rank=r.rank, pid=r.pid, exit_code=code, last_error=r.last_exception() or r.last_line("err"),
                  last_output=r.last_line("out"))
