@@ -19,6 +19,7 @@ class ScaledRates:
     op_s: float
     kernel_s: float
     copy_bandwidth: float
+    elementwise_bandwidth: float
     adamw_param_s: float | None
     adamw_tensor_s: float | None
 
@@ -60,6 +61,7 @@ class Calibration:
             op_s=r.op_s * slow,
             kernel_s=r.kernel_s * slow,
             copy_bandwidth=r.copy_bandwidth / slow,
+            elementwise_bandwidth=r.elementwise_bandwidth / slow,
             adamw_param_s=None if r.adamw_param_s is None else r.adamw_param_s * slow,
             adamw_tensor_s=None if r.adamw_tensor_s is None else r.adamw_tensor_s * slow,
         )

@@ -2,7 +2,9 @@
 
 Compute (see docs/cost_model.md): a block of ``num_kernels`` kernels doing ``flops`` FLOPs and moving
 ``bytes_moved`` bytes costs device time ``flops / rate(dtype, flops / num_kernels) + bytes_moved /
-copy_bandwidth`` (the GEMM rate is read at the block's FLOPs per kernel) and host time
+traffic_bandwidth`` (the GEMM rate is read at the block's FLOPs per kernel; the traffic moves at the
+profile's elementwise rate on a CPU rank, where GELU, softmax, LayerNorm and bias copies run at it, and at
+the copy rate on a GPU) and host time
 ``num_kernels * kernel_s``. A CPU rank does both in one thread (they add); a GPU runs kernels while the
 host queues the next ones (the larger wins). Rates come from the cluster's measured profile when it has
 one, else from the datasheet with a default efficiency.
@@ -67,6 +69,8 @@ class CostModel:
         rates = self.calibration.rates if self.calibration else None
         self.kernel_overhead_s = rates.kernel_s if rates else DEFAULT_KERNEL_OVERHEAD_S[kind]
         self.copy_bandwidth = rates.copy_bandwidth if rates else cluster.device.memory_bandwidth
+        # Chosen by measurement (docs/cost_model.md): the elementwise rate on CPU ranks, the copy rate on GPUs.
+        self.traffic_bandwidth = rates.elementwise_bandwidth if rates and kind == "cpu" else self.copy_bandwidth
 
     @property
     def source(self) -> str:
@@ -97,7 +101,7 @@ class CostModel:
     def compute_time(self, flops: float, bytes_moved: float = 0.0, *, dtype: str = "fp32", num_kernels: int = 1) -> float:
         """Time of a block of ``num_kernels`` kernels: GEMM rate read at FLOPs per kernel, memory traffic, launches."""
         gemm = flops / max(1, num_kernels)
-        device_s = self.matmul_time(flops, dtype=dtype, gemm_flops=gemm) + bytes_moved / self.copy_bandwidth
+        device_s = self.matmul_time(flops, dtype=dtype, gemm_flops=gemm) + bytes_moved / self.traffic_bandwidth
         host_s = num_kernels * self.kernel_overhead_s
         return device_s + host_s if self.synchronous else max(device_s, host_s)
 

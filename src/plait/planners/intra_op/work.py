@@ -4,7 +4,8 @@ A layer's FLOPs are its joint-graph nodes' FLOPs over the ranks that share each 
 traffic scales by the same share. Its saved activations scale by the share of the storages its backward
 reads that one rank holds: views (``t``, ``transpose``, ``detach``, a pin that moves nothing) share their
 base's storage, so each storage counts once, in the first layer whose backward reads it, as autograd keeps
-it. Its boundary output scales by the placements of the value that leaves it; its parameters by their
+it; and they are never below those storages' bytes on one rank (a pin that redistributes makes a storage the
+single-device layer view does not have). Its boundary output scales by the placements of the value that leaves it; its parameters by their
 placements. Its tensor-parallel collectives are the propagation's, at the plan's micro-batch (an
 activation's collective grows with the batch, a gradient's does not), each with the out-of-place buffers
 DTensor holds while it runs (and those its communication thread may hold a little longer). A recomputed
@@ -132,7 +133,7 @@ def intra_op_work(
     ops = dispatched_ops(joint)
     out: list[LayerWork] = []
     for layer in graph.layers:
-        fwd_share, bwd_share, saved_share, traffic_share = shares.get(layer.index, (1.0, 1.0, 1.0, 1.0))
+        fwd_share, bwd_share, saved_share, traffic_share, local_saved = shares.get(layer.index, (1.0, 1.0, 1.0, 1.0, 0.0))
         shard = {p.name: local_bytes_of(p.shape, p.dtype, params.get(p.name), mesh_shape) for p in graph.params_of(layer.index)}
         unit = int(sum(b * dtype_ratio(compute_dtype, p.dtype) for p, b in zip(graph.params_of(layer.index), shard.values(), strict=True)))
         output_share = _output_share(joint, prop, layer.index, mesh_shape)
@@ -144,7 +145,7 @@ def intra_op_work(
             index=layer.index, name=layer.name,
             fwd_flops=layer.fwd_flops * layer_scale * fwd_share, bwd_flops=layer.bwd_flops * layer_scale * bwd_share,
             fwd_bytes_moved=layer.fwd_bytes_moved * layer_scale * traffic_share, num_kernels=layer.num_kernels,
-            activation_bytes=int(layer.activation_bytes * layer_scale * saved_share),
+            activation_bytes=int(max(layer.activation_bytes * layer_scale * saved_share, local_saved * scale)),
             output_bytes=int(layer.output_bytes * layer_scale * output_share), input_bytes=previous,
             grad_bytes=unit if fsdp_degree > 1 else max(shard.values(), default=0),
             unit_bytes=unit if fsdp_degree > 1 else 0,
@@ -245,9 +246,9 @@ def saved_storages(joint: JointGraph, prop: Propagation) -> dict[int, dict[int, 
     return out
 
 
-def _shares(joint: JointGraph, prop: Propagation, mesh_shape: Sequence[int]) -> dict[int, tuple[float, float, float, float]]:
+def _shares(joint: JointGraph, prop: Propagation, mesh_shape: Sequence[int]) -> dict[int, tuple[float, float, float, float, float]]:
     """Per layer: the fraction of its forward FLOPs, backward FLOPs, saved bytes and forward memory traffic
-    (the bytes its forward ops write) one rank has."""
+    (the bytes its forward ops write) one rank has, and the bytes of the storages it saves on one rank."""
     sums: dict[int, list[float]] = defaultdict(lambda: [0.0] * 8)
     for node in joint.nodes:
         if node.kind != "call" or not node.outputs:
@@ -266,7 +267,8 @@ def _shares(joint: JointGraph, prop: Propagation, mesh_shape: Sequence[int]) -> 
             acc[5] += node.outputs[0].nbytes
             meta = node.outputs[0]
             acc[4] += meta.nbytes if spec is None else local_bytes(meta, placements_of(spec), mesh_shape)
-    return {layer: (_ratio(a[0], a[1]), _ratio(a[2], a[3]), _ratio(a[4], a[5]), _ratio(a[6], a[7])) for layer, a in sums.items()}
+    return {layer: (_ratio(a[0], a[1]), _ratio(a[2], a[3]), _ratio(a[4], a[5]), _ratio(a[6], a[7]), a[4])
+            for layer, a in sums.items()}
 
 
 def _local_output_bytes(node: JointNode, prop: Propagation, mesh_shape: Sequence[int]) -> int:
