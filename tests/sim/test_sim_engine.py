@@ -70,6 +70,22 @@ def test_send_and_recv_meet(plan_of: Callable[..., Plan], unit_cost: UnitCost) -
     assert {e.name: e.end for e in result.events_of(1)} == {"act": 6, "f1": 7}
 
 
+def test_sends_do_not_wait_for_their_receiver(plan_of: Callable[..., Plan], unit_cost: UnitCost) -> None:
+    # Each rank sends to the other before it receives (1F1B's steady state does this): blocking transfers would
+    # deadlock; posted sends run at once, and a receive ends when its data has arrived.
+    def rank(me: int, other: int, work: float) -> tuple[tuple[int], list[Instr]]:
+        out = Instr(op="send", stream="comm", name=f"from{me}", nbytes=2, group=(me, other), deps=(0,))
+        into = Instr(op="recv", stream="comm", name=f"from{other}", nbytes=2, group=(other, me))
+        return (me,), [comp(f"w{me}", work), out, into, comp(f"use{me}", 1, 2)]
+
+    result = simulate(plan_of(rank(0, 1, 1), rank(1, 0, 5)), unit_cost)  # type: ignore[arg-type]
+    zero = {e.name: (e.start, e.end) for e in result.events_of(0)}
+    one = {e.name: (e.start, e.end) for e in result.events_of(1)}
+    assert zero["from0"] == (1, 3) and one["from1"] == (5, 7)  # each send right after its own work
+    assert zero["from1"] == (3, 7) and zero["use0"] == (7, 8)  # rank 0 waits for rank 1's data
+    assert one["from0"] == (7, 7) and one["use1"] == (7, 8)  # already there: the receive costs nothing
+
+
 def test_dependency_and_stream_order_hold(plan_of: Callable[..., Plan], unit_cost: UnitCost) -> None:
     instrs = [comp("a", 1), coll("x", 4, 0), comp("b", 1), coll("y", 1, 2), comp("c", 2, 3), comp("d", 1), coll("z", 2, 5)]
     plan = plan_of(((0,), instrs))

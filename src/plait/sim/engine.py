@@ -2,8 +2,11 @@
 
 Each program has two in-order streams (compute and comm); on a cost model that does not overlap
 communication with compute (CPU ranks) both run on one lane in program order. An instruction starts
-when its lane is free, its ``deps`` have finished and, for a collective or transfer that spans several
-programs, when every partner instruction (same name) is ready too; then all partners run together.
+when its lane is free, its ``deps`` have finished and, for a collective that spans several programs,
+when every partner instruction (same name) is ready too; then all partners run together. A transfer is
+non-blocking, as pipeline runtimes post it (``isend``/``irecv``): a ``send`` runs as soon as its lane and
+deps allow, whether or not the receiver is there yet, and the ``recv`` of the same name ends when both it
+is posted and the send has ended, so two ranks that send to each other before receiving cannot deadlock.
 Every instruction is timed from its own fields (the lowering puts a layer's FLOPs, bytes and kernels
 on it), each distinct piece of work once.
 """
@@ -20,7 +23,8 @@ from plait.sim.memory import memory_trace, resident_bytes
 from plait.sim.metrics import prediction_of
 from plait.sim.trace import Event, ProgramTrace
 
-_RENDEZVOUS = ("collective", "send", "recv")
+_RENDEZVOUS = ("collective",)
+_TRANSFERS = ("send", "recv")
 
 
 class SimulationError(PlaitError):
@@ -137,7 +141,7 @@ def _schedule(
     free_at = [{"compute": 0.0, "comm": 0.0} for _ in programs]
     starts = [[-1.0] * len(p.instrs) for p in programs]
     ends = [[-1.0] * len(p.instrs) for p in programs]
-    by_name = [{i.name: k for k, i in enumerate(p.instrs) if i.op in _RENDEZVOUS} for p in programs]
+    by_name = [{i.name: k for k, i in enumerate(p.instrs) if i.op in (*_RENDEZVOUS, *_TRANSFERS)} for p in programs]
     remaining = sum(len(p.instrs) for p in programs)
     while remaining:
         progressed = False
@@ -150,8 +154,10 @@ def _schedule(
                     if parts is None:
                         break
                     start = max(max([free_at[q][lane(programs[q].instrs[j])]] + [ends[q][d] for d in programs[q].instrs[j].deps]) for q, j in parts)
+                    arrival = _arrival(pi, k, programs, ends, by_name)
                     for q, j in parts:
-                        starts[q][j], ends[q][j] = start, start + durations[q][j]
+                        own = 0.0 if programs[q].instrs[j].op == "recv" else durations[q][j]  # the send moves the data
+                        starts[q][j], ends[q][j] = start, max(start + own, arrival)
                         free_at[q][lane(programs[q].instrs[j])] = ends[q][j]
                         heads[q][lane(programs[q].instrs[j])] += 1
                         remaining -= 1
@@ -175,6 +181,8 @@ def _ready_parts(
     when one of them is not at the head of its stream or waits for a dependency."""
     ins = programs[pi].instrs[k]
     parts = [(pi, k)]
+    if ins.op == "recv" and _arrival(pi, k, programs, ends, by_name) < 0:
+        return None  # the matching send has not run yet
     if ins.op in _RENDEZVOUS:
         for q, other in enumerate(programs):
             if q == pi or set(ins.group).isdisjoint(other.ranks):
@@ -193,6 +201,22 @@ def _ready_parts(
         if any(ends[q][d] < 0 for d in partner.deps):
             return None
     return parts
+
+
+def _arrival(pi: int, k: int, programs: Sequence[RankProgram], ends: list[list[float]], by_name: list[dict[str, int]]) -> float:
+    """When the data of receive ``k`` of program ``pi`` has arrived: its send's end (-1 while the send has not
+    run); 0 for any other instruction."""
+    ins = programs[pi].instrs[k]
+    if ins.op != "recv":
+        return 0.0
+    src = ins.group[0] if ins.group else None
+    for q, other in enumerate(programs):
+        if q != pi and src in other.ranks:
+            j = by_name[q].get(ins.name)
+            if j is None or programs[q].instrs[j].op != "send":
+                raise SimulationError(f"recv {ins.name!r} of ranks {programs[pi].ranks} has no send of that name on rank {src}")
+            return ends[q][j]
+    raise SimulationError(f"recv {ins.name!r} of ranks {programs[pi].ranks} comes from rank {src}, which runs no program")
 
 
 def _lane(instr: Instr) -> str:
