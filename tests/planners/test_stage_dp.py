@@ -23,7 +23,8 @@ def random_problem(rng: random.Random, *, layers: int, devices: int, micro: int)
                 for c in range(configs):
                     t = work / size ** rng.uniform(0.5, 1.0) + rng.uniform(0.0, 0.3)
                     cands.append(StageCandidate(start=start, stop=stop, submesh=m, config=c, time_s=t,
-                                                max_after=rng.choice([0, 1, 2, 3, layers])))
+                                                max_after=rng.choice([0, 1, 2, 3, layers]),
+                                                once_s=rng.choice([0.0, rng.uniform(0.0, 1.0)])))
     return StageProblem(num_layers=layers, submesh_devices=sizes, num_devices=devices, num_micro=micro,
                         candidates=tuple(cands))
 
@@ -45,7 +46,8 @@ def test_dp_equals_brute_force_on_random_costs(micro: int) -> None:
             continue
         got = solve_stages(problem)
         assert got.step_s == pytest.approx(expected.step_s, rel=1e-9)
-        assert got.step_s == pytest.approx(pipeline_time([s.time_s for s in got.stages], micro))
+        assert got.step_s == pytest.approx(pipeline_time([s.time_s for s in got.stages], micro,
+                                                         [s.once_s for s in got.stages]))
         assert [(s.start, s.stop) for s in got.stages][0][0] == 0 and got.stages[-1].stop == layers
         assert sum(problem.submesh_devices[s.submesh] for s in got.stages) == devices
         assert all(len(got.stages) - 1 - i <= s.max_after for i, s in enumerate(got.stages))
@@ -115,3 +117,19 @@ def test_no_pipeline_is_a_clear_error() -> None:
     with pytest.raises(StageError, match="not inside"):
         solve_stages(StageProblem(num_layers=2, submesh_devices=(1,), num_devices=1, num_micro=1,
                                   candidates=(StageCandidate(start=1, stop=3, submesh=0, time_s=1.0, max_after=0),)))
+
+
+def test_once_per_step_work_counts_in_the_sum_only() -> None:
+    # Splitting wins on per-micro-batch time, but each half's once-per-step work (sync, optimizer) is dear.
+    def problem(once: float) -> StageProblem:
+        cands = (
+            StageCandidate(start=0, stop=2, submesh=1, time_s=1.2, max_after=9, once_s=0.5),
+            StageCandidate(start=0, stop=1, submesh=0, time_s=1.0, max_after=9, once_s=once),
+            StageCandidate(start=1, stop=2, submesh=0, time_s=1.0, max_after=9, once_s=once),
+        )
+        return StageProblem(num_layers=2, submesh_devices=(1, 2), num_devices=2, num_micro=8, candidates=cands)
+
+    cheap = solve_stages(problem(0.1))
+    assert len(cheap.stages) == 2 and cheap.step_s == pytest.approx(2.0 + 0.2 + 7 * 1.0)
+    dear = solve_stages(problem(0.6))  # 2 + 1.2 + 7 = 10.2 > 8 x 1.2 + 0.5 = 10.1
+    assert len(dear.stages) == 1 and dear.step_s == pytest.approx(8 * 1.2 + 0.5)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from plait.planners.stage_dp import StageCandidate, StageError, StageProblem, StageSolution, pipeline_time
+from plait.planners.stage_dp import StageCandidate, StageError, StageProblem, StageSolution, stage_step
 
 BRUTE_FORCE_LIMIT = 2_000_000  # partial pipelines visited before giving up
 
@@ -23,7 +23,7 @@ def brute_force_stages(problem: StageProblem) -> StageSolution:
             raise StageError(f"brute force visited more than {BRUTE_FORCE_LIMIT} partial pipelines; use a smaller problem")
         if layer == problem.num_layers:
             if devices == problem.num_devices and _fits(chosen):
-                step = pipeline_time([c.time_s for c in chosen], problem.num_micro)
+                step = stage_step(chosen, problem.num_micro)
                 if not best or step < best[0][0]:
                     best[:] = [(step, chosen)]
             return

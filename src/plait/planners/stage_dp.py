@@ -5,13 +5,15 @@ candidate is a contiguous layer range ``[start, stop)`` on one submesh under one
 with its time for one micro-batch (forward + backward, plus sending its boundary activation to the next
 stage and receiving the gradient back: plait charges the boundary, Alpa did not) and ``max_after``, the most
 stages that may follow it before its memory overflows (1F1B keeps ``stages after it + 1`` micro-batches of
-activations alive). A pipeline of stages with times ``t_i`` over ``B`` micro-batches takes
+activations alive); and ``once_s``, work the stage does once per step outside the pipeline (its
+gradient all-reduce and optimizer step; counted whole, as if none of it overlapped). A pipeline of stages
+with times ``t_i`` and ``o_i`` over ``B`` micro-batches takes
 
-    T = sum_i t_i + (B - 1) * max_i t_i
+    T = sum_i (t_i + o_i) + (B - 1) * max_i t_i
 
 and uses every device exactly once. ``solve_stages`` enumerates ``t_max`` over the distinct candidate
 times in ascending order; for each, a DP over (first layer, stages, devices) finds the least ``sum t_i`` of
-the candidates no slower than ``t_max``, and ``sum + (B - 1) * t_max`` bounds a feasible pipeline from
+the candidates no slower than ``t_max`` (with their ``o_i``), and ``sum + (B - 1) * t_max`` bounds a feasible pipeline from
 above, exactly at the optimum's own maximum. It stops once ``B * t_max`` reaches the best found (no later
 ``t_max`` can beat it).
 """
@@ -41,6 +43,7 @@ class StageCandidate:
     config: int = 0
     time_s: float  # one micro-batch's forward + backward and its boundary transfers
     max_after: int  # the most stages that may follow it (memory); a large number when memory is no concern
+    once_s: float = 0.0  # once per step, outside the pipeline: gradient sync and optimizer step
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,8 +68,8 @@ class StageProblem:
                 raise StageError(f"candidate layers [{c.start}, {c.stop}) are not inside [0, {self.num_layers})")
             if not 0 <= c.submesh < len(self.submesh_devices):
                 raise StageError(f"candidate submesh {c.submesh} is not one of the {len(self.submesh_devices)} submeshes")
-            if not c.time_s >= 0 or c.max_after < 0:
-                raise StageError(f"candidate {c} needs a time >= 0 and max_after >= 0")
+            if not (c.time_s >= 0 and c.once_s >= 0) or c.max_after < 0:
+                raise StageError(f"candidate {c} needs times >= 0 and max_after >= 0")
 
 
 @dataclass(frozen=True)
@@ -80,9 +83,15 @@ class StageSolution:
     solve_s: float
 
 
-def pipeline_time(times: Sequence[float], num_micro: int) -> float:
-    """``sum(times) + (num_micro - 1) * max(times)``: a synchronous pipeline's step over ``num_micro`` micro-batches."""
-    return float(sum(times) + (num_micro - 1) * max(times))
+def pipeline_time(times: Sequence[float], num_micro: int, once: Sequence[float] = ()) -> float:
+    """``sum(times) + sum(once) + (num_micro - 1) * max(times)``: a synchronous pipeline's step over
+    ``num_micro`` micro-batches, with each stage's once-per-step work ``once`` added whole."""
+    return float(sum(times) + sum(once) + (num_micro - 1) * max(times))
+
+
+def stage_step(stages: Sequence[StageCandidate], num_micro: int) -> float:
+    """The pipeline step of these stages (``pipeline_time`` of their times and once-per-step work)."""
+    return pipeline_time([s.time_s for s in stages], num_micro, [s.once_s for s in stages])
 
 
 def solve_stages(problem: StageProblem) -> StageSolution:
@@ -110,7 +119,7 @@ def solve_stages(problem: StageProblem) -> StageSolution:
     if best is None:
         raise StageError(_no_pipeline(problem))
     stages = tuple(cands[i] for i in best[1])
-    return StageSolution(stages=stages, step_s=pipeline_time([s.time_s for s in stages], problem.num_micro),
+    return StageSolution(stages=stages, step_s=stage_step(stages, problem.num_micro),
                          t_max_tried=tried, t_max_total=len(levels), solve_s=time.perf_counter() - t0)
 
 
@@ -135,7 +144,7 @@ def _least_sum(problem: StageProblem, cands: list[StageCandidate], t_max: float)
             dev = problem.submesh_devices[c.submesh]
             after = min(S - 1, c.max_after)  # stages that may follow this one
             rest = best[c.stop, : after + 1, : D + 1 - dev]  # s' = 0..after stages after it, d' devices
-            options = rest + c.time_s
+            options = rest + (c.time_s + c.once_s)
             target = best[k, 1 : after + 2, dev:]
             better = options < target
             if better.any():
