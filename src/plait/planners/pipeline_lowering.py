@@ -4,7 +4,7 @@ Each pipeline stage is one ``RankProgram`` shared by the ranks of its submesh. F
 schedule it gets: a forward that first receives its input activation from the previous virtual stage
 (none on the first), computes (holding the micro-batch's saved activations) and sends its output on; a
 backward that receives the output gradient from the next virtual stage (none on the last), computes
-(freeing the saved activations) and sends the input gradient back; then the optimizer step. Transfers are
+(freeing the saved activations) and sends the input gradient back; then the gradient all-reduce over the stage's ranks (when it has several) and the optimizer step. Transfers are
 non-blocking sends and receives between the stages' first ranks, named by the boundary, direction and
 micro-batch, so the simulator pairs them.
 """
@@ -32,8 +32,10 @@ class StageWork:
 
 
 def lower_pipeline(schedule: Schedule, work: Sequence[StageWork], stage_ranks: Sequence[tuple[int, ...]], *,
-                   optimizer_numel: Sequence[int] | None = None) -> tuple[RankProgram, ...]:
-    """Per-stage programs for ``schedule``; ``work[v]`` is virtual stage ``v = chunk * p + stage``."""
+                   optimizer_numel: Sequence[int] | None = None,
+                   sync_bytes: Sequence[int] | None = None) -> tuple[RankProgram, ...]:
+    """Per-stage programs for ``schedule``; ``work[v]`` is virtual stage ``v = chunk * p + stage``;
+    ``sync_bytes[stage]`` the gradients its ranks all-reduce, ``optimizer_numel[stage]`` what they update."""
     p = len(schedule)
     if len(stage_ranks) != p:
         raise PlaitError(f"the schedule has {p} stages but {len(stage_ranks)} rank groups were given")
@@ -45,8 +47,14 @@ def lower_pipeline(schedule: Schedule, work: Sequence[StageWork], stage_ranks: S
         instrs: list[Instr] = []
         for action in actions:
             _lower_action(instrs, action, stage, p, work, stage_ranks)
+        ranks = tuple(stage_ranks[stage])
+        sync = sync_bytes[stage] if sync_bytes is not None else 0
+        if len(ranks) > 1 and sync > 0:
+            instrs.append(Instr(op="collective", stream="comm", name=f"grad sync stage {stage}", phase="bwd",
+                                collective="all_reduce", nbytes=sync, group=ranks, deps=(len(instrs) - 1,)))
         numel = optimizer_numel[stage] if optimizer_numel is not None else 0
-        instrs.append(Instr(op="optimizer", stream="compute", name="optimizer step", phase="step", numel=numel))
+        instrs.append(Instr(op="optimizer", stream="compute", name="optimizer step", phase="step", numel=numel,
+                            deps=(len(instrs) - 1,)))
         programs.append(RankProgram(ranks=tuple(stage_ranks[stage]), instrs=tuple(instrs)))
     return tuple(programs)
 

@@ -1,0 +1,178 @@
+"""Pipeline plans from the layer view: group the layers, price every (group range, submesh) as a stage with
+the CostModel, choose stages and micro-batches with the stage DP, and lower the choice to 1F1B programs.
+
+This first planner gives each stage data parallelism over its submesh (Alpa's ``data_parallel_only``
+logical mesh): each rank runs ``micro_size / d`` samples of every micro-batch through the stage's layers,
+and the stage all-reduces its gradients once per step. A stage's time per micro-batch is its layers'
+forward and backward on the CostModel plus the boundary activation sent on and its gradient sent back
+(between nodes when the cluster has several, which errs slow). Its memory is its layers' parameters,
+gradients and optimizer state plus ``stages after it + 1`` micro-batches of saved activations (1F1B).
+Intra-op configurations per stage come next (docs/pipeline.md).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from plait.cluster.spec import Cluster
+from plait.cost import CostModel
+from plait.cost.memory import OPTIMIZER_STATES, check_optimizer
+from plait.errors import PlaitError
+from plait.graph.model_graph import LayerInfo, ModelGraph
+from plait.plan.ir import RankProgram
+from plait.planners.layer_groups import group_layers
+from plait.planners.pipeline_lowering import StageWork, lower_pipeline
+from plait.planners.schedules import one_f_one_b
+from plait.planners.stage_dp import StageCandidate, StageError, StageProblem, StageSolution, solve_stages
+
+MAX_GROUPS = 16  # layer groups the stage DP sees (Alpa clusters to a few dozen layers at most)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PipelineOptions:
+    """What the pipeline search may choose and the memory it must respect."""
+
+    num_groups: int | None = None  # default: min(layers, MAX_GROUPS)
+    micro_batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    imbalance: float = 0.5
+    memory_fraction: float = 0.9
+    optimizer: str = "adamw"
+
+
+@dataclass(frozen=True, kw_only=True)
+class PipelineChoice:
+    """The stages (layer ranges and ranks), micro-batching and the DP's predicted step."""
+
+    layer_ranges: tuple[tuple[int, int], ...]
+    stage_ranks: tuple[tuple[int, ...], ...]
+    num_micro: int
+    micro_size: int
+    work: tuple[StageWork, ...]
+    sync_bytes: tuple[int, ...]
+    optimizer_numel: tuple[int, ...]
+    solution: StageSolution
+    search_s: float
+
+    @property
+    def step_s(self) -> float:
+        """The DP's step time (closed form, once-per-step work counted whole)."""
+        return self.solution.step_s
+
+    def programs(self) -> tuple[RankProgram, ...]:
+        """Per-stage 1F1B programs of this choice, for the simulator."""
+        return lower_pipeline(one_f_one_b(len(self.layer_ranges), self.num_micro), self.work, self.stage_ranks,
+                              optimizer_numel=self.optimizer_numel, sync_bytes=self.sync_bytes)
+
+
+def submesh_sizes(cluster: Cluster) -> tuple[int, ...]:
+    """Power-of-two slices of one node, then power-of-two counts of whole nodes (Alpa's submesh shapes)."""
+    m, n = cluster.devices_per_node, cluster.num_nodes
+    inside = [1 << k for k in range(m.bit_length()) if (1 << k) <= m]
+    whole = [m * (1 << k) for k in range(1, n.bit_length()) if (1 << k) <= n]
+    return tuple(sorted(set(inside + whole)))
+
+
+def assign_ranks(sizes: Sequence[int], cluster: Cluster) -> tuple[tuple[int, ...], ...]:
+    """Contiguous rank blocks for stages of these sizes, largest first so every block stays aligned (a
+    slice of one node never straddles two); returned in stage order."""
+    if sum(sizes) != cluster.world_size:
+        raise PlaitError(f"stage sizes {list(sizes)} do not add up to the cluster's {cluster.world_size} devices")
+    blocks: dict[int, tuple[int, ...]] = {}
+    offset = 0
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        blocks[i] = tuple(range(offset, offset + sizes[i]))
+        offset += sizes[i]
+    return tuple(blocks[i] for i in range(len(sizes)))
+
+
+def plan_pipeline(graph: ModelGraph, cluster: Cluster, *, global_batch: int, cost: CostModel,
+                  options: PipelineOptions = PipelineOptions()) -> PipelineChoice:
+    """The fastest pipeline that fits (see the module docstring); ``StageError`` when none does."""
+    t0 = time.perf_counter()
+    check_optimizer(options.optimizer)
+    layers = graph.layers
+    groups = group_layers([float(layer.fwd_flops + layer.bwd_flops) for layer in layers],
+                          [float(layer.output_bytes) for layer in layers[:-1]],
+                          options.num_groups or min(len(layers), MAX_GROUPS), imbalance=options.imbalance)
+    sizes = submesh_sizes(cluster)
+    best: tuple[StageSolution, int, dict[StageCandidate, StageWork]] | None = None
+    for num_micro in options.micro_batches:
+        if global_batch % num_micro:
+            continue
+        problem, works = _stage_problem(graph, cluster, cost, groups, sizes, global_batch // num_micro, num_micro, options)
+        try:
+            solution = solve_stages(problem)
+        except StageError:
+            continue
+        if best is None or solution.step_s < best[0].step_s:
+            best = (solution, num_micro, works)
+    if best is None:
+        raise StageError(f"no pipeline of {graph.name} fits {cluster.name} with micro-batch counts "
+                         f"{list(options.micro_batches)} dividing the global batch {global_batch}")
+    solution, num_micro, works = best
+    stages = solution.stages
+    ranges = tuple((groups[s.start][0], groups[s.stop - 1][1]) for s in stages)
+    return PipelineChoice(
+        layer_ranges=ranges,
+        stage_ranks=assign_ranks([sizes[s.submesh] for s in stages], cluster),
+        num_micro=num_micro, micro_size=global_batch // num_micro,
+        work=tuple(works[s] for s in stages),
+        sync_bytes=tuple(sum(layer.param_bytes for layer in layers[a:b]) for a, b in ranges),
+        optimizer_numel=tuple(sum(layer.num_params for layer in layers[a:b]) for a, b in ranges),
+        solution=solution, search_s=time.perf_counter() - t0,
+    )
+
+
+def _stage_problem(graph: ModelGraph, cluster: Cluster, cost: CostModel, groups: Sequence[tuple[int, int]],
+                   sizes: Sequence[int], micro_size: int, num_micro: int,
+                   options: PipelineOptions) -> tuple[StageProblem, dict[StageCandidate, StageWork]]:
+    """Every (group range, submesh) that splits the micro-batch evenly, priced on the CostModel."""
+    limit = options.memory_fraction * cluster.device.memory_bytes
+    states = OPTIMIZER_STATES[options.optimizer]
+    cands: list[StageCandidate] = []
+    works: dict[StageCandidate, StageWork] = {}
+    for a in range(len(groups)):
+        for b in range(a + 1, len(groups) + 1):
+            layers = graph.layers[groups[a][0]:groups[b - 1][1]]
+            params = sum(layer.param_bytes for layer in layers)
+            for m, d in enumerate(sizes):
+                if micro_size % d:
+                    continue
+                work = _stage_work(layers, (micro_size // d) / graph.batch_size, last=b == len(groups))
+                time_s = _stage_time(cost, work, cluster, graph.dtype)
+                static = params * (2 + states)
+                if static + work.activation_bytes > limit:
+                    continue
+                max_after = len(groups) if work.activation_bytes == 0 else int((limit - static) // work.activation_bytes) - 1
+                once = cost.collective_time("all_reduce", params, tuple(range(d))) + cost.optimizer_time(
+                    sum(layer.num_params for layer in layers), num_tensors=len(layers))
+                cand = StageCandidate(start=a, stop=b, submesh=m, time_s=time_s, max_after=max(0, max_after), once_s=once)
+                cands.append(cand)
+                works[cand] = work
+    problem = StageProblem(num_layers=len(groups), submesh_devices=tuple(sizes), num_devices=cluster.world_size,
+                           num_micro=num_micro, candidates=tuple(cands))
+    return problem, works
+
+
+def _stage_work(layers: Sequence[LayerInfo], scale: float, *, last: bool) -> StageWork:
+    """One rank's work on one micro-batch through ``layers``, at ``scale`` x the captured batch (the last
+    stage sends nothing on)."""
+    return StageWork(
+        fwd_flops=sum(layer.fwd_flops for layer in layers) * scale,
+        bwd_flops=sum(layer.bwd_flops for layer in layers) * scale,
+        fwd_bytes_moved=sum(layer.fwd_bytes_moved for layer in layers) * scale,
+        num_kernels=sum(layer.num_kernels for layer in layers),
+        activation_bytes=int(sum(layer.activation_bytes for layer in layers) * scale),
+        boundary_bytes=0 if last else int(layers[-1].output_bytes * scale),
+    )
+
+
+def _stage_time(cost: CostModel, work: StageWork, cluster: Cluster, dtype: str) -> float:
+    """Forward + backward of one micro-batch on one rank, plus the boundary sent on and its gradient back."""
+    far = cluster.devices_per_node if cluster.num_nodes > 1 else min(1, cluster.world_size - 1)
+    transfer = cost.p2p_time(work.boundary_bytes, 0, far) if work.boundary_bytes else 0.0
+    fwd = cost.compute_time(work.fwd_flops, work.fwd_bytes_moved, dtype=dtype, num_kernels=work.num_kernels)
+    bwd = cost.compute_time(work.bwd_flops, 2 * work.fwd_bytes_moved, dtype=dtype, num_kernels=2 * work.num_kernels)
+    return fwd + bwd + 2 * transfer
