@@ -1,0 +1,82 @@
+"""Pipeline stages on real gloo ranks (torch.distributed.pipelining): GPipe, 1F1B and interleaved 1F1B, with and
+without data parallelism inside each stage, match one plain process after 3 AdamW steps."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from planrun import OPT, data_of, model_parts, reference
+
+from plait.errors import PlaitError
+from plait.runtime import init_distributed, run_ranks, teardown
+from plait.runtime.pipeline import build_pipeline_rank, check_pipeline_layout
+
+STEPS, GLOBAL_BATCH, MICRO = 3, 8, 4
+LAYERS = ["embed", "blocks.0", "blocks.1", "head"]  # gpt-tiny's layer view
+LOSS_RTOL, PARAM_ATOL = 1e-5, 5e-6
+
+
+def train_rank(stage_layers: list[list[str]], pp: int, dp: int, schedule: str) -> dict[str, Any]:
+    init_distributed()
+    build, _, loss = model_parts("gpt-tiny")
+    torch.manual_seed(0)
+    model = build()
+    rank = build_pipeline_rank(model, stage_layers, pp=pp, dp=dp, schedule=schedule, num_micro=MICRO, loss=loss)
+    opt = torch.optim.AdamW(list(rank.params.values()), **OPT)
+    data = data_of("gpt-tiny", GLOBAL_BATCH)
+    losses = []
+    for step in range(STEPS):
+        opt.zero_grad()
+        got = rank.step(data(step))
+        opt.step()
+        losses.append(None if got is None else float(got))
+    out = {"losses": losses, "params": {n: p.detach().clone() for n, p in rank.params.items()}}
+    teardown()
+    return out
+
+
+CASES = [
+    # stage layers, pipeline ranks, data-parallel ranks per stage, schedule
+    ([LAYERS[:2], LAYERS[2:]], 2, 2, "gpipe"),
+    ([LAYERS[:2], LAYERS[2:]], 2, 2, "1f1b"),
+    ([[name] for name in LAYERS], 2, 2, "interleaved-1f1b"),
+    ([[name] for name in LAYERS], 4, 1, "1f1b"),
+    ([[name] for name in LAYERS], 4, 1, "gpipe"),
+]
+
+
+@pytest.mark.parametrize(("stage_layers", "pp", "dp", "schedule"), CASES, ids=lambda v: str(v))
+def test_pipeline_matches_one_process(stage_layers: list[list[str]], pp: int, dp: int, schedule: str) -> None:
+    results = run_ranks(train_rank, pp * dp, stage_layers, pp, dp, schedule, timeout_s=600)
+    ref_losses, ref_params = reference("gpt-tiny", GLOBAL_BATCH, STEPS)
+    last_stage = [r for r in results if r["losses"][0] is not None]
+    assert len(last_stage) == dp
+    # each replica's mean loss over its slice; their mean is the global batch's loss
+    mean = [sum(r["losses"][k] for r in last_stage) / dp for k in range(STEPS)]
+    assert mean == pytest.approx(ref_losses, rel=LOSS_RTOL)
+    seen: set[str] = set()
+    for r in results:
+        for name, p in r["params"].items():
+            torch.testing.assert_close(p, ref_params[name], rtol=0, atol=PARAM_ATOL)
+            seen.add(name)
+    assert seen == set(ref_params)  # every parameter lives on some stage
+
+
+def test_bad_layouts_are_clear_errors() -> None:
+    def check(stage_layers: list[list[str]], pp: int, schedule: str, *, dp: int = 1, world: int | None = None,
+              micro: int = MICRO) -> None:
+        check_pipeline_layout(stage_layers, pp=pp, dp=dp, world=pp * dp if world is None else world,
+                              schedule=schedule, num_micro=micro)
+
+    with pytest.raises(PlaitError, match="unknown pipeline schedule 'zb'"):
+        check([LAYERS], 1, "zb")
+    with pytest.raises(PlaitError, match="need 4 ranks, the job has 3"):
+        check([LAYERS[:2], LAYERS[2:]], 2, "1f1b", dp=2, world=3)
+    with pytest.raises(PlaitError, match="gpipe and 1f1b need one stage per rank"):
+        check([[n] for n in LAYERS], 2, "1f1b")
+    with pytest.raises(PlaitError, match="a multiple of the 2 ranks for interleaved-1f1b"):
+        check([[n] for n in LAYERS], 2, "interleaved-1f1b", micro=3)
+    with pytest.raises(PlaitError, match="at least one layer"):
+        check([LAYERS, []], 2, "1f1b")
