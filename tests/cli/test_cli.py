@@ -44,6 +44,8 @@ def test_model_that_fits_no_plan_reports_smallest_memory() -> None:
     assert_one_clear_error(result, "fits no plan", "limit")
     for kind in ("replicate", "fsdp"):
         assert kind in result.stderr
+    # intra-op candidates are ruled out by their state alone, before any capture or ILP (seconds, not minutes)
+    assert "intra-op tp=8: cannot fit: its parameters and optimizer state alone need 262.83 GB" in result.stderr
 
 
 def test_script_raising_on_one_rank_stops_every_rank(tmp_path: Path) -> None:

@@ -7,9 +7,11 @@ from dataclasses import dataclass
 
 from plait.cluster import Cluster
 from plait.cost import CostModel
+from plait.cost.memory import OPTIMIZER_STATES
 from plait.errors import PlaitError
 from plait.graph.model_graph import ModelGraph
 from plait.plan.ir import MeshSpec, Plan, PrecisionPolicy
+from plait.plan.table import fmt_bytes
 from plait.planners.buckets import DEFAULT_BUCKET_BYTES, MiB
 from plait.planners.data_parallel import DataParallelKind, build_dp_plan, resolve_precision
 from plait.planners.intra_op.planner import IntraOpOptions
@@ -101,6 +103,11 @@ def score(
     """Build and simulate ``option`` with the fewest micro-batches whose peak memory fits ``limit``, first
     without and then with activation recomputation."""
     if option.mesh is not None:
+        floor = state_floor(graph, cluster, optimizer)
+        if floor > limit:  # no sharding can fit it: skip the capture and the ILP
+            return Scored(option=option, plan=None, fits=False, peak_bytes=floor,
+                          reason=f"cannot fit: its parameters and optimizer state alone need {fmt_bytes(floor)} per "
+                                 f"device even split over all {cluster.world_size} devices")
         return _score_intra_op(option, cluster, global_batch=global_batch, micro_batch=micro_batch, cost=cost, limit=limit,
                                optimizer=optimizer, precision=precision, source=source, intra_op=intra_op)
     if option.kind == "hybrid" and mesh is not None:
@@ -124,6 +131,13 @@ def score(
                 leanest = plan
     assert leanest is not None and leanest.predicted is not None
     return Scored(option=option, plan=leanest, fits=False, peak_bytes=max(leanest.predicted.peak_memory_bytes))
+
+
+def state_floor(graph: ModelGraph, cluster: Cluster, optimizer: str) -> int:
+    """Bytes per device that parameters and optimizer state need at the least: split evenly over every device
+    (gradients, activations and buffers come on top in any plan)."""
+    total = graph.param_bytes * (1 + OPTIMIZER_STATES[optimizer])
+    return -(-total // cluster.world_size)
 
 
 def _score_intra_op(option: Option, cluster: Cluster, *, global_batch: int, micro_batch: int | None, cost: CostModel,
