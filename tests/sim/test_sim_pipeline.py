@@ -102,3 +102,19 @@ def test_submeshes_and_rank_blocks_are_aligned() -> None:
     assert all(len({cluster.node_of(r) for r in b}) == 1 for b in blocks)  # no slice of a node straddles two
     with pytest.raises(PlaitError, match="do not add up"):
         assign_ranks([8, 4], cluster)
+
+
+def test_stages_recompute_when_memory_needs_it_and_fit_in_the_simulator() -> None:
+    # GPT 39B in fp32 on 64 A100s: the first stages hold the most micro-batches in flight (1F1B) and must
+    # recompute (configuration 1); the last ones need not.
+    cluster = load_cluster("dgx-a100:8")
+    cost = CostModel(cluster)
+    choice = plan_pipeline(gpt_graph("gpt-39b"), cluster, global_batch=512, cost=cost)
+    configs = [s.config for s in choice.solution.stages]
+    assert configs[0] == 1 and configs[-1] == 0 and configs == sorted(configs, reverse=True)
+    result = simulate(hand_plan(*[(p.ranks, p.instrs) for p in choice.programs()]), cost)  # type: ignore[arg-type]
+    assert 0.95 * choice.step_s <= result.prediction.step_s <= choice.step_s * (1 + 1e-9)
+    limit = 0.9 * cluster.device.memory_bytes
+    for ranks, params in zip(choice.stage_ranks, choice.sync_bytes, strict=True):
+        static = params * 4  # parameters, gradients, two AdamW moments
+        assert static + result.trace_of(ranks[0]).peak_dynamic_bytes <= limit

@@ -3,7 +3,10 @@ the CostModel, choose stages and micro-batches with the stage DP, and lower the 
 
 This first planner gives each stage data parallelism over its submesh (Alpa's ``data_parallel_only``
 logical mesh): each rank runs ``micro_size / d`` samples of every micro-batch through the stage's layers,
-and the stage all-reduces its gradients once per step. A stage's time per micro-batch is its layers'
+and the stage all-reduces its gradients once per step. Each stage may also recompute its layers'
+activations in backward (configuration 1; Mist weighs this per stage, Alpa did not): it then keeps only each
+layer's input per in-flight micro-batch, holds one layer's activations while that layer's backward runs, and
+does the forward twice. A stage's time per micro-batch is its layers'
 forward and backward on the CostModel plus the boundary activation sent on and its gradient sent back
 (between nodes when the cluster has several, which errs slow). Its memory is its layers' parameters,
 gradients and optimizer state plus ``stages after it + 1`` micro-batches of saved activations (1F1B).
@@ -140,33 +143,47 @@ def _stage_problem(graph: ModelGraph, cluster: Cluster, cost: CostModel, groups:
             for m, d in enumerate(sizes):
                 if micro_size % d:
                     continue
-                work = _stage_work(layers, (micro_size // d) / graph.batch_size, last=b == len(groups))
-                time_s = _stage_time(cost, work, cluster, graph.dtype)
-                static = params * (2 + states)
-                if static + work.activation_bytes > limit:
-                    continue
-                max_after = len(groups) if work.activation_bytes == 0 else int((limit - static) // work.activation_bytes) - 1
                 once = cost.collective_time("all_reduce", params, tuple(range(d))) + cost.optimizer_time(
                     sum(layer.num_params for layer in layers), num_tensors=len(layers))
-                cand = StageCandidate(start=a, stop=b, submesh=m, time_s=time_s, max_after=max(0, max_after), once_s=once)
-                cands.append(cand)
-                works[cand] = work
+                static = params * (2 + states)
+                for recompute in (False, True):
+                    work = _stage_work(graph, layers, (micro_size // d) / graph.batch_size, last=b == len(groups),
+                                       recompute=recompute)
+                    room = limit - static - work.transient_bytes
+                    if room < work.activation_bytes:
+                        continue
+                    max_after = len(groups) if work.activation_bytes == 0 else int(room // work.activation_bytes) - 1
+                    cand = StageCandidate(start=a, stop=b, submesh=m, config=int(recompute),
+                                          time_s=_stage_time(cost, work, cluster, graph.dtype), max_after=max_after, once_s=once)
+                    cands.append(cand)
+                    works[cand] = work
     problem = StageProblem(num_layers=len(groups), submesh_devices=tuple(sizes), num_devices=cluster.world_size,
                            num_micro=num_micro, candidates=tuple(cands))
     return problem, works
 
 
-def _stage_work(layers: Sequence[LayerInfo], scale: float, *, last: bool) -> StageWork:
+def _stage_work(graph: ModelGraph, layers: Sequence[LayerInfo], scale: float, *, last: bool, recompute: bool) -> StageWork:
     """One rank's work on one micro-batch through ``layers``, at ``scale`` x the captured batch (the last
-    stage sends nothing on)."""
+    stage sends nothing on); with ``recompute`` each layer keeps only its input and runs forward again."""
+    fwd_flops = sum(layer.fwd_flops for layer in layers) * scale
+    fwd_bytes = sum(layer.fwd_bytes_moved for layer in layers) * scale
+    kernels = sum(layer.num_kernels for layer in layers)
+    saved = sum(layer.activation_bytes for layer in layers) * scale
+    inputs = sum(_input_bytes(graph, layer) for layer in layers) * scale
     return StageWork(
-        fwd_flops=sum(layer.fwd_flops for layer in layers) * scale,
-        bwd_flops=sum(layer.bwd_flops for layer in layers) * scale,
-        fwd_bytes_moved=sum(layer.fwd_bytes_moved for layer in layers) * scale,
-        num_kernels=sum(layer.num_kernels for layer in layers),
-        activation_bytes=int(sum(layer.activation_bytes for layer in layers) * scale),
+        fwd_flops=fwd_flops,
+        bwd_flops=sum(layer.bwd_flops for layer in layers) * scale + (fwd_flops if recompute else 0.0),
+        fwd_bytes_moved=fwd_bytes, num_kernels=kernels,
+        bwd_bytes_moved=(3 if recompute else 2) * fwd_bytes, bwd_kernels=(3 if recompute else 2) * kernels,
+        activation_bytes=int(inputs if recompute else saved),
+        transient_bytes=int(max(layer.activation_bytes for layer in layers) * scale) if recompute else 0,
         boundary_bytes=0 if last else int(layers[-1].output_bytes * scale),
     )
+
+
+def _input_bytes(graph: ModelGraph, layer: LayerInfo) -> int:
+    """What a recomputed layer keeps: its input, the previous layer's output (the model's input for the first)."""
+    return graph.layers[layer.index - 1].output_bytes if layer.index > 0 else 0
 
 
 def _stage_time(cost: CostModel, work: StageWork, cluster: Cluster, dtype: str) -> float:
@@ -174,5 +191,5 @@ def _stage_time(cost: CostModel, work: StageWork, cluster: Cluster, dtype: str) 
     far = cluster.devices_per_node if cluster.num_nodes > 1 else min(1, cluster.world_size - 1)
     transfer = cost.p2p_time(work.boundary_bytes, 0, far) if work.boundary_bytes else 0.0
     fwd = cost.compute_time(work.fwd_flops, work.fwd_bytes_moved, dtype=dtype, num_kernels=work.num_kernels)
-    bwd = cost.compute_time(work.bwd_flops, 2 * work.fwd_bytes_moved, dtype=dtype, num_kernels=2 * work.num_kernels)
+    bwd = cost.compute_time(work.bwd_flops, work.bwd_bytes_moved, dtype=dtype, num_kernels=work.bwd_kernels)
     return fwd + bwd + 2 * transfer

@@ -27,8 +27,11 @@ class StageWork:
     bwd_flops: float
     fwd_bytes_moved: float = 0.0
     num_kernels: int = 1
+    bwd_bytes_moved: float = 0.0
+    bwd_kernels: int = 2
     activation_bytes: int = 0  # saved from forward until backward, per micro-batch
     boundary_bytes: int = 0  # the output activation sent to the next virtual stage (its gradient comes back)
+    transient_bytes: int = 0  # held only while the backward runs (a recomputed layer's activations)
 
 
 def lower_pipeline(schedule: Schedule, work: Sequence[StageWork], stage_ranks: Sequence[tuple[int, ...]], *,
@@ -88,8 +91,8 @@ def _lower_action(instrs: list[Instr], a: Action, stage: int, p: int, work: Sequ
                             nbytes=w.boundary_bytes, group=(rank_of(v + 1), me)))
         deps = (len(instrs) - 1,)
     instrs.append(Instr(op="compute", stream="compute", name=f"bwd v{v} mb{a.micro}", phase="bwd", flops=w.bwd_flops,
-                        bytes_moved=2 * w.fwd_bytes_moved, num_kernels=2 * w.num_kernels, deps=deps,
-                        free_bytes=w.activation_bytes))
+                        bytes_moved=w.bwd_bytes_moved, num_kernels=w.bwd_kernels, deps=deps,
+                        alloc_bytes=w.transient_bytes, free_bytes=w.activation_bytes + w.transient_bytes))
     if v > 0:
         instrs.append(Instr(op="send", stream="comm", name=f"grad {v}>{v - 1} mb{a.micro}", phase="bwd",
                             nbytes=work[v - 1].boundary_bytes, group=(me, rank_of(v - 1)), deps=(len(instrs) - 1,)))
