@@ -9,7 +9,11 @@ import pytest
 import torch
 from planrun import OPT, data_of, model_parts, reference
 
+from plait.cluster import local_cluster
+from plait.cost import CostModel
 from plait.errors import PlaitError
+from plait.graph import capture
+from plait.planners.pipeline import PipelineOptions, plan_pipeline
 from plait.runtime import init_distributed, run_ranks, teardown
 from plait.runtime.pipeline import build_pipeline_rank, check_pipeline_layout
 
@@ -18,12 +22,12 @@ LAYERS = ["embed", "blocks.0", "blocks.1", "head"]  # gpt-tiny's layer view
 LOSS_RTOL, PARAM_ATOL = 1e-5, 5e-6
 
 
-def train_rank(stage_layers: list[list[str]], pp: int, dp: int, schedule: str) -> dict[str, Any]:
+def train_rank(stage_layers: list[list[str]], pp: int, dp: int, schedule: str, micro: int = MICRO) -> dict[str, Any]:
     init_distributed()
     build, _, loss = model_parts("gpt-tiny")
     torch.manual_seed(0)
     model = build()
-    rank = build_pipeline_rank(model, stage_layers, pp=pp, dp=dp, schedule=schedule, num_micro=MICRO, loss=loss)
+    rank = build_pipeline_rank(model, stage_layers, pp=pp, dp=dp, schedule=schedule, num_micro=micro, loss=loss)
     opt = torch.optim.AdamW(list(rank.params.values()), **OPT)
     data = data_of("gpt-tiny", GLOBAL_BATCH)
     losses = []
@@ -47,9 +51,8 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("stage_layers", "pp", "dp", "schedule"), CASES, ids=lambda v: str(v))
-def test_pipeline_matches_one_process(stage_layers: list[list[str]], pp: int, dp: int, schedule: str) -> None:
-    results = run_ranks(train_rank, pp * dp, stage_layers, pp, dp, schedule, timeout_s=600)
+def assert_matches_one_process(results: list[dict[str, Any]], dp: int) -> None:
+    """The last stage's losses (mean over the replicas) and every stage's parameters against one process."""
     ref_losses, ref_params = reference("gpt-tiny", GLOBAL_BATCH, STEPS)
     last_stage = [r for r in results if r["losses"][0] is not None]
     assert len(last_stage) == dp
@@ -62,6 +65,27 @@ def test_pipeline_matches_one_process(stage_layers: list[list[str]], pp: int, dp
             torch.testing.assert_close(p, ref_params[name], rtol=0, atol=PARAM_ATOL)
             seen.add(name)
     assert seen == set(ref_params)  # every parameter lives on some stage
+
+
+@pytest.mark.parametrize(("stage_layers", "pp", "dp", "schedule"), CASES, ids=lambda v: str(v))
+def test_pipeline_matches_one_process(stage_layers: list[list[str]], pp: int, dp: int, schedule: str) -> None:
+    assert_matches_one_process(run_ranks(train_rank, pp * dp, stage_layers, pp, dp, schedule, timeout_s=600), dp)
+
+
+def test_the_planned_pipeline_runs_and_matches_one_process() -> None:
+    """plait's pipeline planner chooses stages and micro-batches for local:4 (at least 2 stages of one size, what
+    the runtime runs today); its choice, run on 4 gloo ranks with 1F1B, matches one process."""
+    build, make_batch, loss = model_parts("gpt-tiny")
+    with torch.device("meta"):
+        graph = capture(build(), make_batch(GLOBAL_BATCH, device="meta"), name="gpt-tiny", loss_fn=loss, with_ops=False)
+    cluster = local_cluster(4)
+    choice = plan_pipeline(graph, cluster, global_batch=GLOBAL_BATCH, cost=CostModel(cluster),
+                           options=PipelineOptions(same_size=True, min_stages=2, micro_batches=(2, 4)))
+    pp, dp = len(choice.layer_ranges), len(choice.stage_ranks[0])
+    assert pp >= 2 and choice.stage_ranks == tuple(tuple(range(p * dp, (p + 1) * dp)) for p in range(pp))
+    stage_layers = [[layer.name for layer in graph.layers[a:b]] for a, b in choice.layer_ranges]
+    results = run_ranks(train_rank, 4, stage_layers, pp, dp, "1f1b", choice.num_micro, timeout_s=600)
+    assert_matches_one_process(results, dp)
 
 
 def test_bad_layouts_are_clear_errors() -> None:

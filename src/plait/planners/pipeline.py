@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from plait.cluster.spec import Cluster
 from plait.cost import CostModel
@@ -42,6 +42,8 @@ class PipelineOptions:
     imbalance: float = 0.5
     memory_fraction: float = 0.9
     optimizer: str = "adamw"
+    same_size: bool = False  # every stage on a submesh of one size (what plait.runtime.pipeline runs today)
+    min_stages: int = 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -105,12 +107,13 @@ def plan_pipeline(graph: ModelGraph, cluster: Cluster, *, global_batch: int, cos
         if global_batch % num_micro:
             continue
         problem, works = _stage_problem(graph, cluster, cost, groups, sizes, global_batch // num_micro, num_micro, options)
-        try:
-            solution = solve_stages(problem)
-        except StageError:
-            continue
-        if best is None or solution.step_s < best[0].step_s:
-            best = (solution, num_micro, works)
+        for sub in _subproblems(problem, options):
+            try:
+                solution = solve_stages(sub)
+            except StageError:
+                continue
+            if best is None or solution.step_s < best[0].step_s:
+                best = (solution, num_micro, works)
     if best is None:
         raise StageError(f"no pipeline of {graph.name} fits {cluster.name} with micro-batch counts "
                          f"{list(options.micro_batches)} dividing the global batch {global_batch}")
@@ -126,6 +129,19 @@ def plan_pipeline(graph: ModelGraph, cluster: Cluster, *, global_batch: int, cos
         optimizer_numel=tuple(sum(layer.num_params for layer in layers[a:b]) for a, b in ranges),
         solution=solution, search_s=time.perf_counter() - t0,
     )
+
+
+def _subproblems(problem: StageProblem, options: PipelineOptions) -> list[StageProblem]:
+    """The problem as it is, or one per submesh size (``same_size``); stages fewer than ``min_stages`` are
+    ruled out by size: a stage may take at most ``devices / min_stages`` devices."""
+    cap = problem.num_devices // max(1, options.min_stages)
+    usable = [m for m, d in enumerate(problem.submesh_devices) if d <= cap]
+    groups = [[m] for m in usable] if options.same_size else [usable]
+    out = []
+    for allowed in groups:
+        cands = tuple(c for c in problem.candidates if c.submesh in allowed)
+        out.append(replace(problem, candidates=cands))
+    return out
 
 
 def _stage_problem(graph: ModelGraph, cluster: Cluster, cost: CostModel, groups: Sequence[tuple[int, int]],
