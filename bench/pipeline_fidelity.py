@@ -39,8 +39,6 @@ from plait.graph import capture  # noqa: E402
 from plait.models import zoo_model  # noqa: E402
 from plait.plan import BatchSpec, MeshSpec, Plan, RankProgram, shard  # noqa: E402
 from plait.planners.pipeline import PipelineChoice, PipelineOptions, plan_pipeline  # noqa: E402
-from plait.planners.pipeline_lowering import lower_pipeline  # noqa: E402
-from plait.planners.schedules import gpipe, one_f_one_b  # noqa: E402
 from plait.profiling.memory import track_peak_memory  # noqa: E402
 from plait.runtime import init_distributed, run_ranks, teardown  # noqa: E402
 from plait.runtime.pipeline import build_pipeline_rank  # noqa: E402
@@ -54,7 +52,6 @@ CONFIGS = [  # model, global batch, least stage count, schedule
     ("gpt-mini", 16, 4, "gpipe"),
     ("gpt-1m", 32, 2, "1f1b"),
 ]
-SCHEDULE_LISTS = {"1f1b": one_f_one_b, "gpipe": gpipe}
 
 
 @dataclass(frozen=True)
@@ -106,9 +103,7 @@ def choose(name: str, global_batch: int, min_stages: int) -> tuple[Any, Pipeline
 
 def predict(graph: Any, choice: PipelineChoice, cost: CostModel, schedule: str) -> tuple[float, list[int]]:
     """Simulated step and per-rank peak (static state plus the programs' dynamic peak)."""
-    pp = len(choice.layer_ranges)
-    programs = lower_pipeline(SCHEDULE_LISTS[schedule](pp, choice.num_micro), choice.work, choice.stage_ranks,
-                              optimizer_numel=choice.optimizer_numel, sync_bytes=choice.sync_bytes)
+    programs = choice.programs(schedule)
     plan = Plan(model=graph, cluster=cost.cluster, mesh=MeshSpec(shape=(NPROC,), axes=("dp",)),
                 batch=BatchSpec(global_size=NPROC, micro_size=1, placements=(shard(0),)), params=(),
                 programs=tuple(RankProgram(ranks=p.ranks, instrs=p.instrs) for p in programs))

@@ -27,7 +27,7 @@ from plait.graph.model_graph import LayerInfo, ModelGraph
 from plait.plan.ir import RankProgram
 from plait.planners.layer_groups import group_layers
 from plait.planners.pipeline_lowering import StageWork, lower_pipeline
-from plait.planners.schedules import one_f_one_b
+from plait.planners.schedules import gpipe, one_f_one_b
 from plait.planners.stage_dp import StageCandidate, StageError, StageProblem, StageSolution, solve_stages
 
 MAX_GROUPS = 16  # layer groups the stage DP sees (Alpa clusters to a few dozen layers at most)
@@ -65,9 +65,12 @@ class PipelineChoice:
         """The DP's step time (closed form, once-per-step work counted whole)."""
         return self.solution.step_s
 
-    def programs(self) -> tuple[RankProgram, ...]:
-        """Per-stage 1F1B programs of this choice, for the simulator."""
-        return lower_pipeline(one_f_one_b(len(self.layer_ranges), self.num_micro), self.work, self.stage_ranks,
+    def programs(self, schedule: str = "1f1b") -> tuple[RankProgram, ...]:
+        """Per-stage programs of this choice under ``schedule`` (``1f1b`` or ``gpipe``), for the simulator."""
+        lists = {"1f1b": one_f_one_b, "gpipe": gpipe}
+        if schedule not in lists:
+            raise PlaitError(f"unknown schedule {schedule!r} for a pipeline choice; choose one of {', '.join(lists)}")
+        return lower_pipeline(lists[schedule](len(self.layer_ranges), self.num_micro), self.work, self.stage_ranks,
                               optimizer_numel=self.optimizer_numel, sync_bytes=self.sync_bytes)
 
 
