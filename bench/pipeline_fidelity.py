@@ -50,7 +50,7 @@ CONFIGS = [  # model, global batch, least stage count, schedule
     ("gpt-mini", 16, 2, "1f1b"),
     ("gpt-mini", 16, 4, "1f1b"),
     ("gpt-mini", 16, 4, "gpipe"),
-    ("gpt-1m", 32, 2, "1f1b"),
+    ("gpt-4m", 16, 2, "1f1b"),
 ]
 
 
@@ -80,11 +80,11 @@ class Row:
 
 
 def model_parts(name: str) -> tuple[Any, Any, Any]:
-    """(build, make_batch, loss) of a zoo model, or of the bench's gpt-1m (as in cost_fidelity)."""
-    if name == "gpt-1m":
+    """(build, make_batch, loss) of a zoo model, or of gpt-4m (cost_fidelity's 4 M-parameter GPT)."""
+    if name == "gpt-4m":
         from plait.models import GPT, GPTConfig, lm_batch, lm_loss
 
-        cfg = GPTConfig(vocab_size=512, seq_len=128, num_layers=4, num_heads=4, hidden=128)
+        cfg = GPTConfig(vocab_size=2048, seq_len=128, num_layers=4, num_heads=4, hidden=256)
         return (lambda: GPT(cfg)), (lambda n, **kw: lm_batch(cfg, n, **kw)), lm_loss
     zm = zoo_model(name)
     return zm.build, zm.make_batch, zm.loss
@@ -137,8 +137,8 @@ def measure_rank(name: str, stage_layers: list[list[str]], pp: int, dp: int, sch
         dist.barrier()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    stage_params = list(rank.params.values())
-    with track_peak_memory(baseline=[*stage_params, opt]) as mem:
+    modules = [stage.submod for stage in rank.stages]  # a module counts its parameters' gradients too
+    with track_peak_memory(baseline=[*modules, opt]) as mem:
         opt.zero_grad(set_to_none=False)
         rank.step(batches[0])
         opt.step()

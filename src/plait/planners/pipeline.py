@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 
 from plait.cluster.spec import Cluster
 from plait.cost import CostModel
-from plait.cost.memory import OPTIMIZER_STATES, check_optimizer
+from plait.cost.memory import OPTIMIZER_STATES, check_optimizer, step_temporaries
 from plait.errors import PlaitError
 from plait.graph.model_graph import LayerInfo, ModelGraph
 from plait.plan.ir import RankProgram
@@ -57,6 +57,7 @@ class PipelineChoice:
     work: tuple[StageWork, ...]
     sync_bytes: tuple[int, ...]
     optimizer_numel: tuple[int, ...]
+    step_temp_bytes: tuple[int, ...]
     solution: StageSolution
     search_s: float
 
@@ -71,7 +72,8 @@ class PipelineChoice:
         if schedule not in lists:
             raise PlaitError(f"unknown schedule {schedule!r} for a pipeline choice; choose one of {', '.join(lists)}")
         return lower_pipeline(lists[schedule](len(self.layer_ranges), self.num_micro), self.work, self.stage_ranks,
-                              optimizer_numel=self.optimizer_numel, sync_bytes=self.sync_bytes)
+                              optimizer_numel=self.optimizer_numel, sync_bytes=self.sync_bytes,
+                              step_temp_bytes=self.step_temp_bytes)
 
 
 def submesh_sizes(cluster: Cluster) -> tuple[int, ...]:
@@ -130,8 +132,15 @@ def plan_pipeline(graph: ModelGraph, cluster: Cluster, *, global_batch: int, cos
         work=tuple(works[s] for s in stages),
         sync_bytes=tuple(sum(layer.param_bytes for layer in layers[a:b]) for a, b in ranges),
         optimizer_numel=tuple(sum(layer.num_params for layer in layers[a:b]) for a, b in ranges),
+        step_temp_bytes=tuple(_step_temporaries(graph, cluster, options.optimizer, a, b) for a, b in ranges),
         solution=solution, search_s=time.perf_counter() - t0,
     )
+
+
+def _step_temporaries(graph: ModelGraph, cluster: Cluster, optimizer: str, start: int, stop: int) -> int:
+    """What the optimizer step over layers ``[start, stop)``'s parameters allocates for a moment."""
+    sizes = [p.nbytes for p in graph.params if start <= p.layer < stop]
+    return step_temporaries(optimizer, max(sizes, default=0), sum(sizes), foreach=cluster.device.kind == "cuda")
 
 
 def _subproblems(problem: StageProblem, options: PipelineOptions) -> list[StageProblem]:
@@ -195,9 +204,18 @@ def _stage_work(graph: ModelGraph, layers: Sequence[LayerInfo], scale: float, *,
         fwd_bytes_moved=fwd_bytes, num_kernels=kernels,
         bwd_bytes_moved=(3 if recompute else 2) * fwd_bytes, bwd_kernels=(3 if recompute else 2) * kernels,
         activation_bytes=int(inputs if recompute else saved),
-        transient_bytes=int(max(layer.activation_bytes for layer in layers) * scale) if recompute else 0,
+        transient_bytes=int(_backward_temporaries(graph, layers, last=last, recompute=recompute) * scale),
         boundary_bytes=0 if last else int(layers[-1].output_bytes * scale),
     )
+
+
+def _backward_temporaries(graph: ModelGraph, layers: Sequence[LayerInfo], *, last: bool, recompute: bool) -> int:
+    """Bytes a stage's backward holds while it runs, at the captured batch: the gradient of its input (sent
+    back), on the last stage the loss's two gradients of the output (as the data-parallel lowering counts
+    them), and with recomputation the activations of the layer being recomputed."""
+    from_loss = 2 * layers[-1].output_bytes if last else 0
+    again = max(layer.activation_bytes for layer in layers) if recompute else 0
+    return _input_bytes(graph, layers[0]) + from_loss + again
 
 
 def _input_bytes(graph: ModelGraph, layer: LayerInfo) -> int:

@@ -6,7 +6,8 @@ schedule it gets: a forward that first receives its input activation from the pr
 backward that receives the output gradient from the next virtual stage (none on the last), computes
 (freeing the saved activations) and sends the input gradient back; then the gradient all-reduce over the stage's ranks (when it has several) and the optimizer step. Transfers are
 non-blocking sends and receives between the stages' first ranks, named by the boundary, direction and
-micro-batch, so the simulator pairs them.
+micro-batch, so the simulator pairs them. Besides its saved activations a stage holds each in-flight
+micro-batch's output (kept for its backward) and, during a backward, the gradient it received.
 """
 
 from __future__ import annotations
@@ -31,14 +32,16 @@ class StageWork:
     bwd_kernels: int = 2
     activation_bytes: int = 0  # saved from forward until backward, per micro-batch
     boundary_bytes: int = 0  # the output activation sent to the next virtual stage (its gradient comes back)
-    transient_bytes: int = 0  # held only while the backward runs (a recomputed layer's activations)
+    transient_bytes: int = 0  # held only while the backward runs (input and loss gradients, a recomputed layer)
 
 
 def lower_pipeline(schedule: Schedule, work: Sequence[StageWork], stage_ranks: Sequence[tuple[int, ...]], *,
                    optimizer_numel: Sequence[int] | None = None,
-                   sync_bytes: Sequence[int] | None = None) -> tuple[RankProgram, ...]:
+                   sync_bytes: Sequence[int] | None = None,
+                   step_temp_bytes: Sequence[int] | None = None) -> tuple[RankProgram, ...]:
     """Per-stage programs for ``schedule``; ``work[v]`` is virtual stage ``v = chunk * p + stage``;
-    ``sync_bytes[stage]`` the gradients its ranks all-reduce, ``optimizer_numel[stage]`` what they update."""
+    ``sync_bytes[stage]`` the gradients its ranks all-reduce, ``optimizer_numel[stage]`` what they update and
+    ``step_temp_bytes[stage]`` the temporaries their optimizer step makes."""
     p = len(schedule)
     if len(stage_ranks) != p:
         raise PlaitError(f"the schedule has {p} stages but {len(stage_ranks)} rank groups were given")
@@ -56,10 +59,17 @@ def lower_pipeline(schedule: Schedule, work: Sequence[StageWork], stage_ranks: S
             instrs.append(Instr(op="collective", stream="comm", name=f"grad sync stage {stage}", phase="bwd",
                                 collective="all_reduce", nbytes=sync, group=ranks, deps=(len(instrs) - 1,)))
         numel = optimizer_numel[stage] if optimizer_numel is not None else 0
+        temp = step_temp_bytes[stage] if step_temp_bytes is not None else 0
         instrs.append(Instr(op="optimizer", stream="compute", name="optimizer step", phase="step", numel=numel,
-                            deps=(len(instrs) - 1,)))
+                            deps=(len(instrs) - 1,), alloc_bytes=temp, free_bytes=temp))
         programs.append(RankProgram(ranks=tuple(stage_ranks[stage]), instrs=tuple(instrs)))
     return tuple(programs)
+
+
+def _kept_output(w: StageWork, v: int, last: int) -> int:
+    """The output a stage keeps from forward to backward to run its backward with the gradient it receives
+    (torch's pipeline stages do); the last stage's output goes into the loss and is counted with it."""
+    return w.boundary_bytes if v < last else 0
 
 
 def _lower_action(instrs: list[Instr], a: Action, stage: int, p: int, work: Sequence[StageWork],
@@ -80,7 +90,7 @@ def _lower_action(instrs: list[Instr], a: Action, stage: int, p: int, work: Sequ
             deps = (len(instrs) - 1,)
         instrs.append(Instr(op="compute", stream="compute", name=f"fwd v{v} mb{a.micro}", phase="fwd", flops=w.fwd_flops,
                             bytes_moved=w.fwd_bytes_moved, num_kernels=w.num_kernels, deps=deps,
-                            alloc_bytes=w.activation_bytes))
+                            alloc_bytes=w.activation_bytes + _kept_output(w, v, last)))
         if v < last:
             instrs.append(Instr(op="send", stream="comm", name=f"act {v}>{v + 1} mb{a.micro}", phase="fwd",
                                 nbytes=w.boundary_bytes, group=(me, rank_of(v + 1)), deps=(len(instrs) - 1,)))
@@ -88,11 +98,12 @@ def _lower_action(instrs: list[Instr], a: Action, stage: int, p: int, work: Sequ
     deps = ()
     if v < last:
         instrs.append(Instr(op="recv", stream="comm", name=f"grad {v + 1}>{v} mb{a.micro}", phase="bwd",
-                            nbytes=w.boundary_bytes, group=(rank_of(v + 1), me)))
+                            nbytes=w.boundary_bytes, group=(rank_of(v + 1), me), alloc_bytes=w.boundary_bytes))
         deps = (len(instrs) - 1,)
     instrs.append(Instr(op="compute", stream="compute", name=f"bwd v{v} mb{a.micro}", phase="bwd", flops=w.bwd_flops,
                         bytes_moved=w.bwd_bytes_moved, num_kernels=w.bwd_kernels, deps=deps,
-                        alloc_bytes=w.transient_bytes, free_bytes=w.activation_bytes + w.transient_bytes))
+                        alloc_bytes=w.transient_bytes,
+                        free_bytes=w.activation_bytes + w.transient_bytes + _kept_output(w, v, last) * 2))
     if v > 0:
         instrs.append(Instr(op="send", stream="comm", name=f"grad {v}>{v - 1} mb{a.micro}", phase="bwd",
                             nbytes=work[v - 1].boundary_bytes, group=(me, rank_of(v - 1)), deps=(len(instrs) - 1,)))
