@@ -9,7 +9,8 @@ layer's input per in-flight micro-batch, holds one layer's activations while tha
 does the forward twice. A stage's time per micro-batch is its layers'
 forward and backward on the CostModel plus the boundary activation sent on and its gradient sent back
 (between nodes when the cluster has several, which errs slow). Its memory is its layers' parameters,
-gradients and optimizer state plus ``stages after it + 1`` micro-batches of saved activations (1F1B).
+gradients and optimizer state plus ``stages after it + 1`` micro-batches of saved activations and kept
+outputs (1F1B), plus what its backward holds while it runs.
 Intra-op configurations per stage come next (docs/pipeline.md).
 """
 
@@ -178,9 +179,10 @@ def _stage_problem(graph: ModelGraph, cluster: Cluster, cost: CostModel, groups:
                     work = _stage_work(graph, layers, (micro_size // d) / graph.batch_size, last=b == len(groups),
                                        recompute=recompute)
                     room = limit - static - work.transient_bytes
-                    if room < work.activation_bytes:
+                    held = work.activation_bytes + work.boundary_bytes  # per micro-batch in flight (output kept)
+                    if room < held:
                         continue
-                    max_after = len(groups) if work.activation_bytes == 0 else int(room // work.activation_bytes) - 1
+                    max_after = len(groups) if held == 0 else int(room // held) - 1
                     cand = StageCandidate(start=a, stop=b, submesh=m, config=int(recompute),
                                           time_s=_stage_time(cost, work, cluster, graph.dtype), max_after=max_after, once_s=once)
                     cands.append(cand)
