@@ -14,8 +14,9 @@ with times ``t_i`` and ``o_i`` over ``B`` micro-batches takes
 and uses every device exactly once. ``solve_stages`` enumerates ``t_max`` over the distinct candidate
 times in ascending order; for each, a DP over (first layer, stages, devices) finds the least ``sum t_i`` of
 the candidates no slower than ``t_max`` (with their ``o_i``), and ``sum + (B - 1) * t_max`` bounds a feasible pipeline from
-above, exactly at the optimum's own maximum. It stops once ``B * t_max`` reaches the best found (no later
-``t_max`` can beat it).
+above, exactly at the optimum's own maximum. A first pass without a bound gives the least sum of any
+pipeline; the search stops once ``(B - 1) * t_max`` plus that least sum (or ``t_max`` if larger) reaches the
+best found, since no later ``t_max`` can beat it.
 """
 
 from __future__ import annotations
@@ -100,11 +101,15 @@ def solve_stages(problem: StageProblem) -> StageSolution:
     t0 = time.perf_counter()
     cands = [c for c in problem.candidates if problem.submesh_devices[c.submesh] <= problem.num_devices]
     levels = sorted({c.time_s for c in cands})
+    unbounded = _least_sum(problem, cands, np.inf) if levels else None
+    if unbounded is None:
+        raise StageError(_no_pipeline(problem))
+    floor = unbounded[0]  # no t_max has a smaller least sum
     best: tuple[float, list[int]] | None = None
     tried = 0
     previous = -np.inf
     for t_max in levels:
-        if best is not None and problem.num_micro * t_max >= best[0]:
+        if best is not None and (problem.num_micro - 1) * t_max + max(floor, t_max) >= best[0]:
             break
         if t_max - previous <= 1e-12 * max(1.0, t_max):
             continue
