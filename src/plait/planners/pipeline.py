@@ -6,12 +6,11 @@ logical mesh): each rank runs ``micro_size / d`` samples of every micro-batch th
 and the stage all-reduces its gradients once per step. Each stage may also recompute its layers'
 activations in backward (configuration 1; Mist weighs this per stage, Alpa did not): it then keeps only each
 layer's input per in-flight micro-batch, holds one layer's activations while that layer's backward runs, and
-does the forward twice. A stage's time per micro-batch is its layers'
-forward and backward on the CostModel plus the boundary activation sent on and its gradient sent back
-(between nodes when the cluster has several, which errs slow). Its memory is its layers' parameters,
-gradients and optimizer state plus ``stages after it + 1`` micro-batches of saved activations and kept
-outputs (1F1B), plus what its backward holds while it runs.
-Intra-op configurations per stage come next (docs/pipeline.md).
+does the forward twice. A stage's time per micro-batch is its layers' forward and backward on the CostModel
+plus the boundary activation sent on and its gradient sent back (between nodes when the cluster has
+several, which errs slow). Its memory is its layers' parameters, gradients and optimizer state plus
+``stages after it + 1`` micro-batches of saved activations and kept outputs (1F1B), plus what its backward
+holds while it runs. Intra-op configurations per stage come next (docs/pipeline.md).
 """
 
 from __future__ import annotations
@@ -221,7 +220,7 @@ def _backward_temporaries(graph: ModelGraph, layers: Sequence[LayerInfo], *, las
 
 
 def _input_bytes(graph: ModelGraph, layer: LayerInfo) -> int:
-    """What a recomputed layer keeps: its input, the previous layer's output (the model's input for the first)."""
+    """A layer's input: the previous layer's output (the model's input, not counted, for the first)."""
     return graph.layers[layer.index - 1].output_bytes if layer.index > 0 else 0
 
 

@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from math import ceil
 
 import torch
+from torch.distributed.tensor._dtensor_spec import DTensorSpec
 
 from plait.cost.work import (
     DTENSOR_OP_KERNELS,
@@ -265,19 +266,19 @@ def _shares(joint: JointGraph, prop: Propagation, mesh_shape: Sequence[int]) -> 
         for root, node in roots.items():
             spec = prop.specs[root][0] if prop.specs[root] else None
             acc[5] += node.outputs[0].nbytes
-            meta = node.outputs[0]
-            acc[4] += meta.nbytes if spec is None else local_bytes(meta, placements_of(spec), mesh_shape)
+            acc[4] += _on_rank(node.outputs[0], spec, mesh_shape)
     return {layer: (_ratio(a[0], a[1]), _ratio(a[2], a[3]), _ratio(a[4], a[5]), _ratio(a[6], a[7]), a[4])
             for layer, a in sums.items()}
 
 
+def _on_rank(meta: TensorMeta, spec: DTensorSpec | None, mesh_shape: Sequence[int]) -> int:
+    """Bytes of one rank's part of a tensor with ``spec`` (all of it when it has none)."""
+    return meta.nbytes if spec is None else local_bytes(meta, placements_of(spec), mesh_shape)
+
+
 def _local_output_bytes(node: JointNode, prop: Propagation, mesh_shape: Sequence[int]) -> int:
     specs = prop.specs[node.index]
-    total = 0
-    for k, meta in enumerate(node.outputs):
-        spec = specs[k] if k < len(specs) else None
-        total += meta.nbytes if spec is None else local_bytes(meta, placements_of(spec), mesh_shape)
-    return total
+    return sum(_on_rank(meta, specs[k] if k < len(specs) else None, mesh_shape) for k, meta in enumerate(node.outputs))
 
 
 def _output_share(joint: JointGraph, prop: Propagation, layer: int, mesh_shape: Sequence[int]) -> float:
@@ -285,6 +286,4 @@ def _output_share(joint: JointGraph, prop: Propagation, layer: int, mesh_shape: 
     if node is None or not prop.specs[node] or prop.specs[node][0] is None:
         return 1.0
     meta = joint.nodes[node].outputs[0]
-    spec = prop.specs[node][0]
-    assert spec is not None
-    return _ratio(local_bytes(meta, placements_of(spec), mesh_shape), meta.nbytes)
+    return _ratio(_on_rank(meta, prop.specs[node][0], mesh_shape), meta.nbytes)
