@@ -1,4 +1,4 @@
-"""``plait plan``: choose a plan (data-parallel or intra-op) for a model on a cluster, print why, write the plan JSON."""
+"""``plait plan``: choose a plan (data-parallel, intra-op or pipeline) for a model on a cluster, print why, write the plan JSON."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from plait.errors import PlaitError
 from plait.graph.model_graph import ModelGraph
 from plait.plan import MeshSpec, plan_table, plan_to_json, save_plan
 from plait.plan.table import console_for_tables
-from plait.planners.auto import FAMILIES
+from plait.planners.auto import DEFAULT_FAMILIES, FAMILIES
 
 DEFAULT_PER_RANK_BATCH = 8
 
@@ -104,8 +104,11 @@ def parse_mesh(text: str) -> MeshSpec:
 @click.option("--profile", type=click.Path(dir_okay=False), help="A measured profile JSON (`plait profile`) for the cost model.")
 @click.option("--memory-fraction", type=click.FloatRange(0, 1, min_open=True), default=0.9, show_default=True,
               help="Share of each device's memory a plan may use.")
-@click.option("--family", "family", type=click.Choice(["all", "data-parallel", "intra-op"]), default="all", show_default=True,
-              help="Search data-parallel plans, intra-op (tensor-parallel) plans, or both.")
+@click.option("--family", "family", type=click.Choice(["auto", "all", "data-parallel", "intra-op", "pipeline"]), default="auto",
+              show_default=True,
+              help="Search data-parallel plans, intra-op (tensor-parallel) plans, pipelines (stages by dynamic programming, "
+                   "data-parallel inside each), or several: auto = the families `plait run` executes (data-parallel and "
+                   "intra-op), all = every family.")
 @click.option("--mesh", "mesh_text", help="Intra-op mesh to plan on, e.g. 2x4 (dp x tp) or x=2,y=4 (every role of its axes is tried); "
                                           "default: a tp axis of 2, 4, ... ranks inside a node.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "bf16-reduce"]), default=None,
@@ -116,9 +119,9 @@ def parse_mesh(text: str) -> MeshSpec:
 def plan(model: str, cluster_spec: str, batch: int | None, micro_batch: int | None, profile: str | None,
          memory_fraction: float, family: str, mesh_text: str | None, precision: str | None, out: str | None,
          as_json: bool) -> None:
-    """Choose the fastest plan for MODEL that fits the cluster's memory, data-parallel or intra-op
-    (tensor-parallel by an ILP), and explain it: placements per layer, every candidate's predicted step
-    time and memory.
+    """Choose the fastest plan for MODEL that fits the cluster's memory, data-parallel, intra-op
+    (tensor-parallel by an ILP) or a pipeline (stages and micro-batches by dynamic programming), and explain
+    it: placements per layer or stages, every candidate's predicted step time, memory, TFLOP/s and MFU.
 
     MODEL is a zoo name (see `plait.models`, e.g. gpt2-small, mlp-small) or `module.path:factory`, a
     callable with no arguments that returns (model, example_batch) or (model, example_batch, loss_fn);
@@ -129,7 +132,7 @@ def plan(model: str, cluster_spec: str, batch: int | None, micro_batch: int | No
 
     cluster = with_profile(load_cluster(cluster_spec), profile)
     module, example_batch, loss_fn, name = resolve_module(model, _per_rank_batch(cluster, batch, micro_batch))
-    families = FAMILIES if family == "all" else (family,)
+    families = {"auto": DEFAULT_FAMILIES, "all": FAMILIES}.get(family, (family,))
     meshes = [parse_mesh(mesh_text)] if mesh_text else None
     batch_axis = "dp" if meshes and meshes[0].axes == ("dp", "tp") else None  # 2x4 names the roles
     with planning_progress(not as_json) as progress:
@@ -143,4 +146,5 @@ def plan(model: str, cluster_spec: str, batch: int | None, micro_batch: int | No
     if out:
         path = save_plan(chosen, out)
         if not as_json:
-            click.echo(f"plan written to {path}; simulate it with `plait sim {path}`, run it with `plait run --plan {path}`")
+            run = ("" if chosen.is_pipeline else f", run it with `plait run --plan {path}`")
+            click.echo(f"plan written to {path}; simulate it with `plait sim {path}`{run}")

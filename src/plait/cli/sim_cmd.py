@@ -6,7 +6,7 @@ import click
 from rich.table import Table
 
 from plait.plan import Plan, load_plan
-from plait.plan.table import console_for_tables, fmt_bytes, fmt_seconds
+from plait.plan.table import console_for_tables, fmt_bytes, fmt_seconds, pipeline_text, throughput_text
 from plait.sim import SimResult
 
 
@@ -31,6 +31,9 @@ def summary_table(plan: Plan, result: SimResult) -> Table:
     table.add_row("compute", f"{fmt_seconds(p.compute_s)} busy")
     table.add_row("communication", f"{fmt_seconds(p.comm_s)} busy, {fmt_seconds(p.exposed_comm_s)} exposed")
     table.add_row("overlap", f"{p.overlap:.0%} of communication hidden behind compute")
+    if plan.is_pipeline:
+        table.add_row("pipeline", pipeline_text(plan))
+    table.add_row("throughput", throughput_text(plan, p))
     limit = plan.cluster.device.memory_bytes
     by_peak: dict[int, list[int]] = {}
     for rank, peak in enumerate(p.peak_memory_bytes):

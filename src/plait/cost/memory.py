@@ -54,7 +54,7 @@ def param_shard_bytes(plan: Plan) -> list[int]:
     """Bytes of this rank's shard of every parameter, stored in the plan's parameter dtype."""
     shapes = {p.name: p.shape for p in plan.model.params}
     width = DTYPE_BYTES.get(plan.precision.param_dtype, 4)
-    return [local_numel(shapes[p.name], p.placements, plan.mesh) * width for p in plan.params]
+    return [local_numel(shapes[p.name], p.placements, plan.mesh_of(p)) * width for p in plan.params]
 
 
 def state_bytes(plan: Plan) -> tuple[int, int, int]:

@@ -118,11 +118,16 @@ class SyncSpec:
 
 @dataclass(frozen=True, kw_only=True)
 class ParamPlan:
-    """One parameter: its placement on each mesh axis (DTensor's names) and how its gradient is synchronised."""
+    """One parameter: its placement on each mesh axis (DTensor's names) and how its gradient is synchronised.
+
+    In a pipeline plan ``stage`` names the stage that holds it, and ``placements`` and ``sync.axes`` refer to
+    that stage's mesh; otherwise (``None``) to the plan's mesh.
+    """
 
     name: str
     placements: tuple[Placement, ...]
     sync: SyncSpec
+    stage: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -172,17 +177,28 @@ class LayerPlan:
 
 @dataclass(frozen=True, kw_only=True)
 class StageSpec:
-    """A pipeline stage: a contiguous range of layers on a submesh."""
+    """A pipeline stage: a contiguous range of the layer view on its own submesh.
+
+    ``ranks`` lie row-major on ``mesh`` (its axes name the stage's roles: ``dp`` splits each micro-batch,
+    ``tp`` and other model axes shard the layers); ``recompute`` recomputes every layer's forward in backward.
+    """
 
     index: int
     layers: tuple[str, ...]
     ranks: tuple[int, ...]
+    mesh: MeshSpec | None = None  # None: one data-parallel axis over ``ranks``
     recompute: bool = False
+
+    @property
+    def stage_mesh(self) -> MeshSpec:
+        """The stage's mesh (a ``dp`` axis over its ranks unless given)."""
+        return self.mesh or MeshSpec(shape=(len(self.ranks),), axes=("dp",))
 
 
 @dataclass(frozen=True, kw_only=True)
 class ScheduleSpec:
-    """The step schedule: ``spmd`` (every rank runs the whole model); pipeline kinds come with the pipeline planner."""
+    """The step schedule: ``spmd`` (every rank runs the whole model) or a pipeline schedule (``gpipe``,
+    ``1f1b``, ``interleaved-1f1b``) over ``num_microbatches`` micro-batches per step."""
 
     kind: str = "spmd"
     num_microbatches: int = 1
@@ -245,6 +261,7 @@ class Prediction:
     exposed_comm_s: float  # communication not hidden behind compute
     peak_memory_bytes: tuple[int, ...]  # per rank
     memory: MemoryEstimate
+    bubble_fraction: float = 0.0  # pipelines: share of the step a rank's compute stands idle (mean over ranks)
 
     @property
     def overlap(self) -> float:
@@ -329,6 +346,22 @@ class Plan:
             if p.name == name:
                 return p
         raise KeyError(f"the plan has no parameter {name!r}")
+
+    @property
+    def is_pipeline(self) -> bool:
+        """True when the plan cuts the model into pipeline stages."""
+        return bool(self.stages)
+
+    def mesh_of(self, param: ParamPlan) -> MeshSpec:
+        """The mesh ``param``'s placements refer to: its stage's in a pipeline plan, else the plan's."""
+        return self.stages[param.stage].stage_mesh if param.stage is not None else self.mesh
+
+    def stage_of(self, rank: int) -> StageSpec:
+        """The pipeline stage ``rank`` belongs to."""
+        for stage in self.stages:
+            if rank in stage.ranks:
+                return stage
+        raise KeyError(f"rank {rank} is in no stage of this plan ({len(self.stages)} stages)")
 
     def program_of(self, rank: int) -> RankProgram:
         """The program that ``rank`` executes."""

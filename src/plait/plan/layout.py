@@ -33,6 +33,8 @@ def shard_axis_of(plan: Plan) -> str | None:
     FSDP2 shards whole modules, so every parameter that is sharded on a data-parallel axis must be
     sharded on the same one.
     """
+    if plan.is_pipeline:
+        return None  # a pipeline's stages replicate their parameters over their data-parallel ranks
     dp = set(plan.data_parallel_axes)
     found = {a for p in plan.params for a, pl in zip(plan.mesh.axes, p.placements, strict=True) if a in dp and pl.is_shard}
     if len(found) > 1:

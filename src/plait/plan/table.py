@@ -27,6 +27,11 @@ def fmt_seconds(s: float) -> str:
 
 def data_parallel_text(plan: Plan) -> str:
     """How the batch is split and how gradients meet, read from the placements: buckets, FSDP2 units or none."""
+    if plan.is_pipeline:
+        sizes = sorted({len(s.ranks) for s in plan.stages})
+        if sizes == [1]:
+            return "none (one rank per stage)"
+        return f"inside each stage: replicate over its {'/'.join(str(n) for n in sizes)} ranks, gradients all-reduced after the last backward"
     dp_axes = plan.data_parallel_axes
     if not dp_axes or plan.dp_degree == 1:
         return "none (every rank sees the whole batch)"
@@ -77,11 +82,59 @@ def _prediction_rows(table: Table, p: Prediction) -> None:
     )
 
 
+def model_flops_per_step(plan: Plan) -> float:
+    """The model's forward and backward FLOPs over one step's global batch (recomputation not counted)."""
+    per_sample = sum(layer.fwd_flops + layer.bwd_flops for layer in plan.model.layers) / max(1, plan.model.batch_size)
+    return per_sample * plan.batch.global_size
+
+
+def throughput_text(plan: Plan, p: Prediction) -> str:
+    """Predicted model TFLOP/s per device and the model FLOPs utilisation (MFU) of the compute dtype's peak."""
+    dtype = plan.precision.compute_dtype
+    peak = plan.cluster.device.flops_for(dtype)
+    per_device = model_flops_per_step(plan) / max(p.step_s, 1e-12) / plan.world_size
+    mfu = f", MFU {per_device / peak:.1%} of the {dtype} peak {fmt_flops(peak)}" if peak > 0 else ""
+    return f"{fmt_flops(per_device)} per device{mfu}"
+
+
+def fmt_flops(rate: float) -> str:
+    """FLOP/s as TFLOP/s (GFLOP/s below one TFLOP/s)."""
+    return f"{rate / 1e12:.1f} TFLOP/s" if rate >= 1e12 else f"{rate / 1e9:.2f} GFLOP/s"
+
+
+def pipeline_text(plan: Plan) -> str:
+    """Stages, schedule, micro-batches and the predicted bubble."""
+    sizes = sorted({len(s.ranks) for s in plan.stages})
+    per = f"{sizes[0]} ranks each" if len(sizes) == 1 else f"{'/'.join(str(n) for n in sizes)} ranks"
+    bubble = f", bubble {plan.predicted.bubble_fraction:.0%} of the step" if plan.predicted else ""
+    return (f"{len(plan.stages)} stages ({per}), {plan.schedule.kind}, {plan.schedule.num_microbatches} micro-batches"
+            f"{bubble}")
+
+
+def stages_table(plan: Plan) -> Table:
+    """One row per pipeline stage: its layers, ranks, mesh, recomputation and predicted peak memory."""
+    table = Table(title="pipeline stages")
+    for col in ("stage", "layers", "ranks", "mesh", "recompute", "parameters", "peak memory"):
+        table.add_column(col)
+    shapes = {p.name: p.numel for p in plan.model.params}
+    for s in plan.stages:
+        mesh = " x ".join(f"{a}={n}" for a, n in zip(s.stage_mesh.axes, s.stage_mesh.shape, strict=True))
+        layers = s.layers[0] if len(s.layers) == 1 else f"{s.layers[0]} .. {s.layers[-1]} ({len(s.layers)})"
+        numel = sum(shapes.get(p.name, 0) for p in plan.params if p.stage == s.index)
+        peak = max(plan.predicted.peak_memory_bytes[r] for r in s.ranks) if plan.predicted else 0
+        ranks = f"{s.ranks[0]}-{s.ranks[-1]}" if len(s.ranks) > 1 else str(s.ranks[0])
+        table.add_row(str(s.index), layers, ranks, mesh, "yes" if s.recompute else "no", f"{numel / 1e6:,.2f} M",
+                      fmt_bytes(peak) if plan.predicted else "-")
+    return table
+
+
 def _head(plan: Plan) -> Table:
     head = Table(title=f"plait plan: {plan.model.name} on {plan.cluster.name}", show_header=False)
     head.add_column("field", style="bold")
     head.add_column("value")
     head.add_row("mesh", " x ".join(f"{a}={s}" for a, s in zip(plan.mesh.axes, plan.mesh.shape, strict=True)))
+    if plan.is_pipeline:
+        head.add_row("pipeline", pipeline_text(plan))
     head.add_row("data parallel", data_parallel_text(plan))
     b = plan.batch
     head.add_row("batch", f"global {b.global_size} = micro {b.micro_size} x {b.num_micro} micro-batches x dp {plan.dp_degree}")
@@ -92,6 +145,7 @@ def _head(plan: Plan) -> Table:
         head.add_row("program", f"{sum(len(p.instrs) for p in plan.programs)} instructions in {len(plan.programs)} program(s)")
     if plan.predicted:
         _prediction_rows(head, plan.predicted)
+        head.add_row("throughput", throughput_text(plan, plan.predicted))
     if plan.provenance:
         pv = plan.provenance
         head.add_row("planned by", f"{pv.planner} {pv.version} in {pv.search_s:.2f} s")
@@ -175,7 +229,9 @@ def _alike(a: tuple[str, str, str], b: tuple[str, str, str]) -> bool:
 def plan_table(plan: Plan) -> Group:
     """Rich renderables: the chosen plan, its placements per layer, then every candidate the planner weighed."""
     parts: list[Table] = [_head(plan)]
-    if plan.model_axes and any(plan.mesh.axis_size(a) > 1 for a in plan.model_axes):
+    if plan.is_pipeline:
+        parts.append(stages_table(plan))
+    if not plan.is_pipeline and plan.model_axes and any(plan.mesh.axis_size(a) > 1 for a in plan.model_axes):
         parts.append(placements_table(plan))
     if plan.candidates:
         parts.append(candidates_table(plan.candidates))

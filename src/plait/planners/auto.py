@@ -1,4 +1,4 @@
-"""Automatic choice: enumerate data-parallel and intra-op candidates, score each by simulation, keep the fastest that fits."""
+"""Automatic choice: enumerate data-parallel, intra-op and pipeline candidates, score each by simulation, keep the fastest that fits."""
 
 from __future__ import annotations
 
@@ -13,14 +13,15 @@ from plait.cost import CostModel
 from plait.errors import NoFeasiblePlanError, PlaitError
 from plait.graph.model_graph import ModelGraph
 from plait.plan.ir import MeshSpec, Plan, PrecisionPolicy
-from plait.planners.candidates import DEFAULT_BUCKET_SIZES, intra_op_options, options, score
+from plait.planners.candidates import DEFAULT_BUCKET_SIZES, Option, intra_op_options, options, score
 from plait.planners.data_parallel import DP_KINDS, DataParallelKind, provenance_of, resolve_precision
 from plait.planners.explain import explain, infeasible_message, winner_of
 from plait.planners.intra_op.planner import IntraOpOptions
 from plait.planners.intra_op.search import mesh_options
 from plait.planners.intra_op.source import ModelSource
 
-FAMILIES = ("data-parallel", "intra-op")
+FAMILIES = ("data-parallel", "intra-op", "pipeline")
+DEFAULT_FAMILIES = ("data-parallel", "intra-op")  # what the Trainer runs from a plan today
 
 
 def _graph_of(model_or_graph: Any, example_batch: Any, loss_fn: Any, name: str | None, policy: PrecisionPolicy) -> ModelGraph:
@@ -61,7 +62,7 @@ def plan(
     loss_fn: Callable[..., Any] | None = None,
     name: str | None = None,
     precision: PrecisionPolicy | str | None = None,
-    families: Sequence[str] = FAMILIES,
+    families: Sequence[str] = DEFAULT_FAMILIES,
     meshes: Sequence[MeshSpec] | None = None,
     force_batch_axis: str | None = None,
     intra_op: IntraOpOptions | None = None,
@@ -75,7 +76,8 @@ def plan(
     global batch defaults to the captured batch on every rank (captured batch x world size).
     ``precision`` is ``fp32``, ``bf16`` (bf16 compute, fp32 master weights and gradient reduction) or a
     PrecisionPolicy; by default bf16 on GPUs and fp32 on CPUs. ``families`` restricts the search to
-    ``data-parallel`` and/or ``intra-op`` candidates; ``meshes`` gives the intra-op meshes to try (every
+    ``data-parallel``, ``intra-op`` and/or ``pipeline`` candidates (the pipeline planner's stages, searched
+    when asked for: ``plait.runtime.pipeline`` runs them, the Trainer not yet); ``meshes`` gives the intra-op meshes to try (every
     role of their axes; by default a model axis of 2, 4, ... ranks inside a node), ``force_batch_axis``
     keeps one axis data-parallel, ``intra_op`` holds the ILP's options. ``dp_kinds`` limits how parameters
     meet on data-parallel axes: ``replicate`` (all-reduce), ``fsdp`` and ``hybrid`` (sharded parameters,
@@ -113,6 +115,8 @@ def plan(
         sharded = [f for f in (False, True) if ("fsdp" if f else "replicate") in dp_kinds]
         candidates += intra_op_options(mesh_options(cluster, meshes, force_batch_axis=force_batch_axis, fsdp=sharded,
                                                     max_model_axes=max_axes))
+    if "pipeline" in families:
+        candidates.append(Option(kind="replicate", bucket_bytes=0, pipeline=True))
     scored = []
     for k, option in enumerate(candidates):
         if progress is not None:

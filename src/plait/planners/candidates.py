@@ -29,15 +29,20 @@ class Option:
     kind: DataParallelKind
     bucket_bytes: int
     mesh: MeshOption | None = None
+    pipeline: bool = False  # the pipeline planner's stages (data-parallel inside each)
 
     @property
     def family(self) -> str:
-        """``data parallel`` or ``intra-op``."""
+        """``data parallel``, ``intra-op`` or ``pipeline``."""
+        if self.pipeline:
+            return "pipeline"
         return "data parallel" if self.mesh is None else "intra-op"
 
     @property
     def name(self) -> str:
         """Short label used in the candidates table."""
+        if self.pipeline:
+            return "pipeline (stage DP, 1f1b)"
         if self.mesh is not None:
             return self.mesh.name
         if self.kind == "replicate":
@@ -110,6 +115,9 @@ def score(
                                  f"device even split over all {cluster.world_size} devices")
         return _score_intra_op(option, cluster, global_batch=global_batch, micro_batch=micro_batch, cost=cost, limit=limit,
                                optimizer=optimizer, precision=precision, source=source, intra_op=intra_op)
+    if option.pipeline:
+        return _score_pipeline(option, graph, cluster, global_batch=global_batch, cost=cost, limit=limit,
+                               optimizer=optimizer, precision=precision)
     if option.kind == "hybrid" and mesh is not None:
         return Scored(option=option, plan=None, fits=False, peak_bytes=0,
                       reason="not applicable: the mesh is given (fsdp shards over its last axis and replicates over the others)")
@@ -152,3 +160,25 @@ def _score_intra_op(option: Option, cluster: Cluster, *, global_batch: int, micr
     found = score_mesh(option.mesh, source, cluster, global_batch=global_batch, micro_counts=counts, cost=cost, limit=limit,
                        optimizer=optimizer, precision=resolve_precision(precision, cluster), options=intra_op or IntraOpOptions())
     return Scored(option=option, plan=found.plan, fits=found.fits, peak_bytes=found.peak_bytes, reason=found.reason)
+
+
+def _score_pipeline(option: Option, graph: ModelGraph, cluster: Cluster, *, global_batch: int, cost: CostModel, limit: int,
+                    optimizer: str, precision: PrecisionPolicy | None) -> Scored:
+    """The pipeline planner's best plan of at least two stages on submeshes of one size (what the runtime runs)."""
+    from plait.planners.pipeline import PipelineOptions
+    from plait.planners.pipeline_plan import plan_pipeline_full
+    from plait.planners.stage_dp import StageError
+
+    if cluster.world_size < 2 or len(graph.layers) < 2:
+        return Scored(option=option, plan=None, fits=False, peak_bytes=0,
+                      reason="not applicable: a pipeline needs at least two devices and two layers")
+    options = PipelineOptions(memory_fraction=limit / cluster.device.memory_bytes, optimizer=optimizer, same_size=True,
+                              min_stages=2)
+    try:
+        plan = plan_pipeline_full(graph, cluster, global_batch=global_batch, cost=cost, options=options,
+                                  precision=resolve_precision(precision, cluster))
+    except StageError as exc:
+        return Scored(option=option, plan=None, fits=False, peak_bytes=0, reason=f"does not fit: {exc}")
+    assert plan.predicted is not None
+    peak = max(plan.predicted.peak_memory_bytes)
+    return Scored(option=option, plan=plan, fits=peak <= limit, peak_bytes=peak)

@@ -17,6 +17,11 @@ class PlanMismatchError(PlaitError):
 def check_plan(plan: Plan, ctx: DistContext) -> None:
     """Raise ``PlanMismatchError`` when the plan cannot run on this job as it is."""
     mesh, batch = plan.mesh, plan.batch
+    if plan.is_pipeline:
+        raise PlanMismatchError(
+            f"this plan is a {len(plan.stages)}-stage pipeline; the Trainer does not run pipeline plans yet "
+            "(plait.runtime.pipeline.build_pipeline_rank runs its stages): re-plan with --family data-parallel or intra-op"
+        )
     if mesh.size != ctx.world_size:
         raise PlanMismatchError(
             f"the plan's mesh {mesh.shape} has {mesh.size} ranks but the job has {ctx.world_size}; "

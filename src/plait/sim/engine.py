@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from plait.cost import CostModel
 from plait.errors import PlaitError
 from plait.plan.ir import Instr, Plan, Prediction, RankProgram
-from plait.sim.memory import memory_trace, resident_bytes
+from plait.sim.memory import memory_trace, resident_by_rank
 from plait.sim.metrics import prediction_of
 from plait.sim.trace import Event, ProgramTrace
 
@@ -37,7 +37,8 @@ class SimResult:
 
     traces: tuple[ProgramTrace, ...]
     prediction: Prediction
-    static_bytes: int  # parameters, gradients, optimizer state and module buffers per device
+    static_bytes: int  # parameters, gradients, optimizer state and module buffers on the device that holds the most
+    static_by_rank: tuple[int, ...] = ()  # the same per rank (they differ between pipeline stages)
 
     def trace_of(self, rank: int) -> ProgramTrace:
         """The trace of the program that ``rank`` runs."""
@@ -95,7 +96,7 @@ def simulate(plan: Plan, cost: CostModel) -> SimResult:
     for program in plan.programs:
         _validate(program)
     times = _schedule(plan.programs, _durations(plan, cost), overlap=cost.overlaps_comm)
-    resident = resident_bytes(plan)
+    resident = resident_by_rank(plan)
     traces = []
     for program, (starts, ends) in zip(plan.programs, times, strict=True):
         events = tuple(
@@ -115,7 +116,8 @@ def simulate(plan: Plan, cost: CostModel) -> SimResult:
         )
         trace, peak = memory_trace(events)
         traces.append(ProgramTrace(ranks=program.ranks, events=events, memory=trace, peak_dynamic_bytes=peak))
-    return SimResult(traces=tuple(traces), prediction=prediction_of(plan, traces, resident), static_bytes=resident)
+    return SimResult(traces=tuple(traces), prediction=prediction_of(plan, traces, resident), static_bytes=max(resident),
+                     static_by_rank=resident)
 
 
 def _validate(program: RankProgram) -> None:
@@ -155,9 +157,11 @@ def _schedule(
                         break
                     start = max(max([free_at[q][lane(programs[q].instrs[j])]] + [ends[q][d] for d in programs[q].instrs[j].deps]) for q, j in parts)
                     arrival = _arrival(pi, k, programs, ends, by_name)
+                    sent = _arrival(pi, k, programs, starts, by_name)  # a receive is busy from its send's start
                     for q, j in parts:
                         own = 0.0 if programs[q].instrs[j].op == "recv" else durations[q][j]  # the send moves the data
-                        starts[q][j], ends[q][j] = start, max(start + own, arrival)
+                        ends[q][j] = max(start + own, arrival)
+                        starts[q][j] = min(max(start, sent), ends[q][j])  # waiting before the data moves is idle
                         free_at[q][lane(programs[q].instrs[j])] = ends[q][j]
                         heads[q][lane(programs[q].instrs[j])] += 1
                         remaining -= 1
@@ -204,8 +208,8 @@ def _ready_parts(
 
 
 def _arrival(pi: int, k: int, programs: Sequence[RankProgram], ends: list[list[float]], by_name: list[dict[str, int]]) -> float:
-    """When the data of receive ``k`` of program ``pi`` has arrived: its send's end (-1 while the send has not
-    run); 0 for any other instruction."""
+    """When the data of receive ``k`` of program ``pi`` has arrived: its send's end in ``ends`` (its start when
+    given the starts; -1 while the send has not run); 0 for any other instruction."""
     ins = programs[pi].instrs[k]
     if ins.op != "recv":
         return 0.0

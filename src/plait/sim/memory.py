@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 from plait.cost.memory import batch_bytes, state_bytes
 from plait.plan.ir import Plan
@@ -19,6 +20,20 @@ def resident_bytes(plan: Plan) -> int:
     params, grads, optimizer = state_bytes(plan)
     held_grads = grads if has_buckets(plan) else 0
     return params + held_grads + optimizer + plan.model.buffer_bytes + batch_bytes(plan)
+
+
+def resident_by_rank(plan: Plan) -> tuple[int, ...]:
+    """``resident_bytes`` of every rank: the same on every rank of an SPMD plan; in a pipeline, each stage's
+    ranks hold their stage's parameters, gradients and optimizer state (plus the module buffers and the batch)."""
+    if not plan.is_pipeline:
+        return (resident_bytes(plan),) * plan.world_size
+    out = [0] * plan.world_size
+    for stage in plan.stages:
+        mine = replace(plan, params=tuple(p for p in plan.params if p.stage == stage.index))
+        params, grads, optimizer = state_bytes(mine)
+        for rank in stage.ranks:
+            out[rank] = params + grads + optimizer + plan.model.buffer_bytes + batch_bytes(plan)
+    return tuple(out)
 
 
 def has_buckets(plan: Plan) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 from plait.cost.memory import state_bytes
 from plait.plan.ir import MemoryEstimate, Plan, Prediction
@@ -53,28 +54,34 @@ def exposed_comm(trace: ProgramTrace) -> float:
 
 def activations_of(trace: ProgramTrace) -> int:
     """What the forward of the first micro-batch allocates: the activations one micro-batch keeps."""
-    return sum(e.alloc_bytes for e in trace.events if e.op == "compute" and e.name.startswith("fwd[0]"))
+    return sum(e.alloc_bytes for e in trace.events if e.op == "compute" and _first_forward(e.name))
 
 
-def prediction_of(plan: Plan, traces: Sequence[ProgramTrace], resident: int) -> Prediction:
+def _first_forward(name: str) -> bool:
+    """An SPMD program's ``fwd[0] ...`` or a pipeline's ``fwd v<stage> mb0``."""
+    return name.startswith("fwd[0]") or (name.startswith("fwd v") and name.endswith(" mb0"))
+
+
+def prediction_of(plan: Plan, traces: Sequence[ProgramTrace], resident: Sequence[int]) -> Prediction:
     """The Prediction of a simulated plan: the slowest program sets the step; memory per rank.
 
-    ``resident`` is what each device holds for the whole step (``sim.memory.resident_bytes``); a rank's
-    peak adds its program's dynamic peak. ``memory`` holds the state (parameters, gradients, optimizer
-    state), the activations one micro-batch keeps, and as buffers the module buffers plus the rest of
-    the peak (module buffers, the batch, gathered units, optimizer temporaries), so ``memory.total`` is the
-    worst peak.
+    ``resident[r]`` is what rank ``r`` holds for the whole step (``sim.memory.resident_by_rank``); a rank's
+    peak adds its program's dynamic peak. ``memory`` describes the rank with the highest peak: its state
+    (parameters, gradients, optimizer state), the activations one micro-batch keeps, and as buffers the rest
+    of its peak (module buffers, the batch, gathered units, optimizer temporaries), so ``memory.total`` is the
+    worst peak. In a pipeline ``bubble_fraction`` is the share of the step the ranks' compute stands idle.
     """
     slowest = max(traces, key=step_time)
     peaks = [0] * plan.world_size
     for trace in traces:
         for rank in trace.ranks:
             if rank < len(peaks):
-                peaks[rank] = resident + trace.peak_dynamic_bytes
-    worst = max(traces, key=lambda t: t.peak_dynamic_bytes)
-    params, grads, optimizer = state_bytes(plan)
+                peaks[rank] = resident[rank] + trace.peak_dynamic_bytes
+    top = max(range(len(peaks)), key=lambda r: peaks[r])
+    worst = next((t for t in traces if top in t.ranks), traces[0])
+    params, grads, optimizer = _state_of(plan, top)
     activations = min(activations_of(worst), worst.peak_dynamic_bytes)
-    peak = resident + worst.peak_dynamic_bytes
+    peak = peaks[top]
     memory = MemoryEstimate(  # buffers: the rest of the peak (gradients a program makes are not counted twice)
         params=params,
         grads=grads,
@@ -82,11 +89,30 @@ def prediction_of(plan: Plan, traces: Sequence[ProgramTrace], resident: int) -> 
         activations=activations,
         buffers=max(0, peak - params - grads - optimizer - activations),
     )
+    step = step_time(slowest)
     return Prediction(
-        step_s=step_time(slowest),
+        step_s=step,
         compute_s=max(total_length(busy_intervals(t.events, "compute")) for t in traces),
         comm_s=max(total_length(busy_intervals(t.events, "comm")) for t in traces),
         exposed_comm_s=max(exposed_comm(t) for t in traces),
         peak_memory_bytes=tuple(peaks),
         memory=memory,
+        bubble_fraction=bubble_fraction(traces, step) if plan.is_pipeline else 0.0,
     )
+
+
+def _state_of(plan: Plan, rank: int) -> tuple[int, int, int]:
+    """The state ``rank`` holds: its stage's in a pipeline, the plan's otherwise."""
+    if not plan.is_pipeline:
+        return state_bytes(plan)
+    stage = plan.stage_of(rank).index
+    return state_bytes(replace(plan, params=tuple(p for p in plan.params if p.stage == stage)))
+
+
+def bubble_fraction(traces: Sequence[ProgramTrace], step: float) -> float:
+    """Share of the step during which a rank's compute is idle, averaged over ranks."""
+    if step <= 0:
+        return 0.0
+    ranks = sum(len(t.ranks) for t in traces)
+    busy = sum(len(t.ranks) * total_length(busy_intervals(t.events, "compute")) for t in traces)
+    return max(0.0, 1.0 - busy / (ranks * step))

@@ -1,0 +1,121 @@
+"""Pipeline plans: the pipeline planner's choice as a complete Plan (stages, placements on stage meshes, schedule,
+programs, per-rank memory), its JSON, its table, `plait plan --family pipeline` and `plait sim`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from test_plan_cli import CLUSTER, run
+
+from plait.cluster import load_cluster
+from plait.cost import CostModel
+from plait.cost.memory import OPTIMIZER_STATES
+from plait.graph import ModelGraph, capture
+from plait.models import GPT, lm_batch, lm_loss, zoo_model
+from plait.models.gpt import GPT_CONFIGS
+from plait.plan import load_plan, plan_from_json, plan_text, plan_to_json
+from plait.planners import plan as choose
+from plait.planners.pipeline import PipelineOptions
+from plait.planners.pipeline_plan import plan_pipeline_full
+from plait.runtime.checks import PlanMismatchError, check_plan
+from plait.runtime.context import DistContext
+from plait.sim import simulate
+
+
+def zoo_graph(name: str, batch: int = 2) -> ModelGraph:
+    zoo = zoo_model(name)
+    with torch.device("meta"):
+        return capture(zoo.build(), zoo.make_batch(batch, device="meta"), name=name, loss_fn=zoo.loss, with_ops=False)
+
+
+def gpt_graph(name: str) -> ModelGraph:
+    with torch.device("meta"):
+        return capture(GPT(GPT_CONFIGS[name]), lm_batch(GPT_CONFIGS[name], 1, device="meta"), name=name, loss_fn=lm_loss,
+                       with_ops=False)
+
+
+def test_a_pipeline_plan_is_complete_and_round_trips() -> None:
+    graph = zoo_graph("gpt-tiny")
+    cluster = load_cluster("local:4")
+    cost = CostModel(cluster)
+    plan = plan_pipeline_full(graph, cluster, global_batch=8, cost=cost, options=PipelineOptions(same_size=True, min_stages=2))
+    assert plan.is_pipeline and plan.mesh.axes == ("pp", "dp") and plan.mesh.size == 4
+    # stages cover the layer view in order, on disjoint ranks that fill the mesh row by row
+    assert [name for s in plan.stages for name in s.layers] == [layer.name for layer in graph.layers]
+    assert [r for s in plan.stages for r in s.ranks] == list(range(4))
+    assert all(s.stage_mesh.size == len(s.ranks) for s in plan.stages)
+    # each parameter lives on the stage that holds its layer, placed on that stage's mesh
+    for p in plan.params:
+        layer = graph.layers[next(q.layer for q in graph.params if q.name == p.name)].name
+        assert layer in plan.stages[p.stage].layers  # type: ignore[index]
+        assert len(p.placements) == len(plan.mesh_of(p).axes)
+    b = plan.batch
+    assert b.global_size == 8 and b.micro_size * b.num_micro * plan.dp_degree == 8
+    assert plan.schedule.kind == "1f1b" and plan.schedule.num_microbatches == b.num_micro
+    assert len(plan.programs) == len(plan.stages)  # ranks of a stage share one program
+    assert plan_from_json(plan_to_json(plan)) == plan
+    # the prediction is the simulator's; each stage's ranks hold that stage's state, not the whole model's
+    assert plan.predicted == simulate(plan, cost).prediction
+    result = simulate(plan, cost)
+    states = 2 + OPTIMIZER_STATES["adamw"]
+    for stage in plan.stages:
+        numel = sum(q.numel for q in graph.params if any(p.name == q.name and p.stage == stage.index for p in plan.params))
+        assert result.static_by_rank[stage.ranks[0]] >= numel * 4 * states
+        assert result.static_by_rank[stage.ranks[0]] < graph.param_bytes * states
+    assert 0 < plan.predicted.bubble_fraction < 1
+    text = plan_text(plan, width=160)
+    assert "pipeline stages" in text and "2 stages (2 ranks each), 1f1b" in text and "MFU" in text
+
+
+def test_stages_of_different_sizes_keep_a_flat_mesh() -> None:
+    # GPT-3 6.7B in fp32 on one DGX-A100 at batch 128: the planner's stages take submeshes of different sizes
+    cluster = load_cluster("dgx-a100:1")
+    cost = CostModel(cluster)
+    plan = plan_pipeline_full(gpt_graph("gpt3-6.7b"), cluster, global_batch=128, cost=cost)
+    sizes = [len(s.ranks) for s in plan.stages]
+    assert sum(sizes) == 8 and len(set(sizes)) > 1
+    assert plan.mesh.axes == ("world",) and plan.dp_degree == 1
+    assert plan.batch.micro_size * plan.batch.num_micro == 128  # each stage splits a micro-batch over its own ranks
+    assert plan.predicted is not None and max(plan.predicted.peak_memory_bytes) <= 0.9 * cluster.device.memory_bytes
+    assert plan_from_json(plan_to_json(plan)) == plan
+
+
+def test_the_auto_planner_weighs_a_pipeline_when_asked() -> None:
+    zoo = zoo_model("gpt-tiny")
+    with torch.device("meta"):
+        model = zoo.build()
+    cluster = load_cluster("local:4")
+    plan = choose(model, zoo.make_batch(2, device="meta"), cluster, global_batch=8, loss_fn=zoo.loss, name="gpt-tiny",
+                  families=("data-parallel", "pipeline"))
+    families = {c.family for c in plan.candidates}
+    assert families == {"data parallel", "pipeline"}
+    only = choose(model, zoo.make_batch(2, device="meta"), cluster, global_batch=8, loss_fn=zoo.loss, name="gpt-tiny",
+                  families=("pipeline",))
+    assert only.is_pipeline and len(only.candidates) == 1 and only.candidates[0].note.startswith("chosen")
+
+
+def test_the_trainer_refuses_a_pipeline_plan_clearly() -> None:
+    graph = zoo_graph("gpt-tiny")
+    cluster = load_cluster("local:4")
+    plan = plan_pipeline_full(graph, cluster, global_batch=8, cost=CostModel(cluster),
+                              options=PipelineOptions(same_size=True, min_stages=2))
+    ctx = DistContext(rank=0, world_size=4, local_rank=0, local_world_size=4, device=torch.device("cpu"), backend="gloo")
+    with pytest.raises(PlanMismatchError, match="2-stage pipeline.*--family data-parallel or intra-op"):
+        check_plan(plan, ctx)
+
+
+def test_plan_family_pipeline_then_sim(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "plan.json"
+    code, text, err = run(["plan", "gpt-tiny", "--cluster", CLUSTER, "--batch", "8", "--family", "pipeline", "--out", str(out)],
+                          capsys)
+    assert code == 0, err
+    assert "pipeline stages" in text and "bubble" in text and "plait run" not in text.splitlines()[-1]
+    plan = load_plan(out)
+    assert plan.is_pipeline
+    png = tmp_path / "timeline.png"
+    code, text, err = run(["sim", str(out), "--timeline", str(png)], capsys)
+    assert code == 0, err
+    assert "pipeline" in text and "throughput" in text and "peak memory, ranks 0-1" in text
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
