@@ -9,6 +9,11 @@ the number of micro-batches. After the schedule's step the ranks of each stage a
 A stage runs its layers as a chain (each takes the previous one's output), so the model's forward must be
 that chain: true of plait's zoo GPTs and MLPs. The loss must call the model once on the batch's first
 element (``loss(model, (inputs, targets))``), as the zoo's losses do: the last stage applies it to its output.
+
+With ``tp > 1`` (or a ``StageSharding``) each stage's ranks also form a tensor-parallel submesh: the job's mesh is
+``(pp, dp, tp)`` with axes ``("pp", "dp", "tp")`` (rank ``(p * dp + j) * tp + k``), the stages' layers get DTensor
+placements on ``tp`` and the boundary tensors cross as local pieces (``plait.runtime.pipeline_tp``). After the
+schedule, gradients that DTensor left as pending sums over ``tp`` are reduced, then the ``dp`` average runs.
 """
 
 from __future__ import annotations
@@ -20,9 +25,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+from torch.distributed.tensor import DTensor
 
 from plait.errors import PlaitError
+from plait.runtime.pipeline_tp import StageSharding, check_stage_sharding, tensor_parallel_stage
+from plait.runtime.tensor_parallel import reduce_grads_to_placements
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved-1f1b": ScheduleInterleaved1F1B}
 Loss = Callable[[nn.Module, tuple[torch.Tensor, ...]], torch.Tensor]
@@ -60,7 +69,7 @@ class _Output(nn.Module):
 
 @dataclass
 class PipelineRank:
-    """What one rank runs: its stages under a schedule, its parameters and its data-parallel group."""
+    """What one rank runs: its stages under a schedule, its parameters, the job's mesh and its place in it."""
 
     schedule: Any
     stages: list[PipelineStage]
@@ -70,6 +79,8 @@ class PipelineRank:
     first: bool
     last: bool
     dp_group: Any
+    mesh: DeviceMesh | None = None  # (pp, dp, tp) with axes ("pp", "dp", "tp")
+    tensor_parallel: bool = False  # the stages' parameters are DTensors on the tp axis
 
     def step(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
         """Forward and backward of this replica's slice of the global ``batch`` (gradients accumulate into
@@ -84,32 +95,43 @@ class PipelineRank:
             self.schedule.step(target=targets, losses=losses)
         else:
             self.schedule.step()
+        if self.tensor_parallel:
+            for stage in self.stages:
+                reduce_grads_to_placements(stage.submod)
         if self.dp > 1:
+            self._average_over_dp()
+        return torch.stack(losses).mean().detach() if losses else None
+
+    def _average_over_dp(self) -> None:
+        with torch.no_grad():
             for p in self.params.values():
                 if p.grad is not None:
-                    dist.all_reduce(p.grad, group=self.dp_group)
-                    p.grad.div_(self.dp)
-        return torch.stack(losses).mean().detach() if losses else None
+                    grad = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad  # shares the memory
+                    dist.all_reduce(grad, group=self.dp_group)
+                    grad.div_(self.dp)
 
 
 def build_pipeline_rank(model: nn.Module, stage_layers: Sequence[Sequence[str]], *, pp: int, dp: int, schedule: str,
-                        num_micro: int, loss: Loss, device: torch.device | None = None) -> PipelineRank:
-    """This rank's part of the pipeline (``stage_layers[s]``: the module names of virtual stage ``s``); every
-    rank must call it at the same point, since it makes the process groups."""
-    world, rank = dist.get_world_size(), dist.get_rank()
-    check_pipeline_layout(stage_layers, pp=pp, dp=dp, world=world, schedule=schedule, num_micro=num_micro)
+                        num_micro: int, loss: Loss, device: torch.device | None = None, tp: int | Sequence[int] = 1,
+                        sharding: StageSharding | None = None) -> PipelineRank:
+    """This rank's part of the pipeline (``stage_layers[s]``: the module names of virtual stage ``s``; ``tp``: the
+    tensor-parallel size of every stage, ``sharding``: placements there); every rank must call it at the same point,
+    since it makes the process groups."""
+    world = dist.get_world_size()
+    if tp != 1 and sharding is None:
+        sharding = StageSharding()
+    tp_size = check_stage_sharding(sharding, stage_layers, tp, model) if sharding is not None else 1
+    check_pipeline_layout(stage_layers, pp=pp, dp=dp, world=world, schedule=schedule, num_micro=num_micro, tp=tp_size)
     device = device or torch.device("cpu")
-    stage, replica = divmod(rank, dp)
-    pp_group = dp_group = None
-    for j in range(dp):  # every rank makes every group, in the same order
-        group = dist.new_group([p * dp + j for p in range(pp)])
-        pp_group = group if j == replica else pp_group
-    for p in range(pp):
-        group = dist.new_group(list(range(p * dp, (p + 1) * dp)))
-        dp_group = group if p == stage else dp_group
+    mesh = init_device_mesh(device.type, (pp, dp, tp_size), mesh_dim_names=("pp", "dp", "tp"))
+    stage, replica, _ = mesh.get_coordinate() or (0, 0, 0)
     virtual = len(stage_layers)
     mine = [s for s in range(virtual) if s % pp == stage]
-    stages = [PipelineStage(ChainStage(model, stage_layers[s]), s, virtual, device, group=pp_group) for s in mine]
+    modules: list[nn.Module] = []
+    for s in mine:
+        chain = ChainStage(model, stage_layers[s])
+        modules.append(chain if sharding is None else tensor_parallel_stage(chain, mesh["tp"], sharding, s, virtual))
+    stages = [PipelineStage(m, s, virtual, device, group=mesh.get_group("pp")) for m, s in zip(modules, mine, strict=True)]
     names = {n for s in mine for n in stage_layers[s]}
     params = {n: p for n, p in model.named_parameters() if any(n.startswith(m + ".") for m in names)}
 
@@ -118,8 +140,9 @@ def build_pipeline_rank(model: nn.Module, stage_layers: Sequence[Sequence[str]],
 
     multi = SCHEDULES[schedule] is ScheduleInterleaved1F1B
     runner = SCHEDULES[schedule](stages if multi else stages[0], num_micro, loss_fn=output_loss)
-    return PipelineRank(schedule=runner, stages=stages, params=params, replica=replica, dp=dp,
-                        first=0 in mine, last=virtual - 1 in mine, dp_group=dp_group)
+    return PipelineRank(schedule=runner, stages=stages, params=params, replica=replica, dp=dp, first=0 in mine,
+                        last=virtual - 1 in mine, dp_group=mesh.get_group("dp"), mesh=mesh,
+                        tensor_parallel=sharding is not None)
 
 
 def _has_module(model: nn.Module, name: str) -> bool:
@@ -131,12 +154,13 @@ def _has_module(model: nn.Module, name: str) -> bool:
 
 
 def check_pipeline_layout(stage_layers: Sequence[Sequence[str]], *, pp: int, dp: int, world: int, schedule: str,
-                          num_micro: int) -> None:
+                          num_micro: int, tp: int = 1) -> None:
     """Raise ``PlaitError`` naming what does not fit: schedule, ranks, stages per rank, micro-batches."""
     if schedule not in SCHEDULES:
         raise PlaitError(f"unknown pipeline schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
-    if pp * dp != world:
-        raise PlaitError(f"{pp} stages x {dp} data-parallel ranks need {pp * dp} ranks, the job has {world}")
+    if pp * dp * tp != world:
+        ways = f"{dp} data-parallel" + (f" x {tp} tensor-parallel" if tp > 1 else "")
+        raise PlaitError(f"{pp} stages x {ways} ranks need {pp * dp * tp} ranks, the job has {world}")
     virtual = len(stage_layers)
     if virtual % pp or (virtual > pp and schedule != "interleaved-1f1b") or (virtual == pp and schedule == "interleaved-1f1b"):
         raise PlaitError(f"{virtual} stages on {pp} ranks: gpipe and 1f1b need one stage per rank, interleaved-1f1b "
