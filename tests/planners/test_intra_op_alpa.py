@@ -30,7 +30,7 @@ def alpa_plan(model: torch.nn.Module, batch: tuple[torch.Tensor, ...], loss, sha
     cluster = local_cluster(mesh.size)
     cost = AlphaBetaCost(cluster, mesh, dict(zip(mesh.axes, alpha, strict=True)), dict(zip(mesh.axes, beta, strict=True)))
     return plait.plan(model, batch, cluster, global_batch=batch[0].shape[0], loss_fn=loss, cost=cost, meshes=[mesh],
-                      intra_op=ALPA, dp_kinds=("replicate",), optimizer="adam")
+                      intra_op=ALPA, dp_kinds=("replicate",), optimizer="adam", families=("data-parallel", "intra-op"))
 
 
 def mlp(hidden: int, batch: int) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:

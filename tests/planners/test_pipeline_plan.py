@@ -8,11 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 from test_plan_cli import CLUSTER, run
+from torch import nn
 
 from plait.cluster import load_cluster
 from plait.cost import CostModel
 from plait.cost.memory import OPTIMIZER_STATES
 from plait.graph import ModelGraph, capture
+from plait.graph.chain import chain_problem
 from plait.models import GPT, lm_batch, lm_loss, zoo_model
 from plait.models.gpt import GPT_CONFIGS
 from plait.plan import load_plan, plan_from_json, plan_text, plan_to_json
@@ -96,14 +98,54 @@ def test_the_auto_planner_weighs_a_pipeline_when_asked() -> None:
     assert only.is_pipeline and len(only.candidates) == 1 and only.candidates[0].note.startswith("chosen")
 
 
-def test_the_trainer_refuses_a_pipeline_plan_clearly() -> None:
+def test_the_spmd_path_refuses_a_pipeline_plan_clearly() -> None:
     graph = zoo_graph("gpt-tiny")
     cluster = load_cluster("local:4")
     plan = plan_pipeline_full(graph, cluster, global_batch=8, cost=CostModel(cluster),
                               options=PipelineOptions(same_size=True, min_stages=2))
     ctx = DistContext(rank=0, world_size=4, local_rank=0, local_world_size=4, device=torch.device("cpu"), backend="gloo")
-    with pytest.raises(PlanMismatchError, match="2-stage pipeline.*--family data-parallel or intra-op"):
+    with pytest.raises(PlanMismatchError, match="2-stage pipeline: apply it with .*apply_pipeline_plan"):
         check_plan(plan, ctx)
+
+
+class Residual(nn.Module):
+    """Two layers whose output adds the model's input back: not a chain of its layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.first(x)) + x
+
+
+class Skip(Residual):
+    """The second layer takes the model's input, not the first layer's output."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(x + self.first(x))
+
+
+def mse(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    return ((model(batch[0]) - batch[1]) ** 2).mean()
+
+
+def test_only_a_chain_of_layers_may_become_a_pipeline() -> None:
+    batch = (torch.randn(2, 4), torch.randn(2, 4))
+    layers = ["first", "second"]
+    seq = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    assert chain_problem(seq, batch, ["0", "1"], mse) is None
+    assert "does not return the output of its last layer" in str(chain_problem(Residual(), batch, layers, mse))
+    assert "layer 'second' does not take exactly the output of 'first'" in str(chain_problem(Skip(), batch, layers, mse))
+    assert "calls the model 2 times" in str(chain_problem(seq, batch, ["0", "1"], lambda m, b: mse(m, b) + mse(m, b)))
+    # a Hugging Face GPT-2's loss passes labels to the model: no pipeline candidate, and the table says why
+    zoo = zoo_model("hf-gpt2-tiny")
+    with torch.device("meta"):
+        model = zoo.build()
+    plan = choose(model, zoo.make_batch(2, device="meta"), load_cluster("local:4"), global_batch=8, loss_fn=zoo.loss,
+                  name="hf-gpt2-tiny", families=("data-parallel", "pipeline"))
+    (pipeline,) = [c for c in plan.candidates if c.family == "pipeline"]
+    assert not pipeline.fits and "the loss must call the model on the batch's first element alone" in pipeline.note
 
 
 def test_plan_family_pipeline_then_sim(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -111,7 +153,7 @@ def test_plan_family_pipeline_then_sim(tmp_path: Path, capsys: pytest.CaptureFix
     code, text, err = run(["plan", "gpt-tiny", "--cluster", CLUSTER, "--batch", "8", "--family", "pipeline", "--out", str(out)],
                           capsys)
     assert code == 0, err
-    assert "pipeline stages" in text and "bubble" in text and "plait run" not in text.splitlines()[-1]
+    assert "pipeline stages" in text and "bubble" in text and "plait run --plan" in text
     plan = load_plan(out)
     assert plan.is_pipeline
     png = tmp_path / "timeline.png"

@@ -10,7 +10,6 @@ from planrun import make_plan, planned_collectives, reference, run_plan
 from plait.cluster import local_cluster
 from plait.cost.alpha_beta import AlphaBetaCost
 from plait.plan import MeshSpec, Plan
-from plait.planners.auto import FAMILIES
 from plait.planners.intra_op.planner import IntraOpOptions
 
 STEPS = 3
@@ -46,7 +45,7 @@ def alpha_beta_plan(name: str, shape: tuple[int, ...], axes: tuple[str, ...], ba
     """The plan Alpa's cost model gives (alpha = beta = 1 per byte, compute free, matmuls split on every model axis)."""
     mesh = MeshSpec(shape=shape, axes=axes)
     cost = AlphaBetaCost(local_cluster(mesh.size), mesh, dict.fromkeys(axes, 1.0), dict.fromkeys(axes, 1.0))
-    return make_plan(name, mesh, batch, cost=cost, intra_op=IntraOpOptions(replicated_heavy_ops=False), families=FAMILIES,
+    return make_plan(name, mesh, batch, cost=cost, intra_op=IntraOpOptions(replicated_heavy_ops=False), families=("data-parallel", "intra-op"),
                      dp_kinds=("replicate",), **kwargs)
 
 

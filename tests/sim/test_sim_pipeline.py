@@ -13,8 +13,14 @@ from plait.errors import PlaitError
 from plait.graph import ModelGraph, capture
 from plait.models import GPT, lm_batch, lm_loss
 from plait.models.gpt import GPT_CONFIGS
-from plait.planners.pipeline import assign_ranks, plan_pipeline, submesh_sizes
-from plait.planners.pipeline_lowering import StageWork, lower_pipeline
+from plait.planners.pipeline import (
+    PipelineChoice,
+    PipelineOptions,
+    assign_ranks,
+    plan_pipeline,
+    submesh_sizes,
+)
+from plait.planners.pipeline_lowering import StageWork, lower_pipeline, stage_memory
 from plait.planners.schedules import Schedule, gpipe, interleaved_1f1b, one_f_one_b
 from plait.planners.stage_dp import StageError, pipeline_time
 from plait.sim import SimResult, simulate
@@ -75,10 +81,11 @@ def test_planned_pipeline_simulates_to_its_stage_dp_prediction() -> None:
     assert choice.layer_ranges[0][0] == 0 and choice.layer_ranges[-1][1] == 34
     assert sorted(r for ranks in choice.stage_ranks for r in ranks) == list(range(16))
     programs = choice.programs()
-    step = simulate(hand_plan(*[(p.ranks, p.instrs) for p in programs]), cost).prediction.step_s  # type: ignore[arg-type]
+    result = simulate(hand_plan(*[(p.ranks, p.instrs) for p in programs]), cost)  # type: ignore[arg-type]
     # The DP counts each stage's gradient sync and optimizer step whole; the simulator overlaps them with the
     # other stages' drain, so it may only be a little faster.
-    assert 0.95 * choice.step_s <= step <= choice.step_s * (1 + 1e-9)
+    assert 0.95 * choice.step_s <= result.prediction.step_s <= choice.step_s * (1 + 1e-9)
+    check_memory_agrees(choice, result, 0.9 * cluster.device.memory_bytes)
 
 
 def test_a_model_that_fits_replicated_is_one_data_parallel_stage() -> None:
@@ -106,15 +113,27 @@ def test_submeshes_and_rank_blocks_are_aligned() -> None:
 
 def test_stages_recompute_when_memory_needs_it_and_fit_in_the_simulator() -> None:
     # GPT 39B in fp32 on 64 A100s: the first stages hold the most micro-batches in flight (1F1B) and must
-    # recompute (configuration 1); the last ones need not.
+    # recompute (configuration 1); the last ones need not. The last stage must not keep every micro-batch's
+    # logits until the step ends (52 GB per rank here, as torch's schedule does unless told
+    # return_outputs=False, which plait's runtime tells it): with them no pipeline fits.
     cluster = load_cluster("dgx-a100:8")
     cost = CostModel(cluster)
-    choice = plan_pipeline(gpt_graph("gpt-39b"), cluster, global_batch=512, cost=cost)
+    graph = gpt_graph("gpt-39b")
+    with pytest.raises(StageError, match="no pipeline"):
+        plan_pipeline(graph, cluster, global_batch=512, cost=cost, options=PipelineOptions(keep_outputs=True))
+    choice = plan_pipeline(graph, cluster, global_batch=512, cost=cost)
     configs = [s.config for s in choice.solution.stages]
     assert configs[0] == 1 and configs[-1] == 0 and configs == sorted(configs, reverse=True)
     result = simulate(hand_plan(*[(p.ranks, p.instrs) for p in choice.programs()]), cost)  # type: ignore[arg-type]
     assert 0.95 * choice.step_s <= result.prediction.step_s <= choice.step_s * (1 + 1e-9)
-    limit = 0.9 * cluster.device.memory_bytes
-    for ranks, params in zip(choice.stage_ranks, choice.sync_bytes, strict=True):
+    check_memory_agrees(choice, result, 0.9 * cluster.device.memory_bytes)
+
+
+def check_memory_agrees(choice: PipelineChoice, result: SimResult, limit: float) -> None:
+    """Every stage's simulated peak is at most the bound the planner checked, and that bound fits the limit."""
+    p, m = len(choice.layer_ranges), choice.num_micro
+    for s, (ranks, params) in enumerate(zip(choice.stage_ranks, choice.sync_bytes, strict=True)):
         static = params * 4  # parameters, gradients, two AdamW moments
-        assert static + result.trace_of(ranks[0]).peak_dynamic_bytes <= limit
+        bound = stage_memory(choice.work[s], input_bytes=choice.work[s - 1].boundary_bytes if s else 0, num_micro=m,
+                             step_temp_bytes=choice.step_temp_bytes[s], keep_outputs=choice.keep_outputs)
+        assert result.trace_of(ranks[0]).peak_dynamic_bytes <= bound.peak(min(p - s, m)) <= limit - static

@@ -16,7 +16,7 @@ from plait.errors import PlaitError
 from plait.graph.model_graph import ModelGraph
 from plait.plan import MeshSpec, plan_table, plan_to_json, save_plan
 from plait.plan.table import console_for_tables
-from plait.planners.auto import DEFAULT_FAMILIES, FAMILIES
+from plait.planners.auto import FAMILIES
 
 DEFAULT_PER_RANK_BATCH = 8
 
@@ -104,11 +104,10 @@ def parse_mesh(text: str) -> MeshSpec:
 @click.option("--profile", type=click.Path(dir_okay=False), help="A measured profile JSON (`plait profile`) for the cost model.")
 @click.option("--memory-fraction", type=click.FloatRange(0, 1, min_open=True), default=0.9, show_default=True,
               help="Share of each device's memory a plan may use.")
-@click.option("--family", "family", type=click.Choice(["auto", "all", "data-parallel", "intra-op", "pipeline"]), default="auto",
+@click.option("--family", "family", type=click.Choice(["all", "data-parallel", "intra-op", "pipeline"]), default="all",
               show_default=True,
               help="Search data-parallel plans, intra-op (tensor-parallel) plans, pipelines (stages by dynamic programming, "
-                   "data-parallel inside each), or several: auto = the families `plait run` executes (data-parallel and "
-                   "intra-op), all = every family.")
+                   "data-parallel inside each), or all of them.")
 @click.option("--mesh", "mesh_text", help="Intra-op mesh to plan on, e.g. 2x4 (dp x tp) or x=2,y=4 (every role of its axes is tried); "
                                           "default: a tp axis of 2, 4, ... ranks inside a node.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "bf16-reduce"]), default=None,
@@ -132,7 +131,7 @@ def plan(model: str, cluster_spec: str, batch: int | None, micro_batch: int | No
 
     cluster = with_profile(load_cluster(cluster_spec), profile)
     module, example_batch, loss_fn, name = resolve_module(model, _per_rank_batch(cluster, batch, micro_batch))
-    families = {"auto": DEFAULT_FAMILIES, "all": FAMILIES}.get(family, (family,))
+    families = FAMILIES if family == "all" else (family,)
     meshes = [parse_mesh(mesh_text)] if mesh_text else None
     batch_axis = "dp" if meshes and meshes[0].axes == ("dp", "tp") else None  # 2x4 names the roles
     with planning_progress(not as_json) as progress:
@@ -146,5 +145,4 @@ def plan(model: str, cluster_spec: str, batch: int | None, micro_batch: int | No
     if out:
         path = save_plan(chosen, out)
         if not as_json:
-            run = ("" if chosen.is_pipeline else f", run it with `plait run --plan {path}`")
-            click.echo(f"plan written to {path}; simulate it with `plait sim {path}`{run}")
+            click.echo(f"plan written to {path}; simulate it with `plait sim {path}`, run it with `plait run --plan {path}`")

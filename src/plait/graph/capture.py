@@ -145,6 +145,8 @@ def _layer_view(
                 output_shape=st.output_shape,
                 fwd_bytes_moved=st.fwd_bytes_moved,
                 num_kernels=st.num_kernels,
+                bwd_workspace_bytes=st.bwd_workspace_bytes,
+                bwd_param_grad_bytes=st.bwd_param_grad_bytes,
             )
         )
     return tuple(layers), params
@@ -160,4 +162,6 @@ def _merge(a: LayerStats, glue: LayerStats) -> LayerStats:
         num_kernels=a.num_kernels + glue.num_kernels,
         output_bytes=a.output_bytes,
         output_shape=a.output_shape,
+        bwd_workspace_bytes=max(a.bwd_workspace_bytes, glue.bwd_workspace_bytes),
+        bwd_param_grad_bytes=max(a.bwd_param_grad_bytes, glue.bwd_param_grad_bytes),
     )

@@ -78,6 +78,12 @@ class LayerInfo:
     output_shape: tuple[int, ...]
     fwd_bytes_moved: int  # memory traffic of the forward ops (inputs + outputs), for the roofline
     num_kernels: int  # forward aten ops, for the per-kernel overhead
+    # The most bytes the layer's backward holds at once above what was live when it began (the gradient of its
+    # output), besides its saved activations: gradients of activations (its input's too), taken to scale with
+    # the batch like activation_bytes, and fresh parameter gradients before they are added into the
+    # parameters', which do not.
+    bwd_workspace_bytes: int = 0
+    bwd_param_grad_bytes: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -4,7 +4,10 @@ A forward pre/post hook pair on each layer module says which layer runs in forwa
 each layer's outputs (its backward starts) and inputs (its backward ends) say which layer runs in
 backward. Ops outside every layer ("glue", e.g. a residual add in the parent's forward or the loss)
 count in the layer that ran last in forward; in backward, in the same layer. A dispatch mode sees every
-aten op and a saved-tensors hook every tensor autograd keeps for backward.
+aten op and a saved-tensors hook every tensor autograd keeps for backward. In backward it also follows
+the storages the pass makes until they die (``plait.graph.backward_memory``) for each layer's backward
+workspace. Parameters get zero gradients before the pass, so each fresh parameter gradient is a
+temporary added into them, as when micro-batches accumulate.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from torch.autograd.graph import register_multi_grad_hook, saved_tensors_hooks
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from plait.graph.backward_memory import BackwardMemory
 from plait.graph.fake import storage_key
 from plait.graph.flops import has_formula, op_flops
 
@@ -57,6 +61,8 @@ class LayerStats:
     num_kernels: int = 0
     output_bytes: int = 0
     output_shape: tuple[int, ...] = ()
+    bwd_workspace_bytes: int = 0
+    bwd_param_grad_bytes: int = 0
 
 
 @dataclass
@@ -151,6 +157,7 @@ class OpRecorder(TorchDispatchMode):
         self.tracker = tracker
         self.param_storages = param_storages
         self.first_use: dict[int, int | None] = {}
+        self.backward = BackwardMemory()
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -171,6 +178,7 @@ class OpRecorder(TorchDispatchMode):
         flops = op_flops(func, args, kwargs, out)
         if torch._C._current_graph_task_id() != -1:
             st.bwd_flops += flops
+            self.backward.op(self.tracker.current, _allocated(func, args, kwargs, out))
             return
         st.fwd_flops += flops
         inputs = _tensors((args, kwargs))
@@ -182,6 +190,14 @@ class OpRecorder(TorchDispatchMode):
             return
         st.num_kernels += 1
         st.fwd_bytes_moved += _nbytes(inputs) + _nbytes(_tensors(out))
+
+
+def _allocated(func: torch._ops.OpOverload, args: Any, kwargs: Any, out: Any) -> list[torch.Tensor]:
+    """The outputs an op allocated: none of a view op, none that share an input's storage (in-place ops)."""
+    if func.is_view or func in _NO_KERNEL:
+        return []
+    inputs = {storage_key(t) for t in _tensors((args, kwargs))}
+    return [t for t in _tensors(out) if storage_key(t) not in inputs]
 
 
 class SavedTensorCounter:
@@ -218,6 +234,26 @@ def compute_loss(model: nn.Module, inputs: tuple[Any, ...], loss_fn: LossFn | No
     return loss
 
 
+def _give_gradients(model: nn.Module, memory: BackwardMemory) -> list[Any]:
+    """Zero gradients for the parameters that have none, so backward adds each fresh one into them; hooks
+    that show each fresh gradient to ``memory`` (their handles)."""
+    handles = []
+    for p in model.parameters():
+        if p.requires_grad:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            handles.append(p.register_hook(memory.param_grad))
+    return handles
+
+
+def _store_workspaces(tracker: LayerTracker, memory: BackwardMemory) -> None:
+    """Each layer's backward workspace into its statistics (``None``: glue before every layer)."""
+    for layer, ws in memory.workspaces().items():
+        slot = tracker.glue if layer is None else tracker.stats[layer]
+        slot.bwd_workspace_bytes = ws.activation_grads
+        slot.bwd_param_grad_bytes = ws.param_grads
+
+
 def trace_layers(
     model: nn.Module, inputs: tuple[Any, ...], loss_fn: LossFn | None, layer_modules: list[nn.Module]
 ) -> TraceResult:
@@ -235,8 +271,14 @@ def trace_layers(
             raise TypeError(f"loss_fn must return a scalar, got shape {tuple(loss.shape)}")
         if loss.requires_grad:
             seed = torch.ones_like(loss)  # made here so it is counted in neither pass
-            with recorder:
-                loss.backward(seed)
+            hooks = _give_gradients(model, recorder.backward)
+            try:
+                with recorder:
+                    loss.backward(seed)
+            finally:
+                for h in hooks:
+                    h.remove()
+            _store_workspaces(tracker, recorder.backward)
     finally:
         tracker.remove()
     return TraceResult(tracker.stats, tracker.glue, tracker.call_order, recorder.first_use)

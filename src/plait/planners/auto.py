@@ -21,7 +21,6 @@ from plait.planners.intra_op.search import mesh_options
 from plait.planners.intra_op.source import ModelSource
 
 FAMILIES = ("data-parallel", "intra-op", "pipeline")
-DEFAULT_FAMILIES = ("data-parallel", "intra-op")  # what the Trainer runs from a plan today
 
 
 def _graph_of(model_or_graph: Any, example_batch: Any, loss_fn: Any, name: str | None, policy: PrecisionPolicy) -> ModelGraph:
@@ -62,7 +61,7 @@ def plan(
     loss_fn: Callable[..., Any] | None = None,
     name: str | None = None,
     precision: PrecisionPolicy | str | None = None,
-    families: Sequence[str] = DEFAULT_FAMILIES,
+    families: Sequence[str] | None = None,
     meshes: Sequence[MeshSpec] | None = None,
     force_batch_axis: str | None = None,
     intra_op: IntraOpOptions | None = None,
@@ -76,8 +75,9 @@ def plan(
     global batch defaults to the captured batch on every rank (captured batch x world size).
     ``precision`` is ``fp32``, ``bf16`` (bf16 compute, fp32 master weights and gradient reduction) or a
     PrecisionPolicy; by default bf16 on GPUs and fp32 on CPUs. ``families`` restricts the search to
-    ``data-parallel``, ``intra-op`` and/or ``pipeline`` candidates (the pipeline planner's stages, searched
-    when asked for: ``plait.runtime.pipeline`` runs them, the Trainer not yet); ``meshes`` gives the intra-op meshes to try (every
+    ``data-parallel``, ``intra-op`` and/or ``pipeline`` candidates (default: every family that applies; a
+    ModelGraph plans data-parallel, and a pipeline only when asked for, since only the module shows that its
+    layers form a chain); ``meshes`` gives the intra-op meshes to try (every
     role of their axes; by default a model axis of 2, 4, ... ranks inside a node), ``force_batch_axis``
     keeps one axis data-parallel, ``intra_op`` holds the ILP's options. ``dp_kinds`` limits how parameters
     meet on data-parallel axes: ``replicate`` (all-reduce), ``fsdp`` and ``hybrid`` (sharded parameters,
@@ -97,6 +97,8 @@ def plan(
         global_batch = (micro_batch or graph.batch_size) * cluster.world_size
     limit = int(cluster.device.memory_bytes * memory_fraction)
     sizes = tuple(bucket_sizes) if bucket_sizes else DEFAULT_BUCKET_SIZES
+    asked = families is not None
+    families = tuple(families) if families is not None else FAMILIES
     unknown = set(families) - set(FAMILIES)
     if unknown or not families:
         raise PlaitError(f"unknown plan families {sorted(unknown)}; choose from {', '.join(FAMILIES)}")
@@ -109,6 +111,8 @@ def plan(
             raise PlaitError("intra-op planning captures the model's op graph: give the nn.Module (with an example batch), "
                              "not a ModelGraph")
         families = tuple(f for f in families if f != "intra-op")  # a ModelGraph plans data-parallel only
+    if source is None and not asked:
+        families = tuple(f for f in families if f != "pipeline")
     candidates = [o for o in options(cluster, sizes) if o.kind in dp_kinds] if "data-parallel" in families else []
     if "intra-op" in families:
         max_axes = (intra_op or IntraOpOptions()).max_model_axes

@@ -116,8 +116,8 @@ def score(
         return _score_intra_op(option, cluster, global_batch=global_batch, micro_batch=micro_batch, cost=cost, limit=limit,
                                optimizer=optimizer, precision=precision, source=source, intra_op=intra_op)
     if option.pipeline:
-        return _score_pipeline(option, graph, cluster, global_batch=global_batch, cost=cost, limit=limit,
-                               optimizer=optimizer, precision=precision)
+        return _score_pipeline(option, graph, cluster, global_batch=global_batch, micro_batch=micro_batch, cost=cost,
+                               limit=limit, optimizer=optimizer, precision=precision, source=source)
     if option.kind == "hybrid" and mesh is not None:
         return Scored(option=option, plan=None, fits=False, peak_bytes=0,
                       reason="not applicable: the mesh is given (fsdp shards over its last axis and replicates over the others)")
@@ -162,9 +162,12 @@ def _score_intra_op(option: Option, cluster: Cluster, *, global_batch: int, micr
     return Scored(option=option, plan=found.plan, fits=found.fits, peak_bytes=found.peak_bytes, reason=found.reason)
 
 
-def _score_pipeline(option: Option, graph: ModelGraph, cluster: Cluster, *, global_batch: int, cost: CostModel, limit: int,
-                    optimizer: str, precision: PrecisionPolicy | None) -> Scored:
-    """The pipeline planner's best plan of at least two stages on submeshes of one size (what the runtime runs)."""
+def _score_pipeline(option: Option, graph: ModelGraph, cluster: Cluster, *, global_batch: int, micro_batch: int | None,
+                    cost: CostModel, limit: int, optimizer: str, precision: PrecisionPolicy | None,
+                    source: ModelSource | None) -> Scored:
+    """The pipeline planner's best plan of at least two stages on submeshes of one size (what the runtime runs),
+    for a model whose forward is the chain of its layers (checked on the module when it is given)."""
+    from plait.graph.chain import chain_problem
     from plait.planners.pipeline import PipelineOptions
     from plait.planners.pipeline_plan import plan_pipeline_full
     from plait.planners.stage_dp import StageError
@@ -172,8 +175,12 @@ def _score_pipeline(option: Option, graph: ModelGraph, cluster: Cluster, *, glob
     if cluster.world_size < 2 or len(graph.layers) < 2:
         return Scored(option=option, plan=None, fits=False, peak_bytes=0,
                       reason="not applicable: a pipeline needs at least two devices and two layers")
+    problem = None if source is None else chain_problem(source.model, source.example_batch,
+                                                        [layer.name for layer in graph.layers], source.loss_fn)
+    if problem is not None:
+        return Scored(option=option, plan=None, fits=False, peak_bytes=0, reason=f"not applicable: {problem}")
     options = PipelineOptions(memory_fraction=limit / cluster.device.memory_bytes, optimizer=optimizer, same_size=True,
-                              min_stages=2)
+                              min_stages=2, rank_micro_batch=micro_batch)
     try:
         plan = plan_pipeline_full(graph, cluster, global_batch=global_batch, cost=cost, options=options,
                                   precision=resolve_precision(precision, cluster))

@@ -8,9 +8,11 @@ activations in backward (configuration 1; Mist weighs this per stage, Alpa did n
 layer's input per in-flight micro-batch, holds one layer's activations while that layer's backward runs, and
 does the forward twice. A stage's time per micro-batch is its layers' forward and backward on the CostModel
 plus the boundary activation sent on and its gradient sent back (between nodes when the cluster has
-several, which errs slow). Its memory is its layers' parameters, gradients and optimizer state plus
-``stages after it + 1`` micro-batches of saved activations and kept outputs (1F1B), plus what its backward
-holds while it runs. Intra-op configurations per stage come next (docs/pipeline.md).
+several, which errs slow). Its memory is its layers' parameters, gradients and optimizer state plus the
+bound ``stage_memory`` puts on its lowered 1F1B program with ``stages after it + 1`` micro-batches in flight
+(saved activations, kept outputs, receive buffers, the backward's workspace and gradients, the optimizer's
+temporaries), so the check is never below what the simulator shows. Intra-op configurations per stage come
+next (docs/pipeline.md).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from plait.errors import PlaitError
 from plait.graph.model_graph import LayerInfo, ModelGraph
 from plait.plan.ir import RankProgram
 from plait.planners.layer_groups import group_layers
-from plait.planners.pipeline_lowering import StageWork, lower_pipeline
+from plait.planners.pipeline_lowering import StageWork, lower_pipeline, stage_memory
 from plait.planners.schedules import gpipe, one_f_one_b
 from plait.planners.stage_dp import StageCandidate, StageError, StageProblem, StageSolution, solve_stages
 
@@ -44,6 +46,10 @@ class PipelineOptions:
     optimizer: str = "adamw"
     same_size: bool = False  # every stage on a submesh of one size (what plait.runtime.pipeline runs today)
     min_stages: int = 1
+    rank_micro_batch: int | None = None  # each rank's share of a micro-batch, when the caller fixes it
+    # the last stage keeps every micro-batch's output until the step ends (torch's schedule.step does unless
+    # told return_outputs=False; plait.runtime.pipeline tells it so)
+    keep_outputs: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,6 +66,7 @@ class PipelineChoice:
     step_temp_bytes: tuple[int, ...]
     solution: StageSolution
     search_s: float
+    keep_outputs: bool = False
 
     @property
     def step_s(self) -> float:
@@ -73,7 +80,7 @@ class PipelineChoice:
             raise PlaitError(f"unknown schedule {schedule!r} for a pipeline choice; choose one of {', '.join(lists)}")
         return lower_pipeline(lists[schedule](len(self.layer_ranges), self.num_micro), self.work, self.stage_ranks,
                               optimizer_numel=self.optimizer_numel, sync_bytes=self.sync_bytes,
-                              step_temp_bytes=self.step_temp_bytes)
+                              step_temp_bytes=self.step_temp_bytes, keep_outputs=self.keep_outputs)
 
 
 def submesh_sizes(cluster: Cluster) -> tuple[int, ...]:
@@ -133,7 +140,7 @@ def plan_pipeline(graph: ModelGraph, cluster: Cluster, *, global_batch: int, cos
         sync_bytes=tuple(sum(layer.param_bytes for layer in layers[a:b]) for a, b in ranges),
         optimizer_numel=tuple(sum(layer.num_params for layer in layers[a:b]) for a, b in ranges),
         step_temp_bytes=tuple(_step_temporaries(graph, cluster, options.optimizer, a, b) for a, b in ranges),
-        solution=solution, search_s=time.perf_counter() - t0,
+        solution=solution, search_s=time.perf_counter() - t0, keep_outputs=options.keep_outputs,
     )
 
 
@@ -168,22 +175,25 @@ def _stage_problem(graph: ModelGraph, cluster: Cluster, cost: CostModel, groups:
         for b in range(a + 1, len(groups) + 1):
             layers = graph.layers[groups[a][0]:groups[b - 1][1]]
             params = sum(layer.param_bytes for layer in layers)
+            temp = _step_temporaries(graph, cluster, options.optimizer, groups[a][0], groups[b - 1][1])
             for m, d in enumerate(sizes):
-                if micro_size % d:
+                if micro_size % d or options.rank_micro_batch not in (None, micro_size // d):
                     continue
                 once = cost.collective_time("all_reduce", params, tuple(range(d))) + cost.optimizer_time(
                     sum(layer.num_params for layer in layers), num_tensors=len(layers))
                 static = params * (2 + states)
+                scale = (micro_size // d) / graph.batch_size
                 for recompute in (False, True):
-                    work = _stage_work(graph, layers, (micro_size // d) / graph.batch_size, last=b == len(groups),
-                                       recompute=recompute)
-                    room = limit - static - work.transient_bytes
-                    held = work.activation_bytes + work.boundary_bytes  # per micro-batch in flight (output kept)
-                    if room < held:
+                    work = _stage_work(graph, layers, scale, last=b == len(groups), recompute=recompute)
+                    memory = stage_memory(work, input_bytes=int(_input_bytes(graph, layers[0]) * scale),
+                                          num_micro=num_micro, step_temp_bytes=temp, keep_outputs=options.keep_outputs)
+                    in_flight = memory.max_in_flight(limit - static, cap=len(groups) + 1)
+                    if in_flight < 1:
                         continue
-                    max_after = len(groups) if held == 0 else int(room // held) - 1
+                    merge = _merge_time(cost, work, num_micro, graph.dtype) if options.keep_outputs else 0.0
                     cand = StageCandidate(start=a, stop=b, submesh=m, config=int(recompute),
-                                          time_s=_stage_time(cost, work, cluster, graph.dtype), max_after=max_after, once_s=once)
+                                          time_s=_stage_time(cost, work, cluster, graph.dtype), max_after=in_flight - 1,
+                                          once_s=once + merge)
                     cands.append(cand)
                     works[cand] = work
     problem = StageProblem(num_layers=len(groups), submesh_devices=tuple(sizes), num_devices=cluster.world_size,
@@ -193,35 +203,49 @@ def _stage_problem(graph: ModelGraph, cluster: Cluster, cost: CostModel, groups:
 
 def _stage_work(graph: ModelGraph, layers: Sequence[LayerInfo], scale: float, *, last: bool, recompute: bool) -> StageWork:
     """One rank's work on one micro-batch through ``layers``, at ``scale`` x the captured batch (the last
-    stage sends nothing on); with ``recompute`` each layer keeps only its input and runs forward again."""
+    stage sends nothing on and keeps its output); with ``recompute`` each layer keeps only its input and runs
+    forward again."""
     fwd_flops = sum(layer.fwd_flops for layer in layers) * scale
     fwd_bytes = sum(layer.fwd_bytes_moved for layer in layers) * scale
     kernels = sum(layer.num_kernels for layer in layers)
     saved = sum(layer.activation_bytes for layer in layers) * scale
     inputs = sum(_input_bytes(graph, layer) for layer in layers) * scale
+    output = int(layers[-1].output_bytes * scale)
     return StageWork(
         fwd_flops=fwd_flops,
         bwd_flops=sum(layer.bwd_flops for layer in layers) * scale + (fwd_flops if recompute else 0.0),
         fwd_bytes_moved=fwd_bytes, num_kernels=kernels,
         bwd_bytes_moved=(3 if recompute else 2) * fwd_bytes, bwd_kernels=(3 if recompute else 2) * kernels,
         activation_bytes=int(inputs if recompute else saved),
-        transient_bytes=int(_backward_temporaries(graph, layers, last=last, recompute=recompute) * scale),
-        boundary_bytes=0 if last else int(layers[-1].output_bytes * scale),
+        transient_bytes=_backward_temporaries(layers, scale, recompute=recompute),
+        boundary_bytes=0 if last else output,
+        final_output_bytes=output if last else 0,
     )
 
 
-def _backward_temporaries(graph: ModelGraph, layers: Sequence[LayerInfo], *, last: bool, recompute: bool) -> int:
-    """Bytes a stage's backward holds while it runs, at the captured batch: the gradient of its input (sent
-    back), on the last stage the loss's two gradients of the output (as the data-parallel lowering counts
-    them), and with recomputation the activations of the layer being recomputed."""
-    from_loss = 2 * layers[-1].output_bytes if last else 0
-    again = max(layer.activation_bytes for layer in layers) if recompute else 0
-    return _input_bytes(graph, layers[0]) + from_loss + again
+def _backward_temporaries(layers: Sequence[LayerInfo], scale: float, *, recompute: bool) -> int:
+    """Bytes a stage's backward holds while it runs besides its saved activations and the gradients of its
+    input and output: the most of any layer's backward workspace (the loss's gradients on the last stage's)
+    plus the gradient flowing into that layer from the next one in the stage, and with recomputation the
+    activations of the layer being recomputed. Activation sizes scale with the micro-batch, parameter
+    gradients do not."""
+    inner = [layer.output_bytes * scale for layer in layers[:-1]] + [0.0]
+    most = max(layer.bwd_workspace_bytes * scale + layer.bwd_param_grad_bytes + flowing
+               for layer, flowing in zip(layers, inner, strict=True))
+    again = max(layer.activation_bytes for layer in layers) * scale if recompute else 0.0
+    return int(most + again)
 
 
 def _input_bytes(graph: ModelGraph, layer: LayerInfo) -> int:
     """A layer's input: the previous layer's output (the model's input, not counted, for the first)."""
     return graph.layers[layer.index - 1].output_bytes if layer.index > 0 else 0
+
+
+def _merge_time(cost: CostModel, work: StageWork, num_micro: int, dtype: str) -> float:
+    """The last stage's concatenation of its micro-batches' outputs at the end of the step (torch's schedule)."""
+    if not work.final_output_bytes:
+        return 0.0
+    return cost.compute_time(0.0, 2.0 * num_micro * work.final_output_bytes, dtype=dtype, num_kernels=1)
 
 
 def _stage_time(cost: CostModel, work: StageWork, cluster: Cluster, dtype: str) -> float:

@@ -4,16 +4,33 @@ Each pipeline stage is one ``RankProgram`` shared by the ranks of its submesh. F
 schedule it gets: a forward that first receives its input activation from the previous virtual stage
 (none on the first), computes (holding the micro-batch's saved activations) and sends its output on; a
 backward that receives the output gradient from the next virtual stage (none on the last), computes
-(freeing the saved activations) and sends the input gradient back; then the gradient all-reduce over the stage's ranks (when it has several) and the optimizer step. Transfers are
-non-blocking sends and receives between the stages' first ranks, named by the boundary, direction and
-micro-batch, so the simulator pairs them. Besides its saved activations a stage holds each in-flight
-micro-batch's output (kept for its backward) and, during a backward, the gradient it received.
+(freeing the saved activations) and sends the input gradient back; on the last virtual stage the merge of
+its outputs; then the gradient all-reduce over the stage's ranks (when it has several) and the optimizer
+step. Transfers are non-blocking sends and receives between the stages' first ranks, named by the
+boundary, direction and micro-batch, so the simulator pairs them.
+
+Memory follows what ``torch.distributed.pipelining`` (plait's pipeline runtime) holds, as measured by
+``bench/pipeline_fidelity.py``:
+
+* for the whole step, a receive buffer per micro-batch for the input activation and for the output
+  gradient (torch allocates them when the stage is set up);
+* per micro-batch from its forward to its backward, the saved activations and the output (kept to run
+  the backward with the gradient that comes back); with ``keep_outputs`` (torch's ``step`` returns the
+  outputs unless told ``return_outputs=False``, as plait's runtime tells it) the last virtual stage
+  keeps every output until the step ends and then concatenates them (``merge outputs``);
+* while a backward runs, its workspace (``StageWork.transient_bytes``) and the gradient of its input;
+* what a send was given stays referenced after it (``release_points``): a backward's input gradient
+  until the stage's next backward ends (and the end of its run of backwards); in 1F1B the output of the
+  second-to-last warm-up forward until the steady state ends; in GPipe every sent tensor until the last
+  backward ends. (Interleaved schedules run on torch's multi-stage runtime, whose references were not
+  measured; they get the 1F1B rules.)
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from plait.errors import PlaitError
 from plait.plan.ir import Instr, RankProgram
@@ -32,16 +49,59 @@ class StageWork:
     bwd_kernels: int = 2
     activation_bytes: int = 0  # saved from forward until backward, per micro-batch
     boundary_bytes: int = 0  # the output activation sent to the next virtual stage (its gradient comes back)
-    transient_bytes: int = 0  # held only while the backward runs (input and loss gradients, a recomputed layer)
+    # held only while the backward runs: the layers' backward workspace (the loss's gradients on the last
+    # stage), the gradients flowing between its layers, a recomputed layer's activations
+    transient_bytes: int = 0
+    final_output_bytes: int = 0  # the last virtual stage's output per micro-batch (kept until the step ends)
+
+
+@dataclass(frozen=True)
+class StageMemory:
+    """An upper bound on one stage's dynamic memory in its lowered program: ``per_micro`` for each micro-batch
+    in flight plus ``during`` while micro-batches run, and ``after`` once all are done (merge, optimizer)."""
+
+    per_micro: int
+    during: int
+    after: int
+
+    def peak(self, in_flight: int) -> int:
+        """The bound with at most ``in_flight`` micro-batches between their forward and backward."""
+        return max(in_flight * self.per_micro + self.during, self.after)
+
+    def max_in_flight(self, room: float, cap: int) -> int:
+        """The most micro-batches in flight (at most ``cap``) whose peak fits in ``room``; 0 when none does."""
+        if self.after > room or self.during + self.per_micro > room:
+            return 0
+        return cap if self.per_micro == 0 else min(cap, int((room - self.during) // self.per_micro))
+
+
+def stage_memory(w: StageWork, *, input_bytes: int, num_micro: int, step_temp_bytes: int = 0,
+                 keep_outputs: bool = False) -> StageMemory:
+    """The bound ``lower_pipeline``'s program of a stage running ``w`` stays under (one virtual stage per rank;
+    ``input_bytes``: the previous stage's ``boundary_bytes``): each in-flight micro-batch holds its activations
+    and output (or, once its backward ran, its input's gradient and, in GPipe, its output); while they run, the
+    receive buffers, the kept final outputs, the backward's workspace and two input gradients (its own and the
+    one its previous backward sent), and 1F1B's held warm-up output; after them, the outputs' merge or the
+    optimizer step's temporaries."""
+    finals = num_micro * w.final_output_bytes if keep_outputs else 0
+    buffers = num_micro * (input_bytes + w.boundary_bytes) + finals
+    kept = w.boundary_bytes + (0 if keep_outputs else w.final_output_bytes)
+    return StageMemory(
+        per_micro=kept + max(w.activation_bytes, input_bytes),
+        during=buffers + w.transient_bytes + 2 * input_bytes + w.boundary_bytes,
+        after=buffers + max(finals, step_temp_bytes),
+    )
 
 
 def lower_pipeline(schedule: Schedule, work: Sequence[StageWork], stage_ranks: Sequence[tuple[int, ...]], *,
                    optimizer_numel: Sequence[int] | None = None,
                    sync_bytes: Sequence[int] | None = None,
-                   step_temp_bytes: Sequence[int] | None = None) -> tuple[RankProgram, ...]:
+                   step_temp_bytes: Sequence[int] | None = None,
+                   keep_outputs: bool = False) -> tuple[RankProgram, ...]:
     """Per-stage programs for ``schedule``; ``work[v]`` is virtual stage ``v = chunk * p + stage``;
     ``sync_bytes[stage]`` the gradients its ranks all-reduce, ``optimizer_numel[stage]`` what they update and
-    ``step_temp_bytes[stage]`` the temporaries their optimizer step makes."""
+    ``step_temp_bytes[stage]`` the temporaries their optimizer step makes; ``keep_outputs``: the last virtual
+    stage keeps its outputs until the step ends (see the module docstring)."""
     p = len(schedule)
     if len(stage_ranks) != p:
         raise PlaitError(f"the schedule has {p} stages but {len(stage_ranks)} rank groups were given")
@@ -50,9 +110,7 @@ def lower_pipeline(schedule: Schedule, work: Sequence[StageWork], stage_ranks: S
         raise PlaitError(f"{p} stages x {chunks} chunks need {chunks * p} stage works, got {len(work)}")
     programs = []
     for stage, actions in enumerate(schedule):
-        instrs: list[Instr] = []
-        for action in actions:
-            _lower_action(instrs, action, stage, p, work, stage_ranks)
+        instrs, held = _lower_actions(actions, stage, p, work, stage_ranks, keep_outputs)
         ranks = tuple(stage_ranks[stage])
         sync = sync_bytes[stage] if sync_bytes is not None else 0
         if len(ranks) > 1 and sync > 0:
@@ -61,19 +119,78 @@ def lower_pipeline(schedule: Schedule, work: Sequence[StageWork], stage_ranks: S
         numel = optimizer_numel[stage] if optimizer_numel is not None else 0
         temp = step_temp_bytes[stage] if step_temp_bytes is not None else 0
         instrs.append(Instr(op="optimizer", stream="compute", name="optimizer step", phase="step", numel=numel,
-                            deps=(len(instrs) - 1,), alloc_bytes=temp, free_bytes=temp))
-        programs.append(RankProgram(ranks=tuple(stage_ranks[stage]), instrs=tuple(instrs)))
+                            deps=(len(instrs) - 1,), alloc_bytes=temp, free_bytes=temp + held))
+        programs.append(RankProgram(ranks=ranks, instrs=tuple(instrs)))
     return tuple(programs)
 
 
-def _kept_output(w: StageWork, v: int, last: int) -> int:
-    """The output a stage keeps from forward to backward to run its backward with the gradient it receives
-    (torch's pipeline stages do); the last stage's output goes into the loss and is counted with it."""
-    return w.boundary_bytes if v < last else 0
+def release_points(actions: Sequence[Action]) -> list[int]:
+    """For each action, the action at whose end torch's schedules let go of what it sent (a forward's output,
+    which its backward needs too; a backward's input gradient): see the module docstring."""
+    n = len(actions)
+    backward_of = {(a.micro, a.chunk): i for i, a in enumerate(actions) if a.kind == "B"}
+    first_b = min(backward_of.values(), default=n)
+    last_b = max(backward_of.values(), default=n - 1)
+    if all(a.kind == "B" for a in actions[first_b:]):  # fill-drain (GPipe): every send is waited on at the end
+        return [max(i, last_b) for i in range(n)]
+    steady_end = max(i for i in range(1, n) if actions[i].kind == "B" and actions[i - 1].kind == "F")
+    out = []
+    for i, a in enumerate(actions):
+        if a.kind == "F":
+            own = backward_of.get((a.micro, a.chunk), last_b)
+            out.append(max(own, steady_end) if i == first_b - 2 else own)
+            continue
+        run_end = i
+        while run_end + 1 < n and actions[run_end + 1].kind == "B":
+            run_end += 1
+        later = next((j for j in range(i + 1, n) if actions[j].kind == "B"), i)
+        out.append(max(run_end, later))
+    return out
+
+
+def _lower_actions(actions: Sequence[Action], stage: int, p: int, work: Sequence[StageWork],
+                   stage_ranks: Sequence[tuple[int, ...]], keep_outputs: bool) -> tuple[list[Instr], int]:
+    """One stage's instructions for its actions (receive buffers allocated with the first), and the bytes still
+    held when they are done (buffers and final outputs, freed with the optimizer step)."""
+    last = len(work) - 1
+    virtual = sorted({a.chunk * p + stage for a in actions})
+    micro = {v: sum(1 for a in actions if a.kind == "F" and a.chunk * p + stage == v) for v in virtual}
+    buffers = sum(micro[v] * (_input_bytes(work, v) + work[v].boundary_bytes) for v in virtual)
+    released: defaultdict[int, int] = defaultdict(int)  # action index -> bytes let go when it ends
+    points = release_points(actions)
+    instrs: list[Instr] = []
+    finals = 0
+    for i, a in enumerate(actions):
+        v = a.chunk * p + stage
+        kept = _kept_output(work, v, keep_outputs)
+        sent = kept if a.kind == "F" else _input_bytes(work, v)
+        released[points[i]] += sent
+        _lower_action(instrs, a, stage, p, work, stage_ranks, released[i])
+        finals += work[v].final_output_bytes if keep_outputs and a.kind == "F" and v == last else 0
+    if instrs:
+        instrs[0] = replace(instrs[0], alloc_bytes=instrs[0].alloc_bytes + buffers)
+    if finals:
+        instrs.append(Instr(op="compute", stream="compute", name="merge outputs", phase="bwd", bytes_moved=2 * finals,
+                            num_kernels=1, deps=(len(instrs) - 1,), alloc_bytes=finals, free_bytes=finals))
+    return instrs, buffers + finals
+
+
+def _kept_output(work: Sequence[StageWork], v: int, keep_outputs: bool) -> int:
+    """The output virtual stage ``v`` keeps from a forward to its backward: the boundary it sends on, or on the
+    last one the output it gives the loss (unless it keeps them all until the step ends)."""
+    if v < len(work) - 1:
+        return work[v].boundary_bytes
+    return 0 if keep_outputs else work[v].final_output_bytes
+
+
+def _input_bytes(work: Sequence[StageWork], v: int) -> int:
+    """The input activation of virtual stage ``v`` (and its gradient): the previous one's boundary."""
+    return work[v - 1].boundary_bytes if v > 0 else 0
 
 
 def _lower_action(instrs: list[Instr], a: Action, stage: int, p: int, work: Sequence[StageWork],
-                  stage_ranks: Sequence[tuple[int, ...]]) -> None:
+                  stage_ranks: Sequence[tuple[int, ...]], released: int) -> None:
+    """Receive, compute and send of one action; ``released``: bytes sent earlier that are let go as it ends."""
     v = a.chunk * p + stage
     last = len(work) - 1
     me = stage_ranks[stage][0]
@@ -88,9 +205,10 @@ def _lower_action(instrs: list[Instr], a: Action, stage: int, p: int, work: Sequ
             instrs.append(Instr(op="recv", stream="comm", name=f"act {v - 1}>{v} mb{a.micro}", phase="fwd",
                                 nbytes=work[v - 1].boundary_bytes, group=(rank_of(v - 1), me)))
             deps = (len(instrs) - 1,)
+        output = w.boundary_bytes if v < last else w.final_output_bytes
         instrs.append(Instr(op="compute", stream="compute", name=f"fwd v{v} mb{a.micro}", phase="fwd", flops=w.fwd_flops,
                             bytes_moved=w.fwd_bytes_moved, num_kernels=w.num_kernels, deps=deps,
-                            alloc_bytes=w.activation_bytes + _kept_output(w, v, last)))
+                            alloc_bytes=w.activation_bytes + output, free_bytes=released))
         if v < last:
             instrs.append(Instr(op="send", stream="comm", name=f"act {v}>{v + 1} mb{a.micro}", phase="fwd",
                                 nbytes=w.boundary_bytes, group=(me, rank_of(v + 1)), deps=(len(instrs) - 1,)))
@@ -98,12 +216,12 @@ def _lower_action(instrs: list[Instr], a: Action, stage: int, p: int, work: Sequ
     deps = ()
     if v < last:
         instrs.append(Instr(op="recv", stream="comm", name=f"grad {v + 1}>{v} mb{a.micro}", phase="bwd",
-                            nbytes=w.boundary_bytes, group=(rank_of(v + 1), me), alloc_bytes=w.boundary_bytes))
+                            nbytes=w.boundary_bytes, group=(rank_of(v + 1), me)))
         deps = (len(instrs) - 1,)
     instrs.append(Instr(op="compute", stream="compute", name=f"bwd v{v} mb{a.micro}", phase="bwd", flops=w.bwd_flops,
                         bytes_moved=w.bwd_bytes_moved, num_kernels=w.bwd_kernels, deps=deps,
-                        alloc_bytes=w.transient_bytes,
-                        free_bytes=w.activation_bytes + w.transient_bytes + _kept_output(w, v, last) * 2))
+                        alloc_bytes=w.transient_bytes + _input_bytes(work, v),
+                        free_bytes=w.activation_bytes + w.transient_bytes + released))
     if v > 0:
         instrs.append(Instr(op="send", stream="comm", name=f"grad {v}>{v - 1} mb{a.micro}", phase="bwd",
                             nbytes=work[v - 1].boundary_bytes, group=(me, rank_of(v - 1)), deps=(len(instrs) - 1,)))

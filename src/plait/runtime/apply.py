@@ -3,9 +3,10 @@ placements (plait's wait-free buckets, FSDP2 or HSDP) and the precision policy. 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -13,10 +14,12 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from plait.errors import PlaitError
-from plait.plan.ir import Plan
+from plait.plan.ir import BatchSpec, Plan
 from plait.plan.layout import shard_axis_of
+from plait.runtime import state as rstate
 from plait.runtime.checks import PlanMismatchError, check_plan, check_plan_model
 from plait.runtime.context import DistContext
+from plait.runtime.data import local_micro_batches, to_device
 from plait.runtime.recompute import apply_recompute
 from plait.runtime.tensor_parallel import (
     Pin,
@@ -27,6 +30,7 @@ from plait.runtime.tensor_parallel import (
 from plait.runtime.wfbp import WaitFreeReplicate
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+Loss = Callable[[nn.Module, tuple[torch.Tensor, ...]], torch.Tensor]
 
 __all__ = ["AppliedPlan", "PlanMismatchError", "apply_plan", "build_mesh", "check_plan"]
 
@@ -39,6 +43,8 @@ class AppliedPlan:
     mesh: DeviceMesh
     dp_rank: int  # this rank's index among the data-parallel replicas of the batch
     dp_size: int  # number of data-parallel replicas the global batch is split over
+    batch: BatchSpec
+    device: torch.device
     replicate: WaitFreeReplicate | None = None  # the gradient buckets, when parameters are replicated on dp axes
     sharded_with_replicas: bool = False  # FSDP2 with a replicated data-parallel axis (HSDP)
     autocast_dtype: torch.dtype | None = None
@@ -67,6 +73,35 @@ class AppliedPlan:
         """Bring every gradient to its parameter's placements (model-axis reductions the backward left pending)."""
         if self.model_parallel:
             reduce_grads_to_placements(self.model)
+
+    def trained_parameters(self) -> list[nn.Parameter]:
+        """The parameters the optimizer updates (all of the model's, sharded or not)."""
+        return list(self.model.parameters())
+
+    def forward_backward(self, global_batch: Sequence[torch.Tensor], loss_fn: Loss) -> torch.Tensor:
+        """Forward and backward of this rank's micro-batches of ``global_batch`` (gradients accumulate; the
+        last micro-batch's backward synchronises them); the mean loss of this rank's share, on the device."""
+        micro = local_micro_batches(global_batch, self.batch, dp_rank=self.dp_rank)
+        total = torch.zeros((), device=self.device)
+        for j, mb in enumerate(micro):
+            last = j == len(micro) - 1
+            with nullcontext() if last else self.accumulate(), self.step_context():
+                loss = loss_fn(self.model, to_device(mb, self.device))
+                (loss / self.batch.num_micro).backward()
+            total += loss.detach().float() / self.batch.num_micro
+        return total
+
+    def full_model_state(self) -> dict[str, torch.Tensor]:
+        """The whole model's state dict on rank 0 (CPU tensors); {} on other ranks. Collective."""
+        return rstate.full_model_state(self.model)
+
+    def full_state(self, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Model and optimizer state, unsharded and keyed by parameter name, on rank 0. Collective."""
+        return rstate.full_state(self.model, optimizer)
+
+    def load_full_state(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        """Load a full checkpoint state (any plan's) into this rank's model and optimizer."""
+        rstate.load_full_state(self.model, optimizer, state)
 
     def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
         """Clear gradients before a step (replicated parameters keep them as views of the bucket buffers)."""
@@ -104,6 +139,7 @@ def apply_plan(model: nn.Module, plan: Plan, ctx: DistContext) -> AppliedPlan:
     dp_axes = plan.data_parallel_axes
     applied = AppliedPlan(
         model=model, mesh=mesh, dp_rank=plan.mesh.index_in(ctx.rank, dp_axes) if dp_axes else 0, dp_size=plan.dp_degree,
+        batch=plan.batch, device=ctx.device,
     )
     apply_recompute(model, [layer.name for layer in plan.layers if layer.recompute])
     model_axes = tuple(a for a in plan.model_axes if plan.mesh.axis_size(a) > 1)

@@ -18,10 +18,8 @@ def check_plan(plan: Plan, ctx: DistContext) -> None:
     """Raise ``PlanMismatchError`` when the plan cannot run on this job as it is."""
     mesh, batch = plan.mesh, plan.batch
     if plan.is_pipeline:
-        raise PlanMismatchError(
-            f"this plan is a {len(plan.stages)}-stage pipeline; the Trainer does not run pipeline plans yet "
-            "(plait.runtime.pipeline.build_pipeline_rank runs its stages): re-plan with --family data-parallel or intra-op"
-        )
+        raise PlanMismatchError(f"this plan is a {len(plan.stages)}-stage pipeline: apply it with "
+                                "plait.runtime.pipeline_apply.apply_pipeline_plan (the Trainer does)")
     if mesh.size != ctx.world_size:
         raise PlanMismatchError(
             f"the plan's mesh {mesh.shape} has {mesh.size} ranks but the job has {ctx.world_size}; "
@@ -46,6 +44,11 @@ def check_plan(plan: Plan, ctx: DistContext) -> None:
     for a in plan.activations:
         if len(a.placements) != len(mesh.axes):
             raise PlanMismatchError(f"the pinned {a.port} {a.index} of {a.module!r} needs one placement per mesh axis")
+    check_optimizer_of(plan)
+
+
+def check_optimizer_of(plan: Plan) -> None:
+    """Raise ``PlanMismatchError`` when the runtime cannot build the plan's optimizer."""
     if plan.optimizer not in OPTIMIZERS:
         raise PlanMismatchError(
             f"the plan's optimizer {plan.optimizer!r} is not one the runtime builds ({', '.join(OPTIMIZERS)}); "

@@ -88,13 +88,13 @@ class PipelineRank:
         inputs, targets = (t.chunk(self.dp)[self.replica] for t in batch[:2])
         losses: list[torch.Tensor] = []
         if self.first and self.last:
-            self.schedule.step(inputs, target=targets, losses=losses)
+            self.schedule.step(inputs, target=targets, losses=losses, return_outputs=False)
         elif self.first:
-            self.schedule.step(inputs)
+            self.schedule.step(inputs, return_outputs=False)
         elif self.last:
-            self.schedule.step(target=targets, losses=losses)
+            self.schedule.step(target=targets, losses=losses, return_outputs=False)
         else:
-            self.schedule.step()
+            self.schedule.step(return_outputs=False)
         if self.tensor_parallel:
             for stage in self.stages:
                 reduce_grads_to_placements(stage.submod)

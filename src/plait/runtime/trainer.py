@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterable
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,15 +19,17 @@ from plait.runtime import state as rstate
 from plait.runtime.apply import AppliedPlan, PlanMismatchError, apply_plan
 from plait.runtime.checkpoint import checkpoint_dir, latest_checkpoint, load_checkpoint, save_checkpoint
 from plait.runtime.context import DistContext, init_distributed, teardown
-from plait.runtime.data import Batch, DataSource, local_micro_batches, to_device
+from plait.runtime.data import Batch, DataSource
 from plait.runtime.envvars import OUT_ENV, RESUME_ENV, env_flag
 from plait.runtime.metrics import MetricsLog
 from plait.runtime.optim import build_optimizer, optimizer_name
+from plait.runtime.pipeline_apply import AppliedPipeline, apply_pipeline_plan
 from plait.runtime.wfbp import StepTrace
 
 FINAL_FILE = "final.pt"
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
 OptimizerFn = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]  # overrides plan.optimizer
+Applied = AppliedPlan | AppliedPipeline  # a plan applied to this rank's model (SPMD or pipeline stages)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -102,7 +103,7 @@ class Trainer:
         self.plan, self.config, self.ctx = plan, config, ctx
         self.optimizer_fn = optimizer_fn
         self.before_step = before_step
-        self.applied: AppliedPlan | None = None
+        self.applied: Applied | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self._active: DistContext | None = None
 
@@ -122,13 +123,14 @@ class Trainer:
 
     # ---- set-up ------------------------------------------------------------------------------
 
-    def _setup(self, ctx: DistContext) -> tuple[AppliedPlan, torch.optim.Optimizer]:
+    def _setup(self, ctx: DistContext) -> tuple[Applied, torch.optim.Optimizer]:
         cfg = self.config
         torch.manual_seed(cfg.seed)  # the same initial parameters on every rank
         model = self.model_fn()
-        applied = apply_plan(model, self.plan, ctx)
+        applied: Applied = (apply_pipeline_plan(model, self.plan, ctx, self.loss_fn) if self.plan.is_pipeline
+                            else apply_plan(model, self.plan, ctx))
         rstate.seed_rank(cfg.seed, step=0, rank=ctx.rank)  # per-rank randomness (dropout) from here on
-        optimizer = self._optimizer(applied.model.parameters())
+        optimizer = self._optimizer(applied.trained_parameters())
         self.applied, self.optimizer = applied, optimizer
         return applied, optimizer
 
@@ -147,7 +149,7 @@ class Trainer:
             )
         return optimizer
 
-    def _resume(self, ctx: DistContext, applied: AppliedPlan, optimizer: torch.optim.Optimizer) -> tuple[int, str]:
+    def _resume(self, ctx: DistContext, applied: Applied, optimizer: torch.optim.Optimizer) -> tuple[int, str]:
         """Load the latest checkpoint into model and optimizer; the step it was taken after (0 if none) and a note."""
         assert self.config.out_dir is not None
         root = checkpoint_dir(self.config.out_dir)
@@ -157,7 +159,7 @@ class Trainer:
             return 0, "resume: no checkpoint yet; starting from step 0"
         state = load_checkpoint(found)
         step = int(state["step"])
-        rstate.load_full_state(applied.model, optimizer, state)
+        applied.load_full_state(optimizer, state)
         saved_world = rstate.restore_rng(state.get("rng"), ctx, seed=self.config.seed, step=step)
         return step, f"resume: continuing after step {step} (checkpoint of a {saved_world}-rank run)"
 
@@ -183,7 +185,7 @@ class Trainer:
                 if checkpoint:
                     self.save(done)
                     window.restart()
-        final = rstate.full_model_state(applied.model)
+        final = applied.full_model_state()
         if cfg.out_dir is not None:
             path = Path(cfg.out_dir) / FINAL_FILE
             rstate.run_on_main(lambda: rstate.save_tensors_atomic(final, path), ctx, what=f"writing {path}")
@@ -191,18 +193,10 @@ class Trainer:
         return TrainResult(start_step=start, losses=tuple(window.losses), step_times=tuple(window.times), final_state=final,
                            traces=traces)
 
-    def _step(self, step: int, ctx: DistContext, applied: AppliedPlan, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    def _step(self, step: int, ctx: DistContext, applied: Applied, optimizer: torch.optim.Optimizer) -> torch.Tensor:
         """One optimizer step over this rank's micro-batches; this rank's loss, left on the device."""
-        spec = self.plan.batch
-        micro = local_micro_batches(self.data(step), spec, dp_rank=applied.dp_rank)
         applied.zero_grad(optimizer)
-        total = torch.zeros((), device=ctx.device)
-        for j, mb in enumerate(micro):
-            last = j == len(micro) - 1
-            with nullcontext() if last else applied.accumulate(), applied.step_context():
-                loss = self.loss_fn(applied.model, to_device(mb, ctx.device))
-                (loss / spec.num_micro).backward()
-            total += loss.detach().float() / spec.num_micro
+        total = applied.forward_backward(self.data(step), self.loss_fn)
         applied.before_optimizer_step()
         if self.before_step is not None:
             self.before_step(step, applied.model)
@@ -214,7 +208,7 @@ class Trainer:
         ctx = self._active
         if ctx is None or self.applied is None or self.optimizer is None:
             raise PlaitError("Trainer.save() works only while fit() runs (it is called every checkpoint_every steps)")
-        model_sd, optim_sd = rstate.full_state(self.applied.model, self.optimizer)
+        model_sd, optim_sd = self.applied.full_state(self.optimizer)
         rng = rstate.gather_rng(ctx)
         cfg = self.config
 

@@ -1,0 +1,200 @@
+"""Apply a pipeline Plan for the Trainer: each rank builds its stages from the plan's fields (layers, stage
+meshes, schedule, micro-batches, recomputation) with ``plait.runtime.pipeline`` and trains its stage's
+parameters; full state for checkpoints is gathered from every stage onto rank 0.
+
+Nothing here decides: the stages, their ranks and the schedule are the plan's. The runtime runs stages of
+one size (the plan's mesh is ``pp x dp``, or ``pp x dp x tp`` once stages shard their layers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+
+from plait.plan.ir import Plan
+from plait.runtime.apply import dtype_of
+from plait.runtime.checks import PlanMismatchError, check_optimizer_of, check_plan_model
+from plait.runtime.context import DistContext
+from plait.runtime.pipeline import SCHEDULES, PipelineRank, build_pipeline_rank
+from plait.runtime.pipeline_tp import StageSharding
+from plait.runtime.recompute import apply_recompute
+
+FULL = StateDictOptions(full_state_dict=True)
+Loss = Callable[[nn.Module, tuple[torch.Tensor, ...]], torch.Tensor]
+
+
+@dataclass(kw_only=True)
+class AppliedPipeline:
+    """This rank's stages of a pipeline plan: run a step with ``forward_backward``; state gathered over stages."""
+
+    model: nn.Module
+    rank: PipelineRank
+    ctx: DistContext
+    layers: tuple[str, ...]  # this rank's stage's layers
+    last_stage_ranks: int  # ranks that hold the loss (the last stage's)
+    autocast_dtype: torch.dtype | None = None  # mixed precision: the stages compute in this dtype
+    replicate: None = None  # the Trainer's WFBP traces: none in a pipeline
+
+    def trained_parameters(self) -> list[nn.Parameter]:
+        """The parameters this rank's stages hold (its optimizer's)."""
+        return list(self.rank.params.values())
+
+    def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
+        """Clear the stage's gradients before a step."""
+        optimizer.zero_grad(set_to_none=True)
+
+    def forward_backward(self, global_batch: Sequence[torch.Tensor], loss_fn: Loss) -> torch.Tensor:
+        """Run the schedule over this replica's share of ``global_batch``; this rank's share of the mean loss
+        (the last stage's ranks hold it, scaled so that its mean over every rank is the batch's loss)."""
+        batch = tuple(t.to(self.ctx.device) for t in global_batch)
+        mixed = self.autocast_dtype is not None
+        with torch.autocast(self.ctx.device.type, dtype=self.autocast_dtype, enabled=mixed) if mixed else nullcontext():
+            loss = self.rank.step(batch)
+        if loss is None:
+            return torch.zeros((), device=self.ctx.device)
+        return loss.float() * (self.ctx.world_size / self.last_stage_ranks)
+
+    def before_optimizer_step(self) -> None:
+        """Nothing left to reduce: the step averaged the stage's gradients over its data-parallel ranks."""
+
+    def full_model_state(self) -> dict[str, torch.Tensor]:
+        """The whole model's parameters and buffers on rank 0 ({} elsewhere), each from the stage that trains it. Collective."""
+        model_sd, _ = self._stage_state(None)
+        gathered = self._gather((model_sd, {}))
+        return {k: v for sd, _ in gathered for k, v in sd.items()} if gathered else {}
+
+    def full_state(self, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Model and optimizer state keyed by parameter name, every stage's, on rank 0 ({} elsewhere). Collective."""
+        gathered = self._gather(self._stage_state(optimizer))
+        if not gathered:
+            return {}, {}
+        model_sd = {k: v for sd, _ in gathered for k, v in sd.items()}
+        return model_sd, merge_optimizer_states([osd for _, osd in gathered if osd])
+
+    def load_full_state(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        """Load this stage's part of a full checkpoint (any plan's) into the model and optimizer."""
+        mine = set(self.rank.params)
+        set_state_dict(self.model, optimizer, model_state_dict=state["model"],
+                       optim_state_dict=optimizer_state_of(state["optimizer"], mine), options=FULL)
+
+    def _stage_state(self, optimizer: torch.optim.Optimizer | None) -> tuple[dict[str, Any], dict[str, Any]]:
+        """This stage's parameters (and optimizer state) as full CPU tensors; the stage's first rank keeps them."""
+        optim_sd: dict[str, Any] = {}
+        if optimizer is None:
+            model_sd = get_model_state_dict(self.model, options=FULL)
+        else:
+            model_sd, optim_sd = get_state_dict(self.model, optimizer, options=FULL)
+        owned = set(self.rank.params) | self._stage_buffers()
+        keep = self.rank.replica == 0 and _tp_index(self.rank) == 0
+        model_sd = {k: _cpu(v) for k, v in model_sd.items() if keep and k in owned}
+        return model_sd, (_cpu(optim_sd) if keep else {})
+
+    def _stage_buffers(self) -> set[str]:
+        return {n for n, _ in self.model.named_buffers() if any(n.startswith(m + ".") for m in self.layers)}
+
+    def _gather(self, mine: tuple[dict[str, Any], dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+        out: list[Any] = [None] * self.ctx.world_size if self.ctx.is_main else []
+        dist.gather_object(mine, out if self.ctx.is_main else None, dst=0)
+        return list(out) if self.ctx.is_main else []
+
+
+def apply_pipeline_plan(model: nn.Module, plan: Plan, ctx: DistContext, loss_fn: Loss) -> AppliedPipeline:
+    """Build this rank's stages of ``plan`` (collective: every rank calls it at the same point)."""
+    check_pipeline_plan(plan, ctx)
+    check_plan_model(plan, model)
+    model.to(ctx.device)
+    apply_recompute(model, [layer.name for layer in plan.layers if layer.recompute])
+    mesh = plan.stages[0].stage_mesh
+    dp, tp = mesh.axis_size("dp"), mesh.axis_size("tp")
+    sharding = StageSharding(placements={p.name: _tp_placements(plan, p.name) for p in plan.params}) if tp > 1 else None
+    rank = build_pipeline_rank(model, [s.layers for s in plan.stages], pp=len(plan.stages), dp=dp, tp=tp, sharding=sharding,
+                               schedule=plan.schedule.kind, num_micro=plan.schedule.num_microbatches, loss=loss_fn,
+                               device=ctx.device)
+    return AppliedPipeline(model=model, rank=rank, ctx=ctx, layers=plan.stage_of(ctx.rank).layers,
+                           last_stage_ranks=len(plan.stages[-1].ranks),
+                           autocast_dtype=dtype_of(plan.precision.compute_dtype) if plan.precision.mixed else None)
+
+
+def check_pipeline_plan(plan: Plan, ctx: DistContext) -> None:
+    """Raise ``PlanMismatchError`` naming what this runtime cannot run: world size, stage sizes, schedule, batch."""
+    if plan.world_size != ctx.world_size:
+        raise PlanMismatchError(f"the pipeline plan has {plan.world_size} ranks but the job has {ctx.world_size}; launch "
+                                f"with --nproc {plan.world_size} or re-plan for {ctx.world_size} ranks")
+    meshes = {s.stage_mesh for s in plan.stages}
+    if len(meshes) != 1:
+        raise PlanMismatchError("the plan's stages have submeshes of different sizes, which plait's pipeline runtime does "
+                                "not run yet; re-plan with stages of one size (PipelineOptions(same_size=True))")
+    (mesh,) = meshes
+    if set(mesh.axes) - {"dp", "tp"}:
+        raise PlanMismatchError(f"stage mesh axes {mesh.axes}: the pipeline runtime knows dp and tp")
+    expected = [tuple(range(i * mesh.size, (i + 1) * mesh.size)) for i in range(len(plan.stages))]
+    if [s.ranks for s in plan.stages] != expected:
+        raise PlanMismatchError("stage s must hold ranks s * size .. (s + 1) * size - 1 (the pp x dp mesh); re-run `plait plan`")
+    if plan.schedule.kind not in SCHEDULES or plan.schedule.kind == "interleaved-1f1b":
+        raise PlanMismatchError(f"schedule {plan.schedule.kind!r}: a pipeline plan runs gpipe or 1f1b (one stage per rank)")
+    batch, dp = plan.batch, mesh.axis_size("dp")
+    if batch.global_size % (dp * plan.schedule.num_microbatches):
+        raise PlanMismatchError(f"global batch {batch.global_size} does not split into {dp} replicas x "
+                                f"{plan.schedule.num_microbatches} micro-batches; re-run `plait plan`")
+    check_optimizer_of(plan)
+
+
+def optimizer_state_of(state: dict[str, Any], names: set[str]) -> dict[str, Any]:
+    """The part of a full optimizer state dict (keyed by parameter name) that covers ``names``."""
+    groups = []
+    for group in state.get("param_groups", []):
+        params = [n for n in group["params"] if n in names]
+        if params:
+            groups.append({**group, "params": params})
+    return {"state": {n: s for n, s in state.get("state", {}).items() if n in names}, "param_groups": groups}
+
+
+def merge_optimizer_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One optimizer state dict from the stages' (each keyed by its parameters' names)."""
+    merged: dict[str, Any] = {"state": {}, "param_groups": []}
+    for state in states:
+        merged["state"].update(state.get("state", {}))
+        for group in state.get("param_groups", []):
+            same = next((g for g in merged["param_groups"] if _hyper(g) == _hyper(group)), None)
+            if same is None:
+                merged["param_groups"].append({**group, "params": list(group["params"])})
+            else:
+                same["params"] += [n for n in group["params"] if n not in same["params"]]
+    return merged
+
+
+def _hyper(group: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in group.items() if k != "params"}
+
+
+def _tp_placements(plan: Plan, name: str) -> tuple[Any, ...]:
+    p = plan.param(name)
+    axes = plan.mesh_of(p).axes
+    return (p.placements[axes.index("tp")],)
+
+
+def _tp_index(rank: PipelineRank) -> int:
+    coords = rank.mesh.get_coordinate() if rank.mesh is not None else None
+    return coords[2] if coords else 0
+
+
+def _cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _cpu(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_cpu(v) for v in value)
+    return value

@@ -1,0 +1,104 @@
+"""The Trainer runs pipeline plans: the planner's stages on 4 gloo ranks match one plain process after 3 AdamW
+steps (1F1B and GPipe, with a stage that recomputes), and a checkpoint taken by the pipeline resumes exactly."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from planrun import OPT, data_of, model_parts, reference
+
+from plait.cluster import local_cluster
+from plait.cost import CostModel
+from plait.graph import capture
+from plait.plan import LayerPlan, Plan, ScheduleSpec, plan_from_json, plan_to_json
+from plait.planners.pipeline import PipelineOptions
+from plait.planners.pipeline_plan import plan_pipeline_full
+from plait.runtime import TrainConfig, Trainer, init_distributed, run_ranks, teardown
+
+NAME, STEPS, GLOBAL_BATCH = "gpt-tiny", 3, 8
+LOSS_RTOL, PARAM_ATOL = 1e-5, 5e-6
+
+
+def pipeline_plan() -> Plan:
+    """The pipeline planner's own choice for gpt-tiny on 4 local ranks (stages of one size, at least two)."""
+    build, make_batch, loss = model_parts(NAME)
+    with torch.device("meta"):
+        graph = capture(build(), make_batch(GLOBAL_BATCH, device="meta"), name=NAME, loss_fn=loss, with_ops=False)
+    cluster = local_cluster(4)
+    return plan_pipeline_full(graph, cluster, global_batch=GLOBAL_BATCH, cost=CostModel(cluster),
+                              options=PipelineOptions(same_size=True, min_stages=2, micro_batches=(2, 4)))
+
+
+def train_rank(plan_json: str, steps: int, out_dir: str | None = None, checkpoint_every: int = 0,
+               resume: bool = False) -> dict[str, Any]:
+    plan = plan_from_json(plan_json)
+    build, _, loss_fn = model_parts(NAME)
+    ctx = init_distributed()
+    try:
+        config = TrainConfig(steps=steps, progress=False, out_dir=out_dir, checkpoint_every=checkpoint_every, resume=resume,
+                             **OPT)
+        result = Trainer(model_fn=build, loss_fn=loss_fn, data=data_of(NAME, GLOBAL_BATCH), plan=plan, config=config,
+                         ctx=ctx).fit()
+    finally:
+        teardown()
+    return {"losses": list(result.losses), "params": result.final_state, "start": result.start_step}
+
+
+def assert_matches(got: dict[str, Any], steps: int = STEPS, first: int = 0) -> None:
+    ref_losses, ref_params = reference(NAME, GLOBAL_BATCH, steps)
+    assert got["losses"] == pytest.approx(ref_losses[first:], rel=LOSS_RTOL)
+    assert set(got["params"]) >= set(ref_params)
+    for name, value in ref_params.items():
+        torch.testing.assert_close(got["params"][name], value, atol=PARAM_ATOL, rtol=0, msg=name)
+
+
+def variants(plan: Plan) -> dict[str, Plan]:
+    gpipe = replace(plan, schedule=ScheduleSpec(kind="gpipe", num_microbatches=plan.schedule.num_microbatches))
+    first = plan.stages[0]
+    recomputing = replace(plan, stages=(replace(first, recompute=True), *plan.stages[1:]),
+                          layers=tuple(LayerPlan(name=layer.name, recompute=layer.name in first.layers) for layer in plan.layers))
+    return {"1f1b": plan, "gpipe": gpipe, "recompute-stage-0": recomputing}
+
+
+@pytest.mark.parametrize("variant", ["1f1b", "gpipe", "recompute-stage-0"])
+def test_the_trainer_runs_a_pipeline_plan(variant: str) -> None:
+    plan = variants(pipeline_plan())[variant]
+    assert plan.is_pipeline and len(plan.stages) >= 2
+    results = run_ranks(train_rank, 4, plan_to_json(plan), STEPS)
+    assert_matches(results[0])
+    assert all(r["losses"] == results[0]["losses"] for r in results)  # every rank logs the batch's loss
+
+
+def test_a_pipeline_checkpoint_resumes_exactly(tmp_path: Path) -> None:
+    plan = plan_to_json(pipeline_plan())
+    run_ranks(train_rank, 4, plan, 2, str(tmp_path), 2)
+    resumed = run_ranks(train_rank, 4, plan, STEPS, str(tmp_path), 2, True)[0]
+    assert resumed["start"] == 2
+    assert_matches(resumed, first=2)
+
+
+def test_stages_of_different_sizes_are_refused_clearly() -> None:
+    plan = pipeline_plan()
+    a, b = plan.stages
+    uneven = replace(plan, stages=(replace(a, ranks=(0,), mesh=None), replace(b, ranks=(1, 2, 3), mesh=None)))
+    results = run_ranks(_apply_only, 4, plan_to_json(uneven))
+    assert all("submeshes of different sizes" in r for r in results)
+
+
+def _apply_only(plan_json: str) -> str:
+    from plait.errors import PlaitError
+    from plait.runtime.pipeline_apply import apply_pipeline_plan
+
+    ctx = init_distributed()
+    try:
+        apply_pipeline_plan(model_parts(NAME)[0](), plan_from_json(plan_json), ctx, model_parts(NAME)[2])
+    except PlaitError as exc:
+        return str(exc)
+    finally:
+        teardown()
+    return "applied"
+
