@@ -14,7 +14,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "demo": ("plait.cli.demo_cmd", "demo", "Plan, train and check a small GPT on this machine (the main job)."),
     "plan": ("plait.cli.plan_cmd", "plan", "Choose a parallel plan for a model on a cluster and explain it."),
     "sim": ("plait.cli.sim_cmd", "sim", "Simulate a plan: step time, overlap, memory, timeline image."),
-    "run": ("plait.cli.run_cmd", "run", "Launch a training script on N local ranks."),
+    "run": ("plait.cli.run_cmd", "run", "Launch a training script on N ranks per node (one or several nodes)."),
     "profile": ("plait.cli.profile_cmd", "profile", "Measure this machine and write a profile for the cost model."),
     "cluster": ("plait.cli.cluster_cmd", "cluster", "Show a cluster preset or file."),
     "sched": ("plait.cli.sched_cmd", "sched", "Cluster scheduling: trace-driven simulation of policies."),

@@ -1,4 +1,4 @@
-"""``plait run``: launch a training script on N local ranks."""
+"""``plait run``: launch a training script on N ranks per node, on one node or several (torchrun's options)."""
 
 from __future__ import annotations
 
@@ -11,35 +11,57 @@ from plait.errors import PlaitError
 @click.argument("script")
 @click.argument("script_args", nargs=-1, type=click.UNPROCESSED)
 @click.option("-m", "--module", is_flag=True, help="SCRIPT is a module, run as `python -m SCRIPT` (like torchrun -m).")
-@click.option("--nproc", "-n", type=int, default=None, help="Number of local ranks (default: the plan's world size).")
+@click.option("--nproc", "--nproc-per-node", "--nproc_per_node", "-n", "nproc", type=int, default=None,
+              help="Ranks on this node (default: the plan's world size over --nnodes).")
+@click.option("--nnodes", type=int, default=1, show_default=True, help="Number of nodes; run `plait run` on each.")
+@click.option("--node-rank", "--node_rank", "node_rank", type=int, default=0, show_default=True,
+              help="This node's index, 0 ... nnodes-1; node k runs ranks k*nproc ... k*nproc+nproc-1.")
+@click.option("--master-addr", "--master_addr", "master_addr", default=None,
+              help="Address of node 0, reachable from every node (needed with --nnodes > 1).")
+@click.option("--master-port", "--master_port", "master_port", type=int, default=None,
+              help="Rendezvous port on node 0 (default: 29500 across nodes, a free port on one node).")
+@click.option("--ifname", default=None, help="Network interface for gloo (default: the one that carries --master-addr; lo on one node).")
 @click.option("--plan", "plan_path", type=click.Path(dir_okay=False), default=None, help="Plan JSON for the script (PLAIT_PLAN).")
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --out (PLAIT_RESUME=1).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Output folder: metrics, checkpoints (PLAIT_OUT).")
-@click.option("--timeout", "timeout_s", type=float, default=None, help="Stop every rank after this many seconds.")
+@click.option("--timeout", "timeout_s", type=float, default=None, help="Stop this node's ranks after this many seconds.")
+@click.option("--dist-timeout", "dist_timeout_s", type=float, default=None,
+              help="Seconds a rendezvous or collective may wait before it raises (PLAIT_DIST_TIMEOUT_S; ranks default to 300).")
 def run(
     script: str,
     script_args: tuple[str, ...],
     module: bool,
     nproc: int | None,
+    nnodes: int,
+    node_rank: int,
+    master_addr: str | None,
+    master_port: int | None,
+    ifname: str | None,
     plan_path: str | None,
     resume: bool,
     out_dir: str | None,
     timeout_s: float | None,
+    dist_timeout_s: float | None,
 ) -> None:
-    """Run SCRIPT (a Python file, or a module with -m) on N local ranks (gloo on 127.0.0.1, or NCCL on local
-    GPUs); arguments after -- go to SCRIPT.
+    """Run SCRIPT (a Python file, or a module with -m) on N ranks of this node (gloo on the CPU, or NCCL on
+    local GPUs); arguments after -- go to SCRIPT.
 
-    Each rank gets torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR,
-    MASTER_PORT) with OMP_NUM_THREADS=1, and its output lines are prefixed with "[rank R]". If one rank
-    fails or dies, every rank is stopped and the command exits non-zero naming that rank.
+    Each rank gets torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, GROUP_RANK,
+    MASTER_ADDR, MASTER_PORT, ...) with OMP_NUM_THREADS=1, and its output lines are prefixed with "[rank R]".
+    If one rank fails or dies, every rank of this node is stopped and the command exits non-zero naming it.
+
+    Across nodes, run the same command on every node with --nnodes, its own --node-rank and node 0's
+    --master-addr (static rendezvous, as torchrun's); a plan's mesh fills the ranks row-major, node by node.
     """
     from plait.runtime.launch import launch, raise_on_failure
+    from plait.runtime.nodes import node_spec
 
     if nproc is None and plan_path is None:
         raise PlaitError("give --nproc N (or --plan PLAN.json, whose mesh fixes the number of ranks)")
     if resume and out_dir is None:
         raise PlaitError("--resume needs --out DIR: the folder whose checkpoints/ the run continues from")
+    node = node_spec(nnodes=nnodes, node_rank=node_rank, master_addr=master_addr, master_port=master_port, ifname=ifname)
     result = launch(script, nproc=nproc, module=module, script_args=script_args, plan=plan_path, resume=resume,
-                    out_dir=out_dir, timeout_s=timeout_s)
+                    out_dir=out_dir, node=node, dist_timeout_s=dist_timeout_s, timeout_s=timeout_s)
     raise_on_failure(result)
-    click.echo(f"plait run: all {len(result.ranks)} ranks finished in {result.elapsed_s:.1f} s", err=True)
+    click.echo(f"plait run: all {len(result.ranks)} ranks{node.where()} finished in {result.elapsed_s:.1f} s", err=True)

@@ -10,8 +10,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 
 from plait.errors import PlaitError
+from plait.runtime.envvars import DIST_TIMEOUT_ENV
 
 DEFAULT_TIMEOUT_S = 300.0
 
@@ -90,15 +92,42 @@ def pick_device(local_rank: int, device: str | None = None) -> tuple[torch.devic
     return torch.device("cpu"), "gloo"
 
 
-def init_distributed(*, device: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> DistContext:
-    """Join the process group described by the environment (or make a one-rank group) and return the context."""
+def dist_timeout_s(timeout_s: float | None = None, env: Mapping[str, str] | None = None) -> float:
+    """The process group's timeout: ``timeout_s`` if given, else PLAIT_DIST_TIMEOUT_S, else 300 s."""
+    if timeout_s is not None:
+        return timeout_s
+    raw = (os.environ if env is None else env).get(DIST_TIMEOUT_ENV, "").strip()
+    if not raw:
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise PlaitError(f"{DIST_TIMEOUT_ENV}={raw!r} is not a positive number of seconds; fix or unset it")
+    return value
+
+
+def _default_group_timeout(timeout: datetime.timedelta) -> None:
+    """Give groups made later without a timeout (a DeviceMesh's sub-groups) the job's timeout, not torch's 30 min."""
+    c10d.default_pg_timeout = timeout
+    c10d.default_pg_nccl_timeout = timeout
+
+
+def init_distributed(*, device: str | None = None, timeout_s: float | None = None) -> DistContext:
+    """Join the process group described by the environment (or make a one-rank group) and return the context.
+
+    ``timeout_s`` bounds the rendezvous and every collective (default: PLAIT_DIST_TIMEOUT_S, else 300 s), so a
+    rank whose peer on another node is gone without closing its connections raises instead of waiting for ever.
+    """
     renv = read_rank_env()
     dev, backend = pick_device(renv.local_rank, device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    timeout = datetime.timedelta(seconds=timeout_s)
+    timeout = datetime.timedelta(seconds=dist_timeout_s(timeout_s))
     if dist.is_initialized():
         raise PlaitError("torch.distributed is already initialised in this process; call init_distributed() once")
+    _default_group_timeout(timeout)
     if renv.world_size == 1 and renv.master_port is None:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     else:
@@ -133,7 +162,7 @@ def teardown() -> None:
 
 
 @contextmanager
-def distributed(*, device: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[DistContext]:
+def distributed(*, device: str | None = None, timeout_s: float | None = None) -> Iterator[DistContext]:
     """``init_distributed`` for the duration of a ``with`` block, with teardown on the way out."""
     ctx = init_distributed(device=device, timeout_s=timeout_s)
     try:

@@ -1,4 +1,9 @@
-"""Launch a training script on N local ranks with a torchrun-compatible environment and prefixed logs."""
+"""Launch a training script on N ranks per node with a torchrun-compatible environment and prefixed logs.
+
+Across nodes the rendezvous is static, as torchrun's ``--rdzv-backend=static``: one ``plait run`` per node,
+all given the same ``--nnodes``, ``--nproc`` and node 0's address and port; node k runs the global ranks
+k*nproc ... k*nproc+nproc-1, and rank 0 (on node 0) hosts the store the ranks meet at.
+"""
 
 from __future__ import annotations
 
@@ -17,10 +22,10 @@ from pathlib import Path
 from typing import IO, Any
 
 from plait.errors import LaunchError, PlaitError
-from plait.runtime.envvars import OUT_ENV, PLAN_ENV, RESUME_ENV
+from plait.runtime.envvars import DIST_TIMEOUT_ENV, OUT_ENV, PLAN_ENV, RESUME_ENV
+from plait.runtime.nodes import LOOPBACK, SINGLE_NODE, NodeSpec, mesh_on_nodes
 from plait.runtime.procs import DEFAULT_GRACE_S, describe_exit, signal_group, stop_signals, supervise
 
-LOOPBACK = "127.0.0.1"
 TAIL_LINES = 200
 TORCH_RANK_PREFIX = re.compile(r"^\[rank\d+\]: ?")  # torch.distributed prefixes a rank's traceback lines
 
@@ -59,20 +64,34 @@ def free_port(host: str = LOOPBACK) -> int:
         return int(s.getsockname()[1])
 
 
-def rank_env(rank: int, nproc: int, port: int, *, threads: int = 1, base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """One rank's environment: torchrun's variables, ``threads`` OpenMP/MKL threads, loopback only, unbuffered."""
+def rank_env(
+    local_rank: int,
+    nproc: int,
+    port: int,
+    *,
+    threads: int = 1,
+    base: Mapping[str, str] | None = None,
+    node: NodeSpec = SINGLE_NODE,
+) -> dict[str, str]:
+    """One rank's environment: torchrun's variables for local rank ``local_rank`` of ``nproc`` on ``node``,
+    ``threads`` OpenMP/MKL threads, gloo on the node's interface, unbuffered output."""
     env = dict(os.environ if base is None else base)
+    rank, world = node.global_rank(local_rank, nproc), node.nnodes * nproc
     env.update(
         RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(nproc),
+        LOCAL_RANK=str(local_rank),
+        WORLD_SIZE=str(world),
         LOCAL_WORLD_SIZE=str(nproc),
-        GROUP_RANK="0",
-        MASTER_ADDR=LOOPBACK,
+        GROUP_RANK=str(node.node_rank),
+        GROUP_WORLD_SIZE=str(node.nnodes),
+        ROLE_RANK=str(rank),
+        ROLE_WORLD_SIZE=str(world),
+        ROLE_NAME="default",
+        MASTER_ADDR=node.master_addr,
         MASTER_PORT=str(port),
         OMP_NUM_THREADS=str(threads),
         MKL_NUM_THREADS=str(threads),
-        GLOO_SOCKET_IFNAME="lo",
+        GLOO_SOCKET_IFNAME=node.ifname,
         PYTHONUNBUFFERED="1",
     )
     return env
@@ -152,6 +171,7 @@ def launch_argv(
     argv: Sequence[str],
     *,
     nproc: int,
+    node: NodeSpec = SINGLE_NODE,
     env: Mapping[str, str] | None = None,
     threads: int = 1,
     timeout_s: float | None = None,
@@ -159,12 +179,12 @@ def launch_argv(
     stdout: IO[str] | None = None,
     stderr: IO[str] | None = None,
 ) -> LaunchResult:
-    """Run ``argv`` as ``nproc`` local ranks; if one fails, stop all and report it. Ctrl-C or SIGTERM to this
-    process (when called on the main thread) stops them all too, whenever it comes: exit code 130."""
+    """Run ``argv`` as this node's ``nproc`` ranks; if one fails, stop all and report it. Ctrl-C or SIGTERM to
+    this process (when called on the main thread) stops them all too, whenever it comes: exit code 130."""
     if nproc < 1:
         raise PlaitError(f"--nproc must be at least 1, got {nproc}")
     out, err = stdout or sys.stdout, stderr or sys.stderr
-    port, lock = free_port(), threading.Lock()
+    port, lock = node.master_port or free_port(node.master_addr), threading.Lock()
     ranks: list[_Rank] = []
 
     def mute_others(failed: int) -> None:
@@ -173,8 +193,9 @@ def launch_argv(
 
     with stop_signals() as stops:  # before the first rank starts: a signal from now on is seen by supervise
         try:
-            for r in range(nproc):
-                ranks.append(_Rank(r, argv, rank_env(r, nproc, port, threads=threads, base=env), out, err, lock))
+            for local in range(nproc):
+                child_env = rank_env(local, nproc, port, threads=threads, base=env, node=node)
+                ranks.append(_Rank(node.global_rank(local, nproc), argv, child_env, out, err, lock))
             sup = supervise(ranks, timeout_s=timeout_s, grace_s=grace_s, on_failure=mute_others, stops=stops)
         except BaseException:  # a rank that could not start (or a bug): leave no rank running
             for started in ranks:
@@ -191,25 +212,24 @@ def launch_argv(
         exit_code={"ok": 0, "failed": 1, "timeout": 1, "interrupted": 130}[sup.outcome],
         ranks=exits,
         failed_rank=sup.failed_rank,
-        message=_message(sup.outcome, sup.failed_rank, exits, timeout_s),
+        message=_message(sup.outcome, sup.failed_rank, exits, timeout_s, node.where()),
         elapsed_s=sup.elapsed_s,
     )
 
 
-def _message(outcome: str, failed: int | None, exits: tuple[RankExit, ...], timeout_s: float | None) -> str:
+def _message(outcome: str, failed: int | None, exits: tuple[RankExit, ...], timeout_s: float | None, where: str) -> str:
     n = len(exits)
     if outcome == "ok":
         return ""
     if outcome == "interrupted":
-        return f"interrupted; stopped all {n} ranks"
+        return f"interrupted; stopped all {n} ranks{where}"
     if outcome == "timeout":
-        return f"the job ran past its {timeout_s} s limit; stopped all {n} ranks"
-    assert failed is not None
-    ex = exits[failed]
+        return f"the job ran past its {timeout_s} s limit; stopped all {n} ranks{where}"
+    (ex,) = [e for e in exits if e.rank == failed]
     # a rank that exits with an error says why on stderr (else maybe stdout); a signal leaves no last words
     line = ex.last_error or (ex.last_output if ex.exit_code is not None and ex.exit_code > 0 else "")
     why = f": {line}" if line else ""
-    return f"rank {failed} (pid {ex.pid}) failed with {describe_exit(ex.exit_code)}{why}; stopped the other {n - 1} ranks"
+    return f"rank {failed} (pid {ex.pid}) failed with {describe_exit(ex.exit_code)}{why}; stopped the other {n - 1} ranks{where}"
 
 
 def launch(
@@ -221,24 +241,43 @@ def launch(
     plan: str | os.PathLike[str] | None = None,
     resume: bool = False,
     out_dir: str | os.PathLike[str] | None = None,
+    node: NodeSpec = SINGLE_NODE,
+    dist_timeout_s: float | None = None,
     python: str = sys.executable,
     **kwargs: Any,
 ) -> LaunchResult:
-    """Run a Python training script (``module=True``: ``python -m script``) on ``nproc`` local ranks, what
-    ``plait run`` does; ``nproc`` defaults to the plan's world size. See ``launch_argv``."""
+    """Run a Python training script (``module=True``: ``python -m script``) on this node's ``nproc`` ranks,
+    what ``plait run`` does; ``nproc`` defaults to the plan's world size over ``node.nnodes``.
+    ``dist_timeout_s`` sets PLAIT_DIST_TIMEOUT_S, the ranks' collective timeout. See ``launch_argv``."""
     target = ["-m", str(script)] if module else [str(_checked_script(Path(script)))]
     env = dict(kwargs.pop("env", None) or os.environ)
+    mesh_note = ""
     if plan is not None:
-        plan_path, nproc = _checked_plan(Path(plan), nproc)
+        plan_path, nproc, mesh_note = _checked_plan(Path(plan), nproc, node.nnodes)
         env[PLAN_ENV] = str(plan_path)
     if nproc is None:
-        raise PlaitError("give the number of ranks (--nproc N) or a plan, whose mesh fixes it")
+        raise PlaitError("give the number of ranks per node (--nproc N) or a plan, whose mesh fixes it")
+    if dist_timeout_s is not None:
+        if not dist_timeout_s > 0:
+            raise PlaitError(f"--dist-timeout must be a positive number of seconds, got {dist_timeout_s}")
+        env[DIST_TIMEOUT_ENV] = str(dist_timeout_s)
     env[RESUME_ENV] = "1" if resume else "0"
     if out_dir is not None:
         out = Path(out_dir).resolve()
         out.mkdir(parents=True, exist_ok=True)
         env[OUT_ENV] = str(out)
-    return launch_argv([python, "-u", *target, *script_args], nproc=nproc, env=env, **kwargs)
+    if node.nnodes > 1:
+        _announce(node, nproc, mesh_note, kwargs.get("stderr") or sys.stderr)
+    return launch_argv([python, "-u", *target, *script_args], nproc=nproc, node=node, env=env, **kwargs)
+
+
+def _announce(node: NodeSpec, nproc: int, mesh_note: str, err: IO[str]) -> None:
+    """One line on where this node stands in a multi-node job."""
+    first, world = node.global_rank(0, nproc), node.nnodes * nproc
+    rdzv = f"{node.master_addr}:{node.master_port}"
+    err.write(f"plait run: node {node.node_rank} of {node.nnodes} runs ranks {first}-{first + nproc - 1} of {world} "
+              f"(rendezvous {rdzv}, gloo on {node.ifname}){mesh_note}\n")
+    err.flush()
 
 
 def _checked_script(path: Path) -> Path:
@@ -248,17 +287,27 @@ def _checked_script(path: Path) -> Path:
     return path
 
 
-def _checked_plan(path: Path, nproc: int | None) -> tuple[Path, int]:
-    """Load the plan once here so a bad file fails before any rank starts; its path and the number of ranks."""
+def _checked_plan(path: Path, nproc: int | None, nnodes: int = 1) -> tuple[Path, int, str]:
+    """Load the plan once here so a bad file fails before any rank starts; its path, the ranks per node and
+    (across nodes) a note on which mesh axes stay inside a node."""
     from plait.plan.io import load_plan
 
     plan = load_plan(path)
-    if nproc is not None and plan.world_size != nproc:
-        raise PlaitError(
-            f"plan {path} is for {plan.world_size} ranks (mesh {plan.mesh.shape}) but --nproc is {nproc}; "
-            f"use --nproc {plan.world_size} or re-plan for {nproc} ranks"
-        )
-    return path.resolve(), plan.world_size
+    world, shape = plan.world_size, plan.mesh.shape
+    if nnodes == 1 and nproc is not None and world != nproc:
+        raise PlaitError(f"plan {path} is for {world} ranks (mesh {shape}) but --nproc is {nproc}; "
+                         f"use --nproc {world} or re-plan for {nproc} ranks")
+    if nnodes > 1 and (world % nnodes or (nproc is not None and nproc * nnodes != world)):
+        given = f"--nnodes {nnodes} x --nproc {nproc} = {nnodes * nproc}" if nproc is not None else f"--nnodes {nnodes}"
+        fix = f"use --nproc {world // nnodes}" if world % nnodes == 0 else f"use a number of nodes that divides {world}"
+        raise PlaitError(f"plan {path} is for {world} ranks (mesh {shape}), which does not match {given}; "
+                         f"{fix} or re-plan for the job's ranks")
+    per_node = world // nnodes
+    note = ""
+    if nnodes > 1:
+        inside, across = mesh_on_nodes(shape, plan.mesh.axes, per_node)
+        note = f"; mesh axes inside each node: {', '.join(inside) or 'none'}, across nodes: {', '.join(across) or 'none'}"
+    return path.resolve(), per_node, note
 
 
 def raise_on_failure(result: LaunchResult) -> None:
