@@ -19,6 +19,7 @@ from plait.models import GPT, lm_batch, lm_loss, zoo_model
 from plait.models.gpt import GPT_CONFIGS
 from plait.plan import load_plan, plan_from_json, plan_text, plan_to_json
 from plait.planners import plan as choose
+from plait.planners.intra_op.source import ModelSource
 from plait.planners.pipeline import PipelineOptions
 from plait.planners.pipeline_plan import plan_pipeline_full
 from plait.runtime.checks import PlanMismatchError, check_plan
@@ -161,3 +162,24 @@ def test_plan_family_pipeline_then_sim(tmp_path: Path, capsys: pytest.CaptureFix
     assert code == 0, err
     assert "pipeline" in text and "throughput" in text and "peak memory, ranks 0-1" in text
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tensor_parallel_stages_carry_the_ilps_layout_and_its_collectives() -> None:
+    zoo = zoo_model("gpt-mini")
+    with torch.device("meta"):
+        model = zoo.build()
+    batch = zoo.make_batch(4, device="meta")
+    graph = capture(model, batch, name="gpt-mini", loss_fn=zoo.loss, with_ops=False)
+    source = ModelSource(model=model, example_batch=batch, batch_size=4, loss_fn=zoo.loss, name="gpt-mini")
+    cluster = load_cluster("local:4")
+    cost = CostModel(cluster)
+    options = PipelineOptions(same_size=True, min_stages=2, tp_sizes=(2,))
+    plan = plan_pipeline_full(graph, cluster, global_batch=16, cost=cost, options=options, source=source)
+    assert plan.mesh.axes == ("pp", "dp", "tp") and all(s.stage_mesh.shape == (1, 2) for s in plan.stages)
+    qkv = plan.param("blocks.0.attn.qkv.weight")
+    assert str(qkv.placements[1]) == "Shard(0)" and qkv.stage == 0  # Megatron's column split, from the ILP
+    assert plan.activations and all(len(a.placements) == 2 for a in plan.activations)
+    for program, stage in zip(plan.programs, plan.stages, strict=True):
+        tp = [i for i in program.instrs if i.op == "collective" and i.axes == ("tp",)]
+        assert tp and all(i.group == stage.ranks[:2] for i in tp)  # the stage's tensor-parallel pair
+    assert plan_from_json(plan_to_json(plan)) == plan

@@ -15,6 +15,7 @@ from plait.cluster import local_cluster
 from plait.cost import CostModel
 from plait.graph import capture
 from plait.plan import LayerPlan, Plan, ScheduleSpec, plan_from_json, plan_to_json
+from plait.planners.intra_op.source import ModelSource
 from plait.planners.pipeline import PipelineOptions
 from plait.planners.pipeline_plan import plan_pipeline_full
 from plait.runtime import TrainConfig, Trainer, init_distributed, run_ranks, teardown
@@ -23,14 +24,19 @@ NAME, STEPS, GLOBAL_BATCH = "gpt-tiny", 3, 8
 LOSS_RTOL, PARAM_ATOL = 1e-5, 5e-6
 
 
-def pipeline_plan() -> Plan:
-    """The pipeline planner's own choice for gpt-tiny on 4 local ranks (stages of one size, at least two)."""
+def pipeline_plan(tp: int = 1) -> Plan:
+    """The pipeline planner's own choice for gpt-tiny on 4 local ranks (stages of one size, at least two), with
+    stages of ``tp`` tensor-parallel ranks (the intra-op ILP's layers)."""
     build, make_batch, loss = model_parts(NAME)
     with torch.device("meta"):
-        graph = capture(build(), make_batch(GLOBAL_BATCH, device="meta"), name=NAME, loss_fn=loss, with_ops=False)
+        model = build()
+    batch = make_batch(GLOBAL_BATCH // 2, device="meta")
+    graph = capture(model, batch, name=NAME, loss_fn=loss, with_ops=False)
+    source = ModelSource(model=model, example_batch=batch, batch_size=GLOBAL_BATCH // 2, loss_fn=loss, name=NAME)
     cluster = local_cluster(4)
-    return plan_pipeline_full(graph, cluster, global_batch=GLOBAL_BATCH, cost=CostModel(cluster),
-                              options=PipelineOptions(same_size=True, min_stages=2, micro_batches=(2, 4)))
+    options = PipelineOptions(same_size=True, min_stages=2, micro_batches=(2, 4), tp_sizes=(tp,))
+    return plan_pipeline_full(graph, cluster, global_batch=GLOBAL_BATCH, cost=CostModel(cluster), options=options,
+                              source=source)
 
 
 def train_rank(plan_json: str, steps: int, out_dir: str | None = None, checkpoint_every: int = 0,
@@ -71,6 +77,17 @@ def test_the_trainer_runs_a_pipeline_plan(variant: str) -> None:
     results = run_ranks(train_rank, 4, plan_to_json(plan), STEPS)
     assert_matches(results[0])
     assert all(r["losses"] == results[0]["losses"] for r in results)  # every rank logs the batch's loss
+
+
+def test_the_trainer_runs_tensor_parallel_stages() -> None:
+    # 2 stages x 2-way tensor parallelism with the intra-op ILP's placements (Megatron's column/row split)
+    plan = pipeline_plan(tp=2)
+    assert [s.stage_mesh.axes for s in plan.stages] == [("dp", "tp"), ("dp", "tp")]
+    assert plan.mesh.axes == ("pp", "dp", "tp") and plan.mesh.shape == (2, 1, 2)
+    split = [p.name for p in plan.params if any(pl.is_shard for pl in p.placements)]
+    assert any("qkv.weight" in n for n in split) and any("fc2.weight" in n for n in split)
+    results = run_ranks(train_rank, 4, plan_to_json(plan), STEPS)
+    assert_matches(results[0])
 
 
 def test_a_pipeline_checkpoint_resumes_exactly(tmp_path: Path) -> None:

@@ -1,36 +1,34 @@
-"""Pipeline plans from the layer view: group the layers, price every (group range, submesh) as a stage with
-the CostModel, choose stages and micro-batches with the stage DP, and lower the choice to 1F1B programs.
+"""Pipeline plans from the layer view: group the layers, price every (group range, submesh, configuration)
+as a stage with the CostModel (``plait.planners.stage_pricing``), choose stages and micro-batches with the
+stage DP, and lower the choice to per-stage programs.
 
-This first planner gives each stage data parallelism over its submesh (Alpa's ``data_parallel_only``
-logical mesh): each rank runs ``micro_size / d`` samples of every micro-batch through the stage's layers,
-and the stage all-reduces its gradients once per step. Each stage may also recompute its layers'
-activations in backward (configuration 1; Mist weighs this per stage, Alpa did not): it then keeps only each
-layer's input per in-flight micro-batch, holds one layer's activations while that layer's backward runs, and
-does the forward twice. A stage's time per micro-batch is its layers' forward and backward on the CostModel
-plus the boundary activation sent on and its gradient sent back (between nodes when the cluster has
-several, which errs slow). Its memory is its layers' parameters, gradients and optimizer state plus the
-bound ``stage_memory`` puts on its lowered 1F1B program with ``stages after it + 1`` micro-batches in flight
-(saved activations, kept outputs, receive buffers, the backward's workspace and gradients, the optimizer's
-temporaries), so the check is never below what the simulator shows. Intra-op configurations per stage come
-next (docs/pipeline.md).
+A stage's configuration is its tensor-parallel size inside the submesh (the rest of the submesh is data
+parallel; tensor-parallel layers come from the intra-op ILP, ``plait.planners.stage_configs``, when the
+planner is given them) and whether it recomputes its layers' activations in backward (Mist weighs this
+per stage, Alpa did not): it then keeps only each layer's input per in-flight micro-batch, holds one layer's
+activations while that layer's backward runs, and does the forward twice. Its memory check is the bound
+``stage_memory`` puts on its lowered 1F1B program with ``stages after it + 1`` micro-batches in flight, so it
+is never below what the simulator shows.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 from plait.cluster.spec import Cluster
 from plait.cost import CostModel
-from plait.cost.memory import OPTIMIZER_STATES, check_optimizer, step_temporaries
+from plait.cost.memory import check_optimizer
 from plait.errors import PlaitError
-from plait.graph.model_graph import LayerInfo, ModelGraph
+from plait.graph.model_graph import ModelGraph
 from plait.plan.ir import RankProgram
 from plait.planners.layer_groups import group_layers
-from plait.planners.pipeline_lowering import StageWork, lower_pipeline, stage_memory
+from plait.planners.pipeline_lowering import StageWork, lower_pipeline
 from plait.planners.schedules import gpipe, one_f_one_b
+from plait.planners.stage_configs import ShardedLayers
 from plait.planners.stage_dp import StageCandidate, StageError, StageProblem, StageSolution, solve_stages
+from plait.planners.stage_pricing import PricedStage, StageConfig, StagePricer, stage_problem
 
 MAX_GROUPS = 16  # layer groups the stage DP sees (Alpa clusters to a few dozen layers at most)
 
@@ -50,6 +48,7 @@ class PipelineOptions:
     # the last stage keeps every micro-batch's output until the step ends (torch's schedule.step does unless
     # told return_outputs=False; plait.runtime.pipeline tells it so)
     keep_outputs: bool = False
+    tp_sizes: tuple[int, ...] | None = None  # tensor-parallel sizes a stage may use (None: 1 and every size given)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,9 +63,11 @@ class PipelineChoice:
     sync_bytes: tuple[int, ...]
     optimizer_numel: tuple[int, ...]
     step_temp_bytes: tuple[int, ...]
+    configs: tuple[StageConfig, ...] = ()  # per stage: tensor-parallel size and recomputation
     solution: StageSolution
     search_s: float
     keep_outputs: bool = False
+    sharded: Mapping[int, ShardedLayers] = field(default_factory=dict, repr=False)  # the layers of each tp size used
 
     @property
     def step_s(self) -> float:
@@ -105,8 +106,10 @@ def assign_ranks(sizes: Sequence[int], cluster: Cluster) -> tuple[tuple[int, ...
 
 
 def plan_pipeline(graph: ModelGraph, cluster: Cluster, *, global_batch: int, cost: CostModel,
-                  options: PipelineOptions = PipelineOptions()) -> PipelineChoice:
-    """The fastest pipeline that fits (see the module docstring); ``StageError`` when none does."""
+                  options: PipelineOptions = PipelineOptions(),
+                  sharded: Mapping[int, ShardedLayers] | None = None) -> PipelineChoice:
+    """The fastest pipeline that fits (see the module docstring); ``sharded`` gives the tensor-parallel layers
+    stages may use (by tp size); ``StageError`` when none fits."""
     t0 = time.perf_counter()
     check_optimizer(options.optimizer)
     layers = graph.layers
@@ -114,144 +117,49 @@ def plan_pipeline(graph: ModelGraph, cluster: Cluster, *, global_batch: int, cos
                           [float(layer.output_bytes) for layer in layers[:-1]],
                           options.num_groups or min(len(layers), MAX_GROUPS), imbalance=options.imbalance)
     sizes = submesh_sizes(cluster)
-    best: tuple[StageSolution, int, dict[StageCandidate, StageWork]] | None = None
+    pricer = StagePricer(graph=graph, cluster=cluster, cost=cost, optimizer=options.optimizer,
+                         keep_outputs=options.keep_outputs, sharded=sharded, allowed=options.tp_sizes)
+    limit = options.memory_fraction * cluster.device.memory_bytes
+    best: tuple[StageSolution, int, dict[StageCandidate, PricedStage]] | None = None
     for num_micro in options.micro_batches:
         if global_batch % num_micro:
             continue
-        problem, works = _stage_problem(graph, cluster, cost, groups, sizes, global_batch // num_micro, num_micro, options)
-        for sub in _subproblems(problem, options):
+        problem, priced = stage_problem(pricer, groups, sizes, global_batch // num_micro, num_micro, limit=limit,
+                                        rank_micro_batch=options.rank_micro_batch)
+        for sub in _subproblems(problem, options, pricer.configs()):
             try:
                 solution = solve_stages(sub)
             except StageError:
                 continue
             if best is None or solution.step_s < best[0].step_s:
-                best = (solution, num_micro, works)
+                best = (solution, num_micro, priced)
     if best is None:
         raise StageError(f"no pipeline of {graph.name} fits {cluster.name} with micro-batch counts "
                          f"{list(options.micro_batches)} dividing the global batch {global_batch}")
-    solution, num_micro, works = best
-    stages = solution.stages
-    ranges = tuple((groups[s.start][0], groups[s.stop - 1][1]) for s in stages)
+    solution, num_micro, priced = best
+    chosen = [priced[s] for s in solution.stages]
     return PipelineChoice(
-        layer_ranges=ranges,
-        stage_ranks=assign_ranks([sizes[s.submesh] for s in stages], cluster),
+        layer_ranges=tuple((groups[s.start][0], groups[s.stop - 1][1]) for s in solution.stages),
+        stage_ranks=assign_ranks([sizes[s.submesh] for s in solution.stages], cluster),
         num_micro=num_micro, micro_size=global_batch // num_micro,
-        work=tuple(works[s] for s in stages),
-        sync_bytes=tuple(sum(layer.param_bytes for layer in layers[a:b]) for a, b in ranges),
-        optimizer_numel=tuple(sum(layer.num_params for layer in layers[a:b]) for a, b in ranges),
-        step_temp_bytes=tuple(_step_temporaries(graph, cluster, options.optimizer, a, b) for a, b in ranges),
+        work=tuple(p.work for p in chosen),
+        sync_bytes=tuple(p.param_bytes for p in chosen),
+        optimizer_numel=tuple(p.param_numel for p in chosen),
+        step_temp_bytes=tuple(p.step_temp_bytes for p in chosen),
+        configs=tuple(p.config for p in chosen),
         solution=solution, search_s=time.perf_counter() - t0, keep_outputs=options.keep_outputs,
+        sharded=dict(sharded or {}),
     )
 
 
-def _step_temporaries(graph: ModelGraph, cluster: Cluster, optimizer: str, start: int, stop: int) -> int:
-    """What the optimizer step over layers ``[start, stop)``'s parameters allocates for a moment."""
-    sizes = [p.nbytes for p in graph.params if start <= p.layer < stop]
-    return step_temporaries(optimizer, max(sizes, default=0), sum(sizes), foreach=cluster.device.kind == "cuda")
-
-
-def _subproblems(problem: StageProblem, options: PipelineOptions) -> list[StageProblem]:
-    """The problem as it is, or one per submesh size (``same_size``); stages fewer than ``min_stages`` are
-    ruled out by size: a stage may take at most ``devices / min_stages`` devices."""
+def _subproblems(problem: StageProblem, options: PipelineOptions, configs: Sequence[StageConfig]) -> list[StageProblem]:
+    """The problem as it is, or one per stage mesh (``same_size``: one submesh size and tensor-parallel size,
+    what the runtime runs); stages fewer than ``min_stages`` are ruled out by size: a stage may take at most
+    ``devices / min_stages`` devices."""
     cap = problem.num_devices // max(1, options.min_stages)
-    usable = [m for m, d in enumerate(problem.submesh_devices) if d <= cap]
-    groups = [[m] for m in usable] if options.same_size else [usable]
-    out = []
-    for allowed in groups:
-        cands = tuple(c for c in problem.candidates if c.submesh in allowed)
-        out.append(replace(problem, candidates=cands))
-    return out
-
-
-def _stage_problem(graph: ModelGraph, cluster: Cluster, cost: CostModel, groups: Sequence[tuple[int, int]],
-                   sizes: Sequence[int], micro_size: int, num_micro: int,
-                   options: PipelineOptions) -> tuple[StageProblem, dict[StageCandidate, StageWork]]:
-    """Every (group range, submesh) that splits the micro-batch evenly, priced on the CostModel."""
-    limit = options.memory_fraction * cluster.device.memory_bytes
-    states = OPTIMIZER_STATES[options.optimizer]
-    cands: list[StageCandidate] = []
-    works: dict[StageCandidate, StageWork] = {}
-    for a in range(len(groups)):
-        for b in range(a + 1, len(groups) + 1):
-            layers = graph.layers[groups[a][0]:groups[b - 1][1]]
-            params = sum(layer.param_bytes for layer in layers)
-            temp = _step_temporaries(graph, cluster, options.optimizer, groups[a][0], groups[b - 1][1])
-            for m, d in enumerate(sizes):
-                if micro_size % d or options.rank_micro_batch not in (None, micro_size // d):
-                    continue
-                once = cost.collective_time("all_reduce", params, tuple(range(d))) + cost.optimizer_time(
-                    sum(layer.num_params for layer in layers), num_tensors=len(layers))
-                static = params * (2 + states)
-                scale = (micro_size // d) / graph.batch_size
-                for recompute in (False, True):
-                    work = _stage_work(graph, layers, scale, last=b == len(groups), recompute=recompute)
-                    memory = stage_memory(work, input_bytes=int(_input_bytes(graph, layers[0]) * scale),
-                                          num_micro=num_micro, step_temp_bytes=temp, keep_outputs=options.keep_outputs)
-                    in_flight = memory.max_in_flight(limit - static, cap=len(groups) + 1)
-                    if in_flight < 1:
-                        continue
-                    merge = _merge_time(cost, work, num_micro, graph.dtype) if options.keep_outputs else 0.0
-                    cand = StageCandidate(start=a, stop=b, submesh=m, config=int(recompute),
-                                          time_s=_stage_time(cost, work, cluster, graph.dtype), max_after=in_flight - 1,
-                                          once_s=once + merge)
-                    cands.append(cand)
-                    works[cand] = work
-    problem = StageProblem(num_layers=len(groups), submesh_devices=tuple(sizes), num_devices=cluster.world_size,
-                           num_micro=num_micro, candidates=tuple(cands))
-    return problem, works
-
-
-def _stage_work(graph: ModelGraph, layers: Sequence[LayerInfo], scale: float, *, last: bool, recompute: bool) -> StageWork:
-    """One rank's work on one micro-batch through ``layers``, at ``scale`` x the captured batch (the last
-    stage sends nothing on and keeps its output); with ``recompute`` each layer keeps only its input and runs
-    forward again."""
-    fwd_flops = sum(layer.fwd_flops for layer in layers) * scale
-    fwd_bytes = sum(layer.fwd_bytes_moved for layer in layers) * scale
-    kernels = sum(layer.num_kernels for layer in layers)
-    saved = sum(layer.activation_bytes for layer in layers) * scale
-    inputs = sum(_input_bytes(graph, layer) for layer in layers) * scale
-    output = int(layers[-1].output_bytes * scale)
-    return StageWork(
-        fwd_flops=fwd_flops,
-        bwd_flops=sum(layer.bwd_flops for layer in layers) * scale + (fwd_flops if recompute else 0.0),
-        fwd_bytes_moved=fwd_bytes, num_kernels=kernels,
-        bwd_bytes_moved=(3 if recompute else 2) * fwd_bytes, bwd_kernels=(3 if recompute else 2) * kernels,
-        activation_bytes=int(inputs if recompute else saved),
-        transient_bytes=_backward_temporaries(layers, scale, recompute=recompute),
-        boundary_bytes=0 if last else output,
-        final_output_bytes=output if last else 0,
-    )
-
-
-def _backward_temporaries(layers: Sequence[LayerInfo], scale: float, *, recompute: bool) -> int:
-    """Bytes a stage's backward holds while it runs besides its saved activations and the gradients of its
-    input and output: the most of any layer's backward workspace (the loss's gradients on the last stage's)
-    plus the gradient flowing into that layer from the next one in the stage, and with recomputation the
-    activations of the layer being recomputed. Activation sizes scale with the micro-batch, parameter
-    gradients do not."""
-    inner = [layer.output_bytes * scale for layer in layers[:-1]] + [0.0]
-    most = max(layer.bwd_workspace_bytes * scale + layer.bwd_param_grad_bytes + flowing
-               for layer, flowing in zip(layers, inner, strict=True))
-    again = max(layer.activation_bytes for layer in layers) * scale if recompute else 0.0
-    return int(most + again)
-
-
-def _input_bytes(graph: ModelGraph, layer: LayerInfo) -> int:
-    """A layer's input: the previous layer's output (the model's input, not counted, for the first)."""
-    return graph.layers[layer.index - 1].output_bytes if layer.index > 0 else 0
-
-
-def _merge_time(cost: CostModel, work: StageWork, num_micro: int, dtype: str) -> float:
-    """The last stage's concatenation of its micro-batches' outputs at the end of the step (torch's schedule)."""
-    if not work.final_output_bytes:
-        return 0.0
-    return cost.compute_time(0.0, 2.0 * num_micro * work.final_output_bytes, dtype=dtype, num_kernels=1)
-
-
-def _stage_time(cost: CostModel, work: StageWork, cluster: Cluster, dtype: str) -> float:
-    """Forward + backward of one micro-batch on one rank, plus the boundary sent on and its gradient back."""
-    far = cluster.devices_per_node if cluster.num_nodes > 1 else min(1, cluster.world_size - 1)
-    transfer = cost.p2p_time(work.boundary_bytes, 0, far) if work.boundary_bytes else 0.0
-    fwd = cost.compute_time(work.fwd_flops, work.fwd_bytes_moved, dtype=dtype, num_kernels=work.num_kernels)
-    bwd = cost.compute_time(work.bwd_flops, work.bwd_bytes_moved, dtype=dtype, num_kernels=work.bwd_kernels)
-    return fwd + bwd + 2 * transfer
+    usable = [c for c in problem.candidates if problem.submesh_devices[c.submesh] <= cap]
+    if not options.same_size:
+        return [replace(problem, candidates=tuple(usable))]
+    shapes = sorted({(c.submesh, configs[c.config].tp) for c in usable})
+    return [replace(problem, candidates=tuple(c for c in usable if (c.submesh, configs[c.config].tp) == shape))
+            for shape in shapes]

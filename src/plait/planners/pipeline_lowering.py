@@ -32,8 +32,9 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+from plait.cost.work import Comm
 from plait.errors import PlaitError
-from plait.plan.ir import Instr, RankProgram
+from plait.plan.ir import Instr, Phase, RankProgram
 from plait.planners.schedules import Action, Schedule
 
 
@@ -53,6 +54,14 @@ class StageWork:
     # stage), the gradients flowing between its layers, a recomputed layer's activations
     transient_bytes: int = 0
     final_output_bytes: int = 0  # the last virtual stage's output per micro-batch (kept until the step ends)
+    tp: int = 1  # tensor-parallel ranks per replica of the stage (its ranks are dp x tp, row-major)
+    fwd_comms: tuple[Comm, ...] = ()  # tensor-parallel collectives the forward waits for, in order
+    bwd_comms: tuple[Comm, ...] = ()  # and the backward (a recomputed forward's again)
+
+    @property
+    def comm_temp_bytes(self) -> int:
+        """The most a tensor-parallel collective holds while it runs (they run one at a time)."""
+        return max((c.temp_bytes for c in (*self.fwd_comms, *self.bwd_comms)), default=0)
 
 
 @dataclass(frozen=True)
@@ -88,7 +97,7 @@ def stage_memory(w: StageWork, *, input_bytes: int, num_micro: int, step_temp_by
     kept = w.boundary_bytes + (0 if keep_outputs else w.final_output_bytes)
     return StageMemory(
         per_micro=kept + max(w.activation_bytes, input_bytes),
-        during=buffers + w.transient_bytes + 2 * input_bytes + w.boundary_bytes,
+        during=buffers + w.transient_bytes + 2 * input_bytes + w.boundary_bytes + w.comm_temp_bytes,
         after=buffers + max(finals, step_temp_bytes),
     )
 
@@ -113,9 +122,11 @@ def lower_pipeline(schedule: Schedule, work: Sequence[StageWork], stage_ranks: S
         instrs, held = _lower_actions(actions, stage, p, work, stage_ranks, keep_outputs)
         ranks = tuple(stage_ranks[stage])
         sync = sync_bytes[stage] if sync_bytes is not None else 0
-        if len(ranks) > 1 and sync > 0:
+        replicas = ranks[::work[stage].tp]  # the first data-parallel group of a dp x tp stage
+        if len(replicas) > 1 and sync > 0:
             instrs.append(Instr(op="collective", stream="comm", name=f"grad sync stage {stage}", phase="bwd",
-                                collective="all_reduce", nbytes=sync, group=ranks, deps=(len(instrs) - 1,)))
+                                collective="all_reduce", nbytes=sync, group=replicas, axes=("dp",),
+                                deps=(len(instrs) - 1,)))
         numel = optimizer_numel[stage] if optimizer_numel is not None else 0
         temp = step_temp_bytes[stage] if step_temp_bytes is not None else 0
         instrs.append(Instr(op="optimizer", stream="compute", name="optimizer step", phase="step", numel=numel,
@@ -209,6 +220,7 @@ def _lower_action(instrs: list[Instr], a: Action, stage: int, p: int, work: Sequ
         instrs.append(Instr(op="compute", stream="compute", name=f"fwd v{v} mb{a.micro}", phase="fwd", flops=w.fwd_flops,
                             bytes_moved=w.fwd_bytes_moved, num_kernels=w.num_kernels, deps=deps,
                             alloc_bytes=w.activation_bytes + output, free_bytes=released))
+        _tensor_parallel(instrs, w.fwd_comms, f"fwd v{v} mb{a.micro}", "fwd", stage_ranks[stage][:w.tp])
         if v < last:
             instrs.append(Instr(op="send", stream="comm", name=f"act {v}>{v + 1} mb{a.micro}", phase="fwd",
                                 nbytes=w.boundary_bytes, group=(me, rank_of(v + 1)), deps=(len(instrs) - 1,)))
@@ -222,6 +234,20 @@ def _lower_action(instrs: list[Instr], a: Action, stage: int, p: int, work: Sequ
                         bytes_moved=w.bwd_bytes_moved, num_kernels=w.bwd_kernels, deps=deps,
                         alloc_bytes=w.transient_bytes + _input_bytes(work, v),
                         free_bytes=w.activation_bytes + w.transient_bytes + released))
+    _tensor_parallel(instrs, w.bwd_comms, f"bwd v{v} mb{a.micro}", "bwd", stage_ranks[stage][:w.tp])
     if v > 0:
         instrs.append(Instr(op="send", stream="comm", name=f"grad {v}>{v - 1} mb{a.micro}", phase="bwd",
                             nbytes=work[v - 1].boundary_bytes, group=(me, rank_of(v - 1)), deps=(len(instrs) - 1,)))
+
+
+def _tensor_parallel(instrs: list[Instr], comms: Sequence[Comm], label: str, phase: Phase, group: tuple[int, ...]) -> None:
+    """The tensor-parallel collectives a pass waits for, one after another on the comm stream after its compute,
+    then a wait on the compute stream: the stage's next computation needs their results (the work between two
+    of a pass's collectives is counted with the pass's compute, before them, which errs slow)."""
+    if not comms or len(group) < 2:
+        return
+    for k, c in enumerate(comms):
+        instrs.append(Instr(op="collective", stream="comm", name=f"tp {label} #{k}", phase=phase, collective=c.collective,
+                            nbytes=c.nbytes, group=group, axes=("tp",), deps=(len(instrs) - 1,),
+                            alloc_bytes=c.temp_bytes, free_bytes=c.temp_bytes))
+    instrs.append(Instr(op="wait", stream="compute", name=f"tp done {label}", phase=phase, deps=(len(instrs) - 1,)))

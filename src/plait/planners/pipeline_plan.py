@@ -1,10 +1,12 @@
-"""A pipeline Plan from the pipeline planner's choice: stages on their submeshes, parameters placed on their
-stage's mesh, the schedule and micro-batching, per-stage programs and the simulator's prediction.
+"""A pipeline Plan from the pipeline planner's choice: stages on their submeshes, parameters and pinned
+activations placed on their stage's mesh, the schedule and micro-batching, per-stage programs and the
+simulator's prediction.
 
-Stages on submeshes of one size make the plan's mesh ``pp x dp`` (stage ``s`` holds ranks
-``s * dp .. s * dp + dp - 1``, each data-parallel rank takes its share of every micro-batch); stages of
-different sizes keep the mesh flat (one ``world`` axis, the batch not split on it: each stage splits every
-micro-batch over its own ``dp`` axis, see ``StageSpec.stage_mesh``).
+A stage's mesh is ``dp`` over its ranks, or ``dp x tp`` (row-major) when it shards its layers over ``tp``
+ranks with the intra-op ILP's choice. Stages on meshes of one shape make the plan's mesh ``pp x dp (x tp)``
+(stage ``s`` holds the ``s``-th block of ranks, each data-parallel replica takes its share of every
+micro-batch); other pipelines keep the plan's mesh flat (one ``world`` axis, the batch not split on it:
+each stage splits every micro-batch over its own ``dp`` axis, see ``StageSpec.stage_mesh``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from plait.cluster.spec import Cluster
 from plait.cost import CostModel
 from plait.graph.model_graph import ModelGraph
 from plait.plan.ir import (
+    ActivationPlan,
     BatchSpec,
     LayerPlan,
     MeshSpec,
@@ -24,62 +27,96 @@ from plait.plan.ir import (
     PrecisionPolicy,
     ScheduleSpec,
     StageSpec,
+    SyncKind,
     SyncSpec,
 )
-from plait.plan.placement import REPLICATE, shard
+from plait.plan.placement import REPLICATE, Placement, shard
 from plait.planners.data_parallel import provenance_of
+from plait.planners.intra_op.planner import IntraOpOptions
+from plait.planners.intra_op.propagate import PropagationError
+from plait.planners.intra_op.source import ModelSource
+from plait.planners.intra_op.strategies import UnsupportedOpError
 from plait.planners.pipeline import PipelineChoice, PipelineOptions, plan_pipeline
+from plait.planners.stage_configs import ShardedLayers, shard_layers, tensor_parallel_sizes
 from plait.sim import simulate
 
 FP32 = PrecisionPolicy()
 DEFAULT_OPTIONS = PipelineOptions()
 
 
+def stage_mesh(ranks: int, tp: int) -> MeshSpec:
+    """A stage's mesh: ``dp`` over its ranks, or ``dp x tp``."""
+    if tp == 1:
+        return MeshSpec(shape=(ranks,), axes=("dp",))
+    return MeshSpec(shape=(ranks // tp, tp), axes=("dp", "tp"))
+
+
 def pipeline_stages(graph: ModelGraph, choice: PipelineChoice) -> tuple[StageSpec, ...]:
-    """One StageSpec per chosen stage: its layers' names, its ranks on a ``dp`` axis, its recomputation."""
-    return tuple(
-        StageSpec(index=i, layers=tuple(layer.name for layer in graph.layers[a:b]), ranks=ranks,
-                  mesh=MeshSpec(shape=(len(ranks),), axes=("dp",)), recompute=stage.config == 1)
-        for i, ((a, b), ranks, stage) in enumerate(zip(choice.layer_ranges, choice.stage_ranks, choice.solution.stages,
-                                                       strict=True))
-    )
-
-
-def pipeline_params(graph: ModelGraph, choice: PipelineChoice) -> tuple[ParamPlan, ...]:
-    """Every parameter replicated over its stage's ranks, its gradient all-reduced there (when it has several)."""
+    """One StageSpec per chosen stage: its layers' names, its ranks and mesh, its recomputation."""
     out = []
-    for p in graph.params:
-        stage = next(i for i, (a, b) in enumerate(choice.layer_ranges) if a <= p.layer < b)
-        several = len(choice.stage_ranks[stage]) > 1
-        sync = SyncSpec(kind="allreduce", axes=("dp",)) if several else SyncSpec(kind="none")
-        out.append(ParamPlan(name=p.name, placements=(REPLICATE,), sync=sync, stage=stage))
+    for i, ((a, b), ranks) in enumerate(zip(choice.layer_ranges, choice.stage_ranks, strict=True)):
+        config = choice.configs[i]
+        out.append(StageSpec(index=i, layers=tuple(layer.name for layer in graph.layers[a:b]), ranks=ranks,
+                             mesh=stage_mesh(len(ranks), config.tp), recompute=config.recompute))
     return tuple(out)
 
 
-def pipeline_mesh(choice: PipelineChoice, global_batch: int) -> tuple[MeshSpec, BatchSpec]:
-    """The plan's mesh and batch: ``pp x dp`` when the stages share one size, else a flat ``world`` axis."""
-    sizes = {len(r) for r in choice.stage_ranks}
-    world = sum(len(r) for r in choice.stage_ranks)
-    if len(sizes) == 1:
-        (dp,) = sizes
-        mesh = MeshSpec(shape=(len(choice.stage_ranks), dp), axes=("pp", "dp"))
-        batch = BatchSpec(global_size=global_batch, micro_size=choice.micro_size // dp, num_micro=choice.num_micro,
-                          placements=(REPLICATE, shard(0)))
-        return mesh, batch
-    batch = BatchSpec(global_size=global_batch, micro_size=choice.micro_size, num_micro=choice.num_micro,
-                      placements=(REPLICATE,))
-    return MeshSpec(shape=(world,), axes=("world",)), batch
+def pipeline_params(graph: ModelGraph, choice: PipelineChoice, stages: tuple[StageSpec, ...]) -> tuple[ParamPlan, ...]:
+    """Every parameter on its stage's mesh: replicated over ``dp`` (gradients all-reduced there), on ``tp`` as
+    the ILP placed it."""
+    out = []
+    for p in graph.params:
+        stage = next(i for i, (a, b) in enumerate(choice.layer_ranges) if a <= p.layer < b)
+        mesh, tp = stages[stage].stage_mesh, choice.configs[stage].tp
+        model = choice.sharded[tp].placements.get(p.name, (REPLICATE,)) if tp > 1 else ()
+        placements = (REPLICATE, *model)
+        kind: SyncKind = "allreduce" if mesh.axis_size("dp") > 1 else "none"
+        out.append(ParamPlan(name=p.name, placements=placements, sync=SyncSpec(kind=kind, axes=("dp",) if kind != "none" else ()),
+                             stage=stage))
+    return tuple(out)
+
+
+def pipeline_pins(choice: PipelineChoice, stages: tuple[StageSpec, ...]) -> tuple[ActivationPlan, ...]:
+    """The ILP's pinned activations of the modules of tensor-parallel stages, on their stage's mesh (batch
+    split on ``dp``)."""
+    out = []
+    for stage, config in zip(stages, choice.configs, strict=True):
+        if config.tp == 1:
+            continue
+        sharded = choice.sharded[config.tp]
+        for key, placements in sorted(sharded.solved.pins.items()):
+            b = sharded.joint.boundaries[key]
+            if b.module and any(b.module == n or b.module.startswith(n + ".") for n in stage.layers):
+                out.append(ActivationPlan(module=b.module, port=b.port, index=b.index,
+                                          placements=(shard(0), *placements)))
+    return tuple(out)
+
+
+def pipeline_mesh(stages: tuple[StageSpec, ...], choice: PipelineChoice, global_batch: int) -> tuple[MeshSpec, BatchSpec]:
+    """The plan's mesh and batch: ``pp x`` the stage mesh when every stage has the same, else a flat ``world`` axis."""
+    meshes = {s.stage_mesh for s in stages}
+    micro, n = choice.micro_size, choice.num_micro
+    if len(meshes) == 1:
+        (mesh,) = meshes
+        dp = mesh.axis_size("dp")
+        placements: tuple[Placement, ...] = tuple(shard(0) if a == "dp" else REPLICATE for a in mesh.axes)
+        return (MeshSpec(shape=(len(stages), *mesh.shape), axes=("pp", *mesh.axes)),
+                BatchSpec(global_size=global_batch, micro_size=micro // dp, num_micro=n, placements=(REPLICATE, *placements)))
+    world = sum(len(s.ranks) for s in stages)
+    return (MeshSpec(shape=(world,), axes=("world",)),
+            BatchSpec(global_size=global_batch, micro_size=micro, num_micro=n, placements=(REPLICATE,)))
 
 
 def build_pipeline_plan(graph: ModelGraph, cluster: Cluster, choice: PipelineChoice, *, global_batch: int, cost: CostModel,
                         schedule: str = "1f1b", optimizer: str = "adamw",
                         precision: PrecisionPolicy = FP32) -> Plan:
     """The Plan of ``choice`` under ``schedule`` (``1f1b`` or ``gpipe``), with the simulator's prediction."""
-    mesh, batch = pipeline_mesh(choice, global_batch)
     stages = pipeline_stages(graph, choice)
+    mesh, batch = pipeline_mesh(stages, choice, global_batch)
     recompute = {name for s in stages if s.recompute for name in s.layers}
     plan = Plan(
-        model=graph, cluster=cluster, mesh=mesh, batch=batch, params=pipeline_params(graph, choice), precision=precision,
+        model=graph, cluster=cluster, mesh=mesh, batch=batch, params=pipeline_params(graph, choice, stages),
+        activations=pipeline_pins(choice, stages), precision=precision,
         layers=tuple(LayerPlan(name=layer.name, recompute=layer.name in recompute) for layer in graph.layers),
         schedule=ScheduleSpec(kind=schedule, num_microbatches=choice.num_micro), stages=stages,
         programs=choice.programs(schedule), optimizer=optimizer,
@@ -87,19 +124,40 @@ def build_pipeline_plan(graph: ModelGraph, cluster: Cluster, choice: PipelineCho
     return replace(plan, predicted=simulate(plan, cost).prediction)
 
 
+def sharded_layers(source: ModelSource, cluster: Cluster, cost: CostModel, *, tp_sizes: tuple[int, ...], joint_batch: int,
+                   precision: PrecisionPolicy, optimizer: str) -> dict[int, ShardedLayers]:
+    """The ILP's tensor-parallel layers for each size (none when the model's ops cannot be sharded)."""
+    out: dict[int, ShardedLayers] = {}
+    for tp in tp_sizes:
+        try:
+            out[tp] = shard_layers(source, cluster, cost, tp=tp, joint_batch=joint_batch, precision=precision,
+                                   optimizer=optimizer, options=IntraOpOptions())
+        except (UnsupportedOpError, PropagationError):
+            return {}
+    return out
+
+
 def plan_pipeline_full(graph: ModelGraph, cluster: Cluster, *, global_batch: int, cost: CostModel,
                        options: PipelineOptions = DEFAULT_OPTIONS, schedule: str = "1f1b",
-                       precision: PrecisionPolicy = FP32) -> Plan:
-    """Search a pipeline (``plan_pipeline``) and return it as a complete Plan with its provenance."""
+                       precision: PrecisionPolicy = FP32, source: ModelSource | None = None) -> Plan:
+    """Search a pipeline (``plan_pipeline``) and return it as a complete Plan with its provenance. With the
+    model's ``source``, stages may also shard their layers over ``options.tp_sizes`` ranks (default: 2, 4, ...
+    up to a node) as the intra-op ILP chooses."""
     t0 = time.perf_counter()
-    choice = plan_pipeline(graph, cluster, global_batch=global_batch, cost=cost, options=options)
+    allowed = options.tp_sizes
+    sizes = tensor_parallel_sizes(cluster) if allowed is None else tuple(t for t in allowed if t > 1)
+    sharded = sharded_layers(source, cluster, cost, tp_sizes=sizes, joint_batch=graph.batch_size, precision=precision,
+                             optimizer=options.optimizer) if source is not None and sizes else {}
     t1 = time.perf_counter()
+    choice = plan_pipeline(graph, cluster, global_batch=global_batch, cost=cost, options=options, sharded=sharded)
+    t2 = time.perf_counter()
     plan = build_pipeline_plan(graph, cluster, choice, global_batch=global_batch, cost=cost, schedule=schedule,
                                optimizer=options.optimizer, precision=precision)
-    t2 = time.perf_counter()
-    provenance = provenance_of("plait.planners.pipeline", search_s=t2 - t0,
-                               passes={"stage_dp": t1 - t0, "lower_and_simulate": t2 - t1},
+    t3 = time.perf_counter()
+    provenance = provenance_of("plait.planners.pipeline", search_s=t3 - t0,
+                               passes={"tensor_parallel_ilp": t1 - t0, "stage_dp": t2 - t1, "lower_and_simulate": t3 - t2},
                                options={"global_batch": str(global_batch), "schedule": schedule,
                                         "micro_batches": ",".join(str(m) for m in options.micro_batches),
+                                        "tp_sizes": ",".join(str(t) for t in (1, *sorted(sharded))),
                                         "same_size": str(options.same_size), "memory_fraction": str(options.memory_fraction)})
     return replace(plan, provenance=provenance)

@@ -60,6 +60,13 @@ class ShardedLayers:
                  for p in self.graph.params}
         return tuple(sum(local[p.name] for p in self.graph.params_of(layer.index)) for layer in self.graph.layers)
 
+    def largest_param_bytes(self) -> tuple[int, ...]:
+        """Per layer, the bytes of its largest local parameter (the optimizer's temporaries follow it)."""
+        local = {p.name: local_bytes_of(p.shape, p.dtype, self.solved.params.get(p.name), (self.tp,))
+                 for p in self.graph.params}
+        return tuple(max((local[p.name] for p in self.graph.params_of(layer.index)), default=0)
+                     for layer in self.graph.layers)
+
     def param_numel(self) -> tuple[int, ...]:
         """Per layer, the parameter elements one rank holds (what its optimizer updates)."""
         sizes = {p.name: p.nbytes // max(1, p.numel) for p in self.graph.params}

@@ -30,6 +30,7 @@ from plait.runtime.context import DistContext
 from plait.runtime.pipeline import SCHEDULES, PipelineRank, build_pipeline_rank
 from plait.runtime.pipeline_tp import StageSharding
 from plait.runtime.recompute import apply_recompute
+from plait.runtime.tensor_parallel import Pin
 
 FULL = StateDictOptions(full_state_dict=True)
 Loss = Callable[[nn.Module, tuple[torch.Tensor, ...]], torch.Tensor]
@@ -118,7 +119,7 @@ def apply_pipeline_plan(model: nn.Module, plan: Plan, ctx: DistContext, loss_fn:
     apply_recompute(model, [layer.name for layer in plan.layers if layer.recompute])
     mesh = plan.stages[0].stage_mesh
     dp, tp = mesh.axis_size("dp"), mesh.axis_size("tp")
-    sharding = StageSharding(placements={p.name: _tp_placements(plan, p.name) for p in plan.params}) if tp > 1 else None
+    sharding = stage_sharding(plan) if tp > 1 else None
     rank = build_pipeline_rank(model, [s.layers for s in plan.stages], pp=len(plan.stages), dp=dp, tp=tp, sharding=sharding,
                                schedule=plan.schedule.kind, num_micro=plan.schedule.num_microbatches, loss=loss_fn,
                                device=ctx.device)
@@ -179,10 +180,12 @@ def _hyper(group: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in group.items() if k != "params"}
 
 
-def _tp_placements(plan: Plan, name: str) -> tuple[Any, ...]:
-    p = plan.param(name)
-    axes = plan.mesh_of(p).axes
-    return (p.placements[axes.index("tp")],)
+def stage_sharding(plan: Plan) -> StageSharding:
+    """The stages' placements and pins on their ``tp`` axis, from the plan's (on each stage's ``dp x tp`` mesh)."""
+    tp = plan.stages[0].stage_mesh.axes.index("tp")
+    placements = {p.name: (p.placements[tp],) for p in plan.params}
+    pins = [Pin(a.module, a.port, a.index, (a.placements[tp],)) for a in plan.activations]
+    return StageSharding(placements=placements, pins=pins)
 
 
 def _tp_index(rank: PipelineRank) -> int:
