@@ -16,17 +16,18 @@ from plait.cost import CostModel
 from plait.graph import capture
 from plait.plan import LayerPlan, Plan, ScheduleSpec, plan_from_json, plan_to_json
 from plait.planners.intra_op.source import ModelSource
-from plait.planners.pipeline import PipelineOptions
-from plait.planners.pipeline_plan import plan_pipeline_full
+from plait.planners.pipeline import PipelineOptions, plan_pipeline
+from plait.planners.pipeline_plan import FP32, build_pipeline_plan, plan_pipeline_full, sharded_layers
 from plait.runtime import TrainConfig, Trainer, init_distributed, run_ranks, teardown
 
 NAME, STEPS, GLOBAL_BATCH = "gpt-tiny", 3, 8
 LOSS_RTOL, PARAM_ATOL = 1e-5, 5e-6
 
 
-def pipeline_plan(tp: int = 1) -> Plan:
+def pipeline_plan(tp: int = 1, *, split: bool = False) -> Plan:
     """The pipeline planner's own choice for gpt-tiny on 4 local ranks (stages of one size, at least two), with
-    stages of ``tp`` tensor-parallel ranks (the intra-op ILP's layers)."""
+    stages of ``tp`` tensor-parallel ranks (the intra-op ILP's layers); ``split``: every boundary crosses as tp
+    slices that the next stage all-gathers."""
     build, make_batch, loss = model_parts(NAME)
     with torch.device("meta"):
         model = build()
@@ -34,9 +35,15 @@ def pipeline_plan(tp: int = 1) -> Plan:
     graph = capture(model, batch, name=NAME, loss_fn=loss, with_ops=False)
     source = ModelSource(model=model, example_batch=batch, batch_size=GLOBAL_BATCH // 2, loss_fn=loss, name=NAME)
     cluster = local_cluster(4)
+    cost = CostModel(cluster)
     options = PipelineOptions(same_size=True, min_stages=2, micro_batches=(2, 4), tp_sizes=(tp,))
-    return plan_pipeline_full(graph, cluster, global_batch=GLOBAL_BATCH, cost=CostModel(cluster), options=options,
-                              source=source)
+    if not split:
+        return plan_pipeline_full(graph, cluster, global_batch=GLOBAL_BATCH, cost=cost, options=options, source=source)
+    sharded = sharded_layers(source, cluster, cost, tp_sizes=(tp,), joint_batch=GLOBAL_BATCH // 2, precision=FP32,
+                             optimizer="adamw")
+    choice = plan_pipeline(graph, cluster, global_batch=GLOBAL_BATCH, cost=cost, options=options, sharded=sharded)
+    sliced = tuple(replace(w, send_split=tp) for w in choice.work[:-1]) + choice.work[-1:]
+    return build_pipeline_plan(graph, cluster, replace(choice, work=sliced), global_batch=GLOBAL_BATCH, cost=cost)
 
 
 def train_rank(plan_json: str, steps: int, out_dir: str | None = None, checkpoint_every: int = 0,
@@ -86,6 +93,18 @@ def test_the_trainer_runs_tensor_parallel_stages() -> None:
     assert plan.mesh.axes == ("pp", "dp", "tp") and plan.mesh.shape == (2, 1, 2)
     split = [p.name for p in plan.params if any(pl.is_shard for pl in p.placements)]
     assert any("qkv.weight" in n for n in split) and any("fc2.weight" in n for n in split)
+    results = run_ranks(train_rank, 4, plan_to_json(plan), STEPS)
+    assert_matches(results[0])
+
+
+def test_a_boundary_sent_as_slices_is_gathered_by_the_next_stage() -> None:
+    # each tp rank sends half the sequence; the next stage all-gathers it (and the gradient comes back halved)
+    plan = pipeline_plan(tp=2, split=True)
+    assert [str(p) for p in plan.stages[0].send_placements] == ["Replicate()", "Shard(1)"]
+    whole = pipeline_plan(tp=2)
+    sent = [i.nbytes for i in plan.programs[0].instrs if i.op == "send"]
+    assert sent == [-(-i.nbytes // 2) for i in whole.programs[0].instrs if i.op == "send"]
+    assert any(i.collective == "all_gather" and i.name.startswith("gather act") for i in plan.programs[1].instrs)
     results = run_ranks(train_rank, 4, plan_to_json(plan), STEPS)
     assert_matches(results[0])
 

@@ -188,6 +188,9 @@ class StageSpec:
     ranks: tuple[int, ...]
     mesh: MeshSpec | None = None  # None: one data-parallel axis over ``ranks``
     recompute: bool = False
+    # how its output crosses to the next stage, on its mesh (empty: whole on every rank); a Shard on ``tp``
+    # sends each rank's slice and the next stage all-gathers it (its gradient comes back the same way)
+    send_placements: tuple[Placement, ...] = ()
 
     @property
     def stage_mesh(self) -> MeshSpec:

@@ -55,6 +55,9 @@ class StageWork:
     transient_bytes: int = 0
     final_output_bytes: int = 0  # the last virtual stage's output per micro-batch (kept until the step ends)
     tp: int = 1  # tensor-parallel ranks per replica of the stage (its ranks are dp x tp, row-major)
+    # the boundary crosses as this many slices (each tp rank sends one) and the receiver all-gathers it over its
+    # tp group; the gradient comes back the same way (Megatron's scatter-gather)
+    send_split: int = 1
     fwd_comms: tuple[Comm, ...] = ()  # tensor-parallel collectives the forward waits for, in order
     bwd_comms: tuple[Comm, ...] = ()  # and the backward (a recomputed forward's again)
 
@@ -210,11 +213,14 @@ def _lower_action(instrs: list[Instr], a: Action, stage: int, p: int, work: Sequ
         return stage_ranks[virtual % p][0]
 
     w = work[v]
+    group = stage_ranks[stage][:w.tp]
     if a.kind == "F":
         deps: tuple[int, ...] = ()
         if v > 0:
+            before = work[v - 1]
             instrs.append(Instr(op="recv", stream="comm", name=f"act {v - 1}>{v} mb{a.micro}", phase="fwd",
-                                nbytes=work[v - 1].boundary_bytes, group=(rank_of(v - 1), me)))
+                                nbytes=_slice(before), group=(rank_of(v - 1), me)))
+            _gather(instrs, before, f"act {v - 1}>{v} mb{a.micro}", "fwd", group)
             deps = (len(instrs) - 1,)
         output = w.boundary_bytes if v < last else w.final_output_bytes
         instrs.append(Instr(op="compute", stream="compute", name=f"fwd v{v} mb{a.micro}", phase="fwd", flops=w.fwd_flops,
@@ -223,12 +229,13 @@ def _lower_action(instrs: list[Instr], a: Action, stage: int, p: int, work: Sequ
         _tensor_parallel(instrs, w.fwd_comms, f"fwd v{v} mb{a.micro}", "fwd", stage_ranks[stage][:w.tp])
         if v < last:
             instrs.append(Instr(op="send", stream="comm", name=f"act {v}>{v + 1} mb{a.micro}", phase="fwd",
-                                nbytes=w.boundary_bytes, group=(me, rank_of(v + 1)), deps=(len(instrs) - 1,)))
+                                nbytes=_slice(w), group=(me, rank_of(v + 1)), deps=(len(instrs) - 1,)))
         return
     deps = ()
     if v < last:
         instrs.append(Instr(op="recv", stream="comm", name=f"grad {v + 1}>{v} mb{a.micro}", phase="bwd",
-                            nbytes=w.boundary_bytes, group=(rank_of(v + 1), me)))
+                            nbytes=_slice(w), group=(rank_of(v + 1), me)))
+        _gather(instrs, w, f"grad {v + 1}>{v} mb{a.micro}", "bwd", group)
         deps = (len(instrs) - 1,)
     instrs.append(Instr(op="compute", stream="compute", name=f"bwd v{v} mb{a.micro}", phase="bwd", flops=w.bwd_flops,
                         bytes_moved=w.bwd_bytes_moved, num_kernels=w.bwd_kernels, deps=deps,
@@ -237,7 +244,19 @@ def _lower_action(instrs: list[Instr], a: Action, stage: int, p: int, work: Sequ
     _tensor_parallel(instrs, w.bwd_comms, f"bwd v{v} mb{a.micro}", "bwd", stage_ranks[stage][:w.tp])
     if v > 0:
         instrs.append(Instr(op="send", stream="comm", name=f"grad {v}>{v - 1} mb{a.micro}", phase="bwd",
-                            nbytes=work[v - 1].boundary_bytes, group=(me, rank_of(v - 1)), deps=(len(instrs) - 1,)))
+                            nbytes=_slice(work[v - 1]), group=(me, rank_of(v - 1)), deps=(len(instrs) - 1,)))
+
+
+def _slice(w: StageWork) -> int:
+    """What one rank sends or receives of ``w``'s boundary (or its gradient): all of it, or its slice."""
+    return -(-w.boundary_bytes // w.send_split)
+
+
+def _gather(instrs: list[Instr], w: StageWork, label: str, phase: Phase, group: tuple[int, ...]) -> None:
+    """After a sliced boundary arrives, the all-gather of the whole tensor over the receiving tp group."""
+    if w.send_split > 1 and len(group) > 1:
+        instrs.append(Instr(op="collective", stream="comm", name=f"gather {label}", phase=phase, collective="all_gather",
+                            nbytes=w.boundary_bytes, group=group, axes=("tp",), deps=(len(instrs) - 1,)))
 
 
 def _tensor_parallel(instrs: list[Instr], comms: Sequence[Comm], label: str, phase: Phase, group: tuple[int, ...]) -> None:

@@ -57,8 +57,20 @@ def pipeline_stages(graph: ModelGraph, choice: PipelineChoice) -> tuple[StageSpe
     for i, ((a, b), ranks) in enumerate(zip(choice.layer_ranges, choice.stage_ranks, strict=True)):
         config = choice.configs[i]
         out.append(StageSpec(index=i, layers=tuple(layer.name for layer in graph.layers[a:b]), ranks=ranks,
-                             mesh=stage_mesh(len(ranks), config.tp), recompute=config.recompute))
+                             mesh=stage_mesh(len(ranks), config.tp), recompute=config.recompute,
+                             send_placements=send_placements(graph.layers[b - 1].output_shape, choice.work[i].send_split)))
     return tuple(out)
+
+
+def send_placements(shape: tuple[int, ...], split: int) -> tuple[Placement, ...]:
+    """A sliced boundary as placements on a ``dp x tp`` stage mesh: split along the first dim after the batch
+    that divides evenly (a GPT's sequence); empty when the boundary crosses whole."""
+    if split == 1:
+        return ()
+    dim = next((d for d in range(1, len(shape)) if shape[d] % split == 0), None)
+    if dim is None:
+        raise ValueError(f"a boundary of shape {list(shape)} cannot be sent as {split} slices")
+    return (REPLICATE, shard(dim))
 
 
 def pipeline_params(graph: ModelGraph, choice: PipelineChoice, stages: tuple[StageSpec, ...]) -> tuple[ParamPlan, ...]:

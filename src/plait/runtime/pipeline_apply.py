@@ -28,7 +28,7 @@ from plait.runtime.apply import dtype_of
 from plait.runtime.checks import PlanMismatchError, check_optimizer_of, check_plan_model
 from plait.runtime.context import DistContext
 from plait.runtime.pipeline import SCHEDULES, PipelineRank, build_pipeline_rank
-from plait.runtime.pipeline_tp import StageSharding
+from plait.runtime.pipeline_tp import Boundary, StageSharding
 from plait.runtime.recompute import apply_recompute
 from plait.runtime.tensor_parallel import Pin
 
@@ -185,7 +185,8 @@ def stage_sharding(plan: Plan) -> StageSharding:
     tp = plan.stages[0].stage_mesh.axes.index("tp")
     placements = {p.name: (p.placements[tp],) for p in plan.params}
     pins = [Pin(a.module, a.port, a.index, (a.placements[tp],)) for a in plan.activations]
-    return StageSharding(placements=placements, pins=pins)
+    boundaries = [Boundary(sent=(s.send_placements[tp],)) if s.send_placements else Boundary() for s in plan.stages[:-1]]
+    return StageSharding(placements=placements, pins=pins, boundaries=boundaries)
 
 
 def _tp_index(rank: PipelineRank) -> int:
