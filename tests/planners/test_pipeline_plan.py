@@ -56,7 +56,12 @@ def test_a_pipeline_plan_is_complete_and_round_trips() -> None:
         assert len(p.placements) == len(plan.mesh_of(p).axes)
     b = plan.batch
     assert b.global_size == 8 and b.micro_size * b.num_micro * plan.dp_degree == 8
-    assert plan.schedule.kind == "1f1b" and plan.schedule.num_microbatches == b.num_micro
+    # the chosen stages were simulated under 1F1B and the zero-bubble schedule; the faster won
+    one_f = plan_pipeline_full(graph, cluster, global_batch=8, cost=cost, schedule="1f1b",
+                               options=PipelineOptions(same_size=True, min_stages=2))
+    assert plan.schedule.kind == "zero-bubble" and plan.schedule.num_microbatches == b.num_micro
+    assert plan.predicted is not None and one_f.predicted is not None
+    assert plan.predicted.step_s < one_f.predicted.step_s
     assert len(plan.programs) == len(plan.stages)  # ranks of a stage share one program
     assert plan_from_json(plan_to_json(plan)) == plan
     # the prediction is the simulator's; each stage's ranks hold that stage's state, not the whole model's
@@ -69,7 +74,7 @@ def test_a_pipeline_plan_is_complete_and_round_trips() -> None:
         assert result.static_by_rank[stage.ranks[0]] < graph.param_bytes * states
     assert 0 < plan.predicted.bubble_fraction < 1
     text = plan_text(plan, width=160)
-    assert "pipeline stages" in text and "2 stages (2 ranks each), 1f1b" in text and "MFU" in text
+    assert "pipeline stages" in text and "2 stages (2 ranks each), zero-bubble" in text and "MFU" in text
 
 
 def test_stages_of_different_sizes_keep_a_flat_mesh() -> None:

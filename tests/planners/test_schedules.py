@@ -1,5 +1,6 @@
 """Pipeline schedules: every micro-batch runs forward then backward on every stage, 1F1B's memory bound, and
-the step times of uniform stages (sum + (m - 1) x max; interleaving's (p - 1) / (v m) bubble)."""
+the step times of uniform stages (sum + (m - 1) x max; interleaving's (p - 1) / (v m) bubble; the
+zero-bubble schedule's split backward within 1F1B's memory and no slower than it)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 from plait.errors import PlaitError
 from plait.planners.schedules import Action, gpipe, interleaved_1f1b, one_f_one_b, peak_in_flight, timed
 from plait.planners.stage_dp import pipeline_time
+from plait.planners.zero_bubble import zero_bubble
 
 SHAPES = [(1, 1), (1, 4), (2, 1), (2, 2), (4, 2), (4, 4), (4, 8), (3, 7), (8, 16)]
 
@@ -65,3 +67,16 @@ def test_bad_shapes_are_clear_errors() -> None:
         one_f_one_b(0, 4)
     with pytest.raises(PlaitError, match="deadlocks"):
         timed(((Action("B", 0), Action("F", 0)),), 1.0, 1.0)
+
+
+@pytest.mark.parametrize(("p", "m"), SHAPES)
+def test_zero_bubble_splits_each_backward_and_fills_the_bubble(p: int, m: int) -> None:
+    schedule = zero_bubble(p, m)
+    for i, acts in enumerate(schedule):
+        assert len(acts) == 3 * m
+        for micro in range(m):  # input gradient after the forward, weight gradient after the input gradient
+            assert acts.index(Action("F", micro)) < acts.index(Action("I", micro)) < acts.index(Action("W", micro))
+        assert peak_in_flight(acts) <= p - i  # 1F1B's memory: held from F until W
+    # with F = I = W (backward twice a forward), never slower than 1F1B, and faster once the pipeline has a bubble
+    zb, plain = timed(schedule, 1.0, 2.0)[0], timed(one_f_one_b(p, m), 1.0, 2.0)[0]
+    assert zb <= plain and (zb < plain or p == 1 or m == 1)

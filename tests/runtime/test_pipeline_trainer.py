@@ -24,10 +24,10 @@ NAME, STEPS, GLOBAL_BATCH = "gpt-tiny", 3, 8
 LOSS_RTOL, PARAM_ATOL = 1e-5, 5e-6
 
 
-def pipeline_plan(tp: int = 1, *, split: bool = False) -> Plan:
+def pipeline_plan(tp: int = 1, *, split: bool = False, schedule: str = "1f1b") -> Plan:
     """The pipeline planner's own choice for gpt-tiny on 4 local ranks (stages of one size, at least two), with
     stages of ``tp`` tensor-parallel ranks (the intra-op ILP's layers); ``split``: every boundary crosses as tp
-    slices that the next stage all-gathers."""
+    slices that the next stage all-gathers; ``schedule``: the pass lists the plan's programs hold."""
     build, make_batch, loss = model_parts(NAME)
     with torch.device("meta"):
         model = build()
@@ -37,13 +37,14 @@ def pipeline_plan(tp: int = 1, *, split: bool = False) -> Plan:
     cluster = local_cluster(4)
     cost = CostModel(cluster)
     options = PipelineOptions(same_size=True, min_stages=2, micro_batches=(2, 4), tp_sizes=(tp,))
-    if not split:
+    if not split and schedule == "1f1b":
         return plan_pipeline_full(graph, cluster, global_batch=GLOBAL_BATCH, cost=cost, options=options, source=source)
     sharded = sharded_layers(source, cluster, cost, tp_sizes=(tp,), joint_batch=GLOBAL_BATCH // 2, precision=FP32,
                              optimizer="adamw")
     choice = plan_pipeline(graph, cluster, global_batch=GLOBAL_BATCH, cost=cost, options=options, sharded=sharded)
-    sliced = tuple(replace(w, send_split=tp) for w in choice.work[:-1]) + choice.work[-1:]
-    return build_pipeline_plan(graph, cluster, replace(choice, work=sliced), global_batch=GLOBAL_BATCH, cost=cost)
+    sliced = tuple(replace(w, send_split=tp if split else 1) for w in choice.work[:-1]) + choice.work[-1:]
+    return build_pipeline_plan(graph, cluster, replace(choice, work=sliced), global_batch=GLOBAL_BATCH, cost=cost,
+                               schedule=schedule)
 
 
 def train_rank(plan_json: str, steps: int, out_dir: str | None = None, checkpoint_every: int = 0,
@@ -71,13 +72,14 @@ def assert_matches(got: dict[str, Any], steps: int = STEPS, first: int = 0) -> N
 
 def variants(plan: Plan) -> dict[str, Plan]:
     gpipe = replace(plan, schedule=ScheduleSpec(kind="gpipe", num_microbatches=plan.schedule.num_microbatches))
+    zero = pipeline_plan(schedule="zero-bubble")
     first = plan.stages[0]
     recomputing = replace(plan, stages=(replace(first, recompute=True), *plan.stages[1:]),
                           layers=tuple(LayerPlan(name=layer.name, recompute=layer.name in first.layers) for layer in plan.layers))
-    return {"1f1b": plan, "gpipe": gpipe, "recompute-stage-0": recomputing}
+    return {"1f1b": plan, "gpipe": gpipe, "recompute-stage-0": recomputing, "zero-bubble": zero}
 
 
-@pytest.mark.parametrize("variant", ["1f1b", "gpipe", "recompute-stage-0"])
+@pytest.mark.parametrize("variant", ["1f1b", "gpipe", "recompute-stage-0", "zero-bubble"])
 def test_the_trainer_runs_a_pipeline_plan(variant: str) -> None:
     plan = variants(pipeline_plan())[variant]
     assert plan.is_pipeline and len(plan.stages) >= 2

@@ -9,6 +9,7 @@ from simkit import UnitCost, hand_plan
 
 from plait.planners.pipeline_lowering import StageWork, lower_pipeline, release_points, stage_memory
 from plait.planners.schedules import Schedule, gpipe, one_f_one_b
+from plait.planners.zero_bubble import zero_bubble
 from plait.sim import SimResult, simulate
 
 
@@ -71,7 +72,8 @@ def test_the_planners_bound_is_never_below_the_simulated_peak(seed: int) -> None
     work = [_random_work(rng, s == p - 1) for s in range(p)]
     temps = [int(rng.integers(0, 300)) for _ in range(p)]
     keep = bool(rng.integers(0, 2))
-    for schedule, in_flight in ((one_f_one_b(p, m), [min(p - s, m) for s in range(p)]), (gpipe(p, m), [m] * p)):
+    in_1f1b = [min(p - s, m) for s in range(p)]
+    for schedule, in_flight in ((one_f_one_b(p, m), in_1f1b), (gpipe(p, m), [m] * p), (zero_bubble(p, m), in_1f1b)):
         result = run(schedule, work, keep_outputs=keep, temps=temps)
         for s in range(p):
             bound = stage_memory(work[s], input_bytes=work[s - 1].boundary_bytes if s else 0, num_micro=m,

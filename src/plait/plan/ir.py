@@ -24,6 +24,7 @@ InstrOp = Literal["compute", "collective", "send", "recv", "free", "optimizer", 
 Stream = Literal["compute", "comm"]
 Phase = Literal["fwd", "bwd", "step", "none"]
 Port = Literal["input", "output"]
+PassKind = Literal["F", "B", "I", "W"]
 DTYPES = ("fp32", "bf16", "fp16")
 
 
@@ -228,6 +229,11 @@ class Instr:
     free_bytes: int = 0  # memory this instruction releases when it ends
     numel: int = 0  # parameter elements an optimizer instruction updates
     axes: tuple[str, ...] = ()  # mesh axes a collective spans; in an SPMD program `group` is the first rank's
+    # a pipeline's pass: F (forward), B (backward), I/W (the backward's input and weight halves) of micro-batch
+    # ``micro`` on virtual stage ``stage``; the pipeline runtime executes these in program order
+    pass_kind: PassKind | None = None
+    micro: int | None = None
+    stage: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -42,7 +42,7 @@ class Option:
     def name(self) -> str:
         """Short label used in the candidates table."""
         if self.pipeline:
-            return "pipeline (stage DP, 1f1b)"
+            return "pipeline (stage DP)"
         if self.mesh is not None:
             return self.mesh.name
         if self.kind == "replicate":

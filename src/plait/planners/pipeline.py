@@ -29,6 +29,7 @@ from plait.planners.schedules import gpipe, one_f_one_b
 from plait.planners.stage_configs import ShardedLayers
 from plait.planners.stage_dp import StageCandidate, StageError, StageProblem, StageSolution, solve_stages
 from plait.planners.stage_pricing import PricedStage, StageConfig, StagePricer, stage_problem
+from plait.planners.zero_bubble import zero_bubble
 
 MAX_GROUPS = 16  # layer groups the stage DP sees (Alpa clusters to a few dozen layers at most)
 
@@ -75,8 +76,8 @@ class PipelineChoice:
         return self.solution.step_s
 
     def programs(self, schedule: str = "1f1b") -> tuple[RankProgram, ...]:
-        """Per-stage programs of this choice under ``schedule`` (``1f1b`` or ``gpipe``), for the simulator."""
-        lists = {"1f1b": one_f_one_b, "gpipe": gpipe}
+        """Per-stage programs of this choice under ``schedule`` (``1f1b``, ``gpipe`` or ``zero-bubble``)."""
+        lists = {"1f1b": one_f_one_b, "gpipe": gpipe, "zero-bubble": zero_bubble}
         if schedule not in lists:
             raise PlaitError(f"unknown schedule {schedule!r} for a pipeline choice; choose one of {', '.join(lists)}")
         return lower_pipeline(lists[schedule](len(self.layer_ranges), self.num_micro), self.work, self.stage_ranks,

@@ -141,6 +141,8 @@ def lower_pipeline(schedule: Schedule, work: Sequence[StageWork], stage_ranks: S
 def release_points(actions: Sequence[Action]) -> list[int]:
     """For each action, the action at whose end torch's schedules let go of what it sent (a forward's output,
     which its backward needs too; a backward's input gradient): see the module docstring."""
+    if any(a.kind in ("I", "W") for a in actions):
+        return _split_release_points(actions)
     n = len(actions)
     backward_of = {(a.micro, a.chunk): i for i, a in enumerate(actions) if a.kind == "B"}
     first_b = min(backward_of.values(), default=n)
@@ -162,6 +164,20 @@ def release_points(actions: Sequence[Action]) -> list[int]:
     return out
 
 
+def _split_release_points(actions: Sequence[Action]) -> list[int]:
+    """With split backwards: a forward's output until its micro-batch's ``W`` ends, an input gradient until the
+    next ``I`` ends (the last ones until the end)."""
+    n = len(actions)
+    weight_of = {(a.micro, a.chunk): i for i, a in enumerate(actions) if a.kind == "W"}
+    out = []
+    for i, a in enumerate(actions):
+        if a.kind == "F":
+            out.append(weight_of.get((a.micro, a.chunk), n - 1))
+        else:
+            out.append(next((j for j in range(i + 1, n) if actions[j].kind == "I"), n - 1))
+    return out
+
+
 def _lower_actions(actions: Sequence[Action], stage: int, p: int, work: Sequence[StageWork],
                    stage_ranks: Sequence[tuple[int, ...]], keep_outputs: bool) -> tuple[list[Instr], int]:
     """One stage's instructions for its actions (receive buffers allocated with the first), and the bytes still
@@ -177,7 +193,7 @@ def _lower_actions(actions: Sequence[Action], stage: int, p: int, work: Sequence
     for i, a in enumerate(actions):
         v = a.chunk * p + stage
         kept = _kept_output(work, v, keep_outputs)
-        sent = kept if a.kind == "F" else _input_bytes(work, v)
+        sent = kept if a.kind == "F" else 0 if a.kind == "W" else _input_bytes(work, v)
         released[points[i]] += sent
         _lower_action(instrs, a, stage, p, work, stage_ranks, released[i])
         finals += work[v].final_output_bytes if keep_outputs and a.kind == "F" and v == last else 0
@@ -206,45 +222,70 @@ def _lower_action(instrs: list[Instr], a: Action, stage: int, p: int, work: Sequ
                   stage_ranks: Sequence[tuple[int, ...]], released: int) -> None:
     """Receive, compute and send of one action; ``released``: bytes sent earlier that are let go as it ends."""
     v = a.chunk * p + stage
-    last = len(work) - 1
-    me = stage_ranks[stage][0]
-
-    def rank_of(virtual: int) -> int:
-        return stage_ranks[virtual % p][0]
-
-    w = work[v]
-    group = stage_ranks[stage][:w.tp]
     if a.kind == "F":
-        deps: tuple[int, ...] = ()
-        if v > 0:
-            before = work[v - 1]
-            instrs.append(Instr(op="recv", stream="comm", name=f"act {v - 1}>{v} mb{a.micro}", phase="fwd",
-                                nbytes=_slice(before), group=(rank_of(v - 1), me)))
-            _gather(instrs, before, f"act {v - 1}>{v} mb{a.micro}", "fwd", group)
-            deps = (len(instrs) - 1,)
-        output = w.boundary_bytes if v < last else w.final_output_bytes
-        instrs.append(Instr(op="compute", stream="compute", name=f"fwd v{v} mb{a.micro}", phase="fwd", flops=w.fwd_flops,
-                            bytes_moved=w.fwd_bytes_moved, num_kernels=w.num_kernels, deps=deps,
-                            alloc_bytes=w.activation_bytes + output, free_bytes=released))
-        _tensor_parallel(instrs, w.fwd_comms, f"fwd v{v} mb{a.micro}", "fwd", stage_ranks[stage][:w.tp])
-        if v < last:
-            instrs.append(Instr(op="send", stream="comm", name=f"act {v}>{v + 1} mb{a.micro}", phase="fwd",
-                                nbytes=_slice(w), group=(me, rank_of(v + 1)), deps=(len(instrs) - 1,)))
-        return
-    deps = ()
+        _lower_forward(instrs, a, v, stage, p, work, stage_ranks, released)
+    elif a.kind == "W":
+        w = work[v]
+        instrs.append(Instr(op="compute", stream="compute", name=f"bwdW v{v} mb{a.micro}", phase="bwd",
+                            flops=w.bwd_flops / 2, bytes_moved=w.bwd_bytes_moved / 2, num_kernels=max(1, w.bwd_kernels // 2),
+                            free_bytes=w.activation_bytes + released,  # after its I, in compute-stream order
+                            pass_kind="W", micro=a.micro, stage=v))
+    else:
+        _lower_backward(instrs, a, v, stage, p, work, stage_ranks, released)
+
+
+def _rank_of(stage_ranks: Sequence[tuple[int, ...]], p: int, virtual: int) -> int:
+    """The first rank of the stage that runs virtual stage ``virtual``."""
+    return stage_ranks[virtual % p][0]
+
+
+def _lower_forward(instrs: list[Instr], a: Action, v: int, stage: int, p: int, work: Sequence[StageWork],
+                   stage_ranks: Sequence[tuple[int, ...]], released: int) -> None:
+    """Receive the input (and gather its slices), compute, its collectives, send the output on."""
+    w, last, me = work[v], len(work) - 1, stage_ranks[stage][0]
+    group = stage_ranks[stage][:w.tp]
+    deps: tuple[int, ...] = ()
+    if v > 0:
+        before = work[v - 1]
+        instrs.append(Instr(op="recv", stream="comm", name=f"act {v - 1}>{v} mb{a.micro}", phase="fwd",
+                            nbytes=_slice(before), group=(_rank_of(stage_ranks, p, v - 1), me)))
+        _gather(instrs, before, f"act {v - 1}>{v} mb{a.micro}", "fwd", group)
+        deps = (len(instrs) - 1,)
+    output = w.boundary_bytes if v < last else w.final_output_bytes
+    instrs.append(Instr(op="compute", stream="compute", name=f"fwd v{v} mb{a.micro}", phase="fwd", flops=w.fwd_flops,
+                        bytes_moved=w.fwd_bytes_moved, num_kernels=w.num_kernels, deps=deps,
+                        alloc_bytes=w.activation_bytes + output, free_bytes=released, pass_kind="F", micro=a.micro, stage=v))
+    _tensor_parallel(instrs, w.fwd_comms, f"fwd v{v} mb{a.micro}", "fwd", group)
+    if v < last:
+        instrs.append(Instr(op="send", stream="comm", name=f"act {v}>{v + 1} mb{a.micro}", phase="fwd",
+                            nbytes=_slice(w), group=(me, _rank_of(stage_ranks, p, v + 1)), deps=(len(instrs) - 1,)))
+
+
+def _lower_backward(instrs: list[Instr], a: Action, v: int, stage: int, p: int, work: Sequence[StageWork],
+                    stage_ranks: Sequence[tuple[int, ...]], released: int) -> None:
+    """Receive the output's gradient (and gather it), compute the whole backward (``B``) or its input half
+    (``I``, which keeps the activations for its ``W``), its collectives, send the input's gradient back."""
+    w, last, me = work[v], len(work) - 1, stage_ranks[stage][0]
+    group = stage_ranks[stage][:w.tp]
+    deps: tuple[int, ...] = ()
     if v < last:
         instrs.append(Instr(op="recv", stream="comm", name=f"grad {v + 1}>{v} mb{a.micro}", phase="bwd",
-                            nbytes=_slice(w), group=(rank_of(v + 1), me)))
+                            nbytes=_slice(w), group=(_rank_of(stage_ranks, p, v + 1), me)))
         _gather(instrs, w, f"grad {v + 1}>{v} mb{a.micro}", "bwd", group)
         deps = (len(instrs) - 1,)
-    instrs.append(Instr(op="compute", stream="compute", name=f"bwd v{v} mb{a.micro}", phase="bwd", flops=w.bwd_flops,
-                        bytes_moved=w.bwd_bytes_moved, num_kernels=w.bwd_kernels, deps=deps,
-                        alloc_bytes=w.transient_bytes + _input_bytes(work, v),
-                        free_bytes=w.activation_bytes + w.transient_bytes + released))
-    _tensor_parallel(instrs, w.bwd_comms, f"bwd v{v} mb{a.micro}", "bwd", stage_ranks[stage][:w.tp])
+    whole = a.kind == "B"
+    share = 1.0 if whole else 0.5
+    freed = w.activation_bytes + released if whole else released
+    instrs.append(Instr(op="compute", stream="compute", name=f"bwd{'' if whole else 'I'} v{v} mb{a.micro}", phase="bwd",
+                        flops=w.bwd_flops * share, bytes_moved=w.bwd_bytes_moved * share,
+                        num_kernels=max(1, int(w.bwd_kernels * share)), deps=deps,
+                        alloc_bytes=w.transient_bytes + _input_bytes(work, v), free_bytes=freed + w.transient_bytes,
+                        pass_kind=a.kind, micro=a.micro, stage=v))
+    _tensor_parallel(instrs, w.bwd_comms, f"bwd v{v} mb{a.micro}", "bwd", group)
     if v > 0:
         instrs.append(Instr(op="send", stream="comm", name=f"grad {v}>{v - 1} mb{a.micro}", phase="bwd",
-                            nbytes=_slice(work[v - 1]), group=(me, rank_of(v - 1)), deps=(len(instrs) - 1,)))
+                            nbytes=_slice(work[v - 1]), group=(me, _rank_of(stage_ranks, p, v - 1)),
+                            deps=(len(instrs) - 1,)))
 
 
 def _slice(w: StageWork) -> int:

@@ -42,6 +42,13 @@ from plait.sim import simulate
 
 FP32 = PrecisionPolicy()
 DEFAULT_OPTIONS = PipelineOptions()
+SCHEDULES = ("1f1b", "zero-bubble")  # what a pipeline plan is simulated under when the caller does not fix it
+
+
+def fastest_that_fits(plans: list[Plan], limit: float) -> Plan:
+    """The plan with the least predicted step among those whose predicted peak fits ``limit`` (else all)."""
+    fits = [p for p in plans if p.predicted is not None and max(p.predicted.peak_memory_bytes) <= limit]
+    return min(fits or plans, key=lambda p: p.predicted.step_s if p.predicted else float("inf"))
 
 
 def stage_mesh(ranks: int, tp: int) -> MeshSpec:
@@ -150,11 +157,12 @@ def sharded_layers(source: ModelSource, cluster: Cluster, cost: CostModel, *, tp
 
 
 def plan_pipeline_full(graph: ModelGraph, cluster: Cluster, *, global_batch: int, cost: CostModel,
-                       options: PipelineOptions = DEFAULT_OPTIONS, schedule: str = "1f1b",
+                       options: PipelineOptions = DEFAULT_OPTIONS, schedule: str | None = None,
                        precision: PrecisionPolicy = FP32, source: ModelSource | None = None) -> Plan:
     """Search a pipeline (``plan_pipeline``) and return it as a complete Plan with its provenance. With the
     model's ``source``, stages may also shard their layers over ``options.tp_sizes`` ranks (default: 2, 4, ...
-    up to a node) as the intra-op ILP chooses."""
+    up to a node) as the intra-op ILP chooses. ``schedule`` fixes the schedule; by default the chosen stages are
+    simulated under 1F1B and the zero-bubble schedule and the faster that fits wins."""
     t0 = time.perf_counter()
     allowed = options.tp_sizes
     sizes = tensor_parallel_sizes(cluster) if allowed is None else tuple(t for t in allowed if t > 1)
@@ -163,12 +171,14 @@ def plan_pipeline_full(graph: ModelGraph, cluster: Cluster, *, global_batch: int
     t1 = time.perf_counter()
     choice = plan_pipeline(graph, cluster, global_batch=global_batch, cost=cost, options=options, sharded=sharded)
     t2 = time.perf_counter()
-    plan = build_pipeline_plan(graph, cluster, choice, global_batch=global_batch, cost=cost, schedule=schedule,
-                               optimizer=options.optimizer, precision=precision)
+    limit = options.memory_fraction * cluster.device.memory_bytes
+    plans = [build_pipeline_plan(graph, cluster, choice, global_batch=global_batch, cost=cost, schedule=s,
+                                 optimizer=options.optimizer, precision=precision) for s in ((schedule,) if schedule else SCHEDULES)]
+    plan = fastest_that_fits(plans, limit)
     t3 = time.perf_counter()
     provenance = provenance_of("plait.planners.pipeline", search_s=t3 - t0,
                                passes={"tensor_parallel_ilp": t1 - t0, "stage_dp": t2 - t1, "lower_and_simulate": t3 - t2},
-                               options={"global_batch": str(global_batch), "schedule": schedule,
+                               options={"global_batch": str(global_batch), "schedule": plan.schedule.kind,
                                         "micro_batches": ",".join(str(m) for m in options.micro_batches),
                                         "tp_sizes": ",".join(str(t) for t in (1, *sorted(sharded))),
                                         "same_size": str(options.same_size), "memory_fraction": str(options.memory_fraction)})

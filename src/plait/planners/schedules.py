@@ -1,7 +1,9 @@
-"""Pipeline schedules as per-stage action lists: GPipe, 1F1B and interleaved 1F1B.
+"""Pipeline schedules as per-stage action lists: GPipe, 1F1B and interleaved 1F1B (the zero-bubble schedule
+is in ``plait.planners.zero_bubble``).
 
 A schedule gives each pipeline rank (``stage``) the order in which it runs forward (``F``) and backward
-(``B``) passes of micro-batches on its model chunks. With ``v`` chunks per rank (interleaved 1F1B, as in
+(``B``) passes of micro-batches on its model chunks; a backward may also run as two passes, the gradient of
+its input (``I``) and then of its weights (``W``). With ``v`` chunks per rank (interleaved 1F1B, as in
 Megatron-LM, SC'21) virtual stage ``chunk * p + stage`` holds the chunk, so a micro-batch visits ranks
 0..p-1 once per chunk. ``timed`` runs the lists with given pass times and the dependencies of the pipeline
 (a forward after the same micro-batch's forward on the previous virtual stage, a backward after the next
@@ -20,21 +22,23 @@ Schedule = tuple[tuple["Action", ...], ...]  # per stage, in run order
 
 @dataclass(frozen=True)
 class Action:
-    """One pass: ``F`` or ``B`` of micro-batch ``micro`` on the rank's model chunk ``chunk``."""
+    """One pass of micro-batch ``micro`` on the rank's model chunk ``chunk``: forward ``F``, backward ``B``, or
+    the backward's two halves, input gradient ``I`` and weight gradient ``W``."""
 
-    kind: Literal["F", "B"]
+    kind: Literal["F", "B", "I", "W"]
     micro: int
     chunk: int = 0
 
 
-def _check(num_stages: int, num_micro: int) -> None:
+def check_schedule_size(num_stages: int, num_micro: int) -> None:
+    """Raise ``PlaitError`` unless there is at least one stage and one micro-batch."""
     if num_stages < 1 or num_micro < 1:
         raise PlaitError(f"a pipeline needs at least one stage and one micro-batch, got {num_stages} and {num_micro}")
 
 
 def gpipe(num_stages: int, num_micro: int) -> Schedule:
     """Every forward, then every backward (GPipe): holds all ``num_micro`` micro-batches' activations."""
-    _check(num_stages, num_micro)
+    check_schedule_size(num_stages, num_micro)
     one = tuple(Action("F", m) for m in range(num_micro)) + tuple(Action("B", m) for m in range(num_micro))
     return tuple(one for _ in range(num_stages))
 
@@ -42,7 +46,7 @@ def gpipe(num_stages: int, num_micro: int) -> Schedule:
 def one_f_one_b(num_stages: int, num_micro: int) -> Schedule:
     """1F1B (PipeDream-Flush): stage ``i`` runs ``p - i - 1`` warm-up forwards, then alternates one forward
     and one backward, then drains; it never holds more than ``p - i`` micro-batches."""
-    _check(num_stages, num_micro)
+    check_schedule_size(num_stages, num_micro)
     out = []
     for stage in range(num_stages):
         warm = min(num_stages - stage - 1, num_micro)
@@ -57,7 +61,7 @@ def one_f_one_b(num_stages: int, num_micro: int) -> Schedule:
 def interleaved_1f1b(num_stages: int, num_micro: int, chunks: int) -> Schedule:
     """Interleaved 1F1B with ``chunks`` model chunks per rank (Megatron-LM): micro-batches go through the
     chunks in groups of ``p``; bubble ``(p - 1) / (chunks * m)`` of the ideal time. Needs ``m % p == 0``."""
-    _check(num_stages, num_micro)
+    check_schedule_size(num_stages, num_micro)
     if chunks < 1:
         raise PlaitError(f"chunks per rank must be at least 1, got {chunks}")
     if chunks > 1 and num_micro % num_stages:
@@ -85,17 +89,31 @@ def interleaved_1f1b(num_stages: int, num_micro: int, chunks: int) -> Schedule:
 
 
 def peak_in_flight(actions: tuple[Action, ...]) -> int:
-    """The most micro-batches (per chunk) whose forward has run and backward has not, at any point."""
+    """The most micro-batches (per chunk) whose forward has run and backward (its ``W`` when split) has not."""
     live = peak = 0
     for a in actions:
-        live += 1 if a.kind == "F" else -1
+        live += {"F": 1, "B": -1, "W": -1}.get(a.kind, 0)
         peak = max(peak, live)
     return peak
 
 
+def needs(a: Action, v: int, last: int) -> list[tuple[str, int, int]]:
+    """The passes (kind, micro, virtual stage) action ``a`` on virtual stage ``v`` waits for."""
+    if a.kind == "F":
+        return [("F", a.micro, v - 1)] if v > 0 else []
+    if a.kind == "W":
+        return [("I", a.micro, v)]
+    after = [(_GRAD, a.micro, v + 1)] if v < last else []
+    return [("F", a.micro, v), *after]
+
+
+_GRAD = "grad"  # a B or I pass: either sends the gradient back to the previous stage
+
+
 def timed(schedule: Schedule, fwd_s: float, bwd_s: float) -> tuple[float, list[list[tuple[float, float]]]]:
-    """Run ``schedule`` with every forward taking ``fwd_s`` and every backward ``bwd_s`` (per chunk), free
-    transfers: the makespan and each stage's (start, end) per action. ``PlaitError`` on a deadlock."""
+    """Run ``schedule`` with every forward taking ``fwd_s`` and every backward ``bwd_s`` (per chunk; ``I`` and
+    ``W`` half of it each), free transfers: the makespan and each stage's (start, end) per action.
+    ``PlaitError`` on a deadlock."""
     p = len(schedule)
     chunks = 1 + max(a.chunk for acts in schedule for a in acts)
     last = chunks * p - 1
@@ -109,14 +127,14 @@ def timed(schedule: Schedule, fwd_s: float, bwd_s: float) -> tuple[float, list[l
             while heads[stage] < len(acts):
                 a = acts[heads[stage]]
                 v = a.chunk * p + stage
-                needs = [("F", a.micro, v - 1)] if a.kind == "F" and v > 0 else []
-                if a.kind == "B":
-                    needs = [("F", a.micro, v)] + ([("B", a.micro, v + 1)] if v < last else [])
-                if any(n not in done for n in needs):
+                waits = needs(a, v, last)
+                if any(n not in done for n in waits):
                     break
-                start = max([clock[stage], *(done[n] for n in needs)])
-                end = start + (fwd_s if a.kind == "F" else bwd_s)
+                start = max([clock[stage], *(done[n] for n in waits)])
+                end = start + {"F": fwd_s, "B": bwd_s}.get(a.kind, bwd_s / 2)
                 done[(a.kind, a.micro, v)] = end
+                if a.kind in ("B", "I"):
+                    done[(_GRAD, a.micro, v)] = end
                 clock[stage] = end
                 spans[stage].append((start, end))
                 heads[stage] += 1

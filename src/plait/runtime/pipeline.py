@@ -30,10 +30,12 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 from torch.distributed.tensor import DTensor
 
 from plait.errors import PlaitError
+from plait.runtime.pipeline_lists import Pass, list_runner
 from plait.runtime.pipeline_tp import StageSharding, check_stage_sharding, tensor_parallel_stage
 from plait.runtime.tensor_parallel import reduce_grads_to_placements
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved-1f1b": ScheduleInterleaved1F1B}
+LIST_SCHEDULES = ("zero-bubble",)  # run from plait's pass lists (``passes``)
 Loss = Callable[[nn.Module, tuple[torch.Tensor, ...]], torch.Tensor]
 
 
@@ -113,15 +115,18 @@ class PipelineRank:
 
 def build_pipeline_rank(model: nn.Module, stage_layers: Sequence[Sequence[str]], *, pp: int, dp: int, schedule: str,
                         num_micro: int, loss: Loss, device: torch.device | None = None, tp: int | Sequence[int] = 1,
-                        sharding: StageSharding | None = None) -> PipelineRank:
+                        sharding: StageSharding | None = None, passes: Sequence[Sequence[Pass]] | None = None,
+                        ) -> PipelineRank:
     """This rank's part of the pipeline (``stage_layers[s]``: the module names of virtual stage ``s``; ``tp``: the
-    tensor-parallel size of every stage, ``sharding``: placements there); every rank must call it at the same point,
-    since it makes the process groups."""
+    tensor-parallel size of every stage, ``sharding``: placements there; ``passes[r]``: the pass list pipeline rank
+    ``r`` runs, required by ``zero-bubble``); every rank must call it at the same point, since it makes the
+    process groups."""
     world = dist.get_world_size()
     if tp != 1 and sharding is None:
         sharding = StageSharding()
     tp_size = check_stage_sharding(sharding, stage_layers, tp, model) if sharding is not None else 1
-    check_pipeline_layout(stage_layers, pp=pp, dp=dp, world=world, schedule=schedule, num_micro=num_micro, tp=tp_size)
+    check_pipeline_layout(stage_layers, pp=pp, dp=dp, world=world, schedule=schedule, num_micro=num_micro, tp=tp_size,
+                          passes=passes)
     device = device or torch.device("cpu")
     mesh = init_device_mesh(device.type, (pp, dp, tp_size), mesh_dim_names=("pp", "dp", "tp"))
     stage, replica, _ = mesh.get_coordinate() or (0, 0, 0)
@@ -138,8 +143,11 @@ def build_pipeline_rank(model: nn.Module, stage_layers: Sequence[Sequence[str]],
     def output_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return loss(_Output(output), (output, target))
 
-    multi = SCHEDULES[schedule] is ScheduleInterleaved1F1B
-    runner = SCHEDULES[schedule](stages if multi else stages[0], num_micro, loss_fn=output_loss)
+    if passes is not None:
+        runner = list_runner(stages, num_micro, output_loss, passes)
+    else:
+        multi = SCHEDULES[schedule] is ScheduleInterleaved1F1B
+        runner = SCHEDULES[schedule](stages if multi else stages[0], num_micro, loss_fn=output_loss)
     return PipelineRank(schedule=runner, stages=stages, params=params, replica=replica, dp=dp, first=0 in mine,
                         last=virtual - 1 in mine, dp_group=mesh.get_group("dp"), mesh=mesh,
                         tensor_parallel=sharding is not None)
@@ -154,10 +162,14 @@ def _has_module(model: nn.Module, name: str) -> bool:
 
 
 def check_pipeline_layout(stage_layers: Sequence[Sequence[str]], *, pp: int, dp: int, world: int, schedule: str,
-                          num_micro: int, tp: int = 1) -> None:
-    """Raise ``PlaitError`` naming what does not fit: schedule, ranks, stages per rank, micro-batches."""
+                          num_micro: int, tp: int = 1, passes: Sequence[Sequence[Pass]] | None = None) -> None:
+    """Raise ``PlaitError`` naming what does not fit: schedule, ranks, stages per rank, micro-batches, pass lists."""
+    if schedule in LIST_SCHEDULES:
+        if passes is None or len(passes) != pp:
+            raise PlaitError(f"schedule {schedule!r} runs from the plan's pass lists: give one list per pipeline rank ({pp})")
+        schedule = "1f1b"  # one stage per rank, as 1F1B (the rest of the checks)
     if schedule not in SCHEDULES:
-        raise PlaitError(f"unknown pipeline schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        raise PlaitError(f"unknown pipeline schedule {schedule!r}; choose one of {', '.join((*SCHEDULES, *LIST_SCHEDULES))}")
     if pp * dp * tp != world:
         ways = f"{dp} data-parallel" + (f" x {tp} tensor-parallel" if tp > 1 else "")
         raise PlaitError(f"{pp} stages x {ways} ranks need {pp * dp * tp} ranks, the job has {world}")

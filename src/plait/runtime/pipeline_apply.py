@@ -27,7 +27,8 @@ from plait.plan.ir import Plan
 from plait.runtime.apply import dtype_of
 from plait.runtime.checks import PlanMismatchError, check_optimizer_of, check_plan_model
 from plait.runtime.context import DistContext
-from plait.runtime.pipeline import SCHEDULES, PipelineRank, build_pipeline_rank
+from plait.runtime.pipeline import LIST_SCHEDULES, SCHEDULES, PipelineRank, build_pipeline_rank
+from plait.runtime.pipeline_lists import Pass
 from plait.runtime.pipeline_tp import Boundary, StageSharding
 from plait.runtime.recompute import apply_recompute
 from plait.runtime.tensor_parallel import Pin
@@ -120,12 +121,23 @@ def apply_pipeline_plan(model: nn.Module, plan: Plan, ctx: DistContext, loss_fn:
     mesh = plan.stages[0].stage_mesh
     dp, tp = mesh.axis_size("dp"), mesh.axis_size("tp")
     sharding = stage_sharding(plan) if tp > 1 else None
+    passes = plan_passes(plan) if plan.schedule.kind in LIST_SCHEDULES else None
     rank = build_pipeline_rank(model, [s.layers for s in plan.stages], pp=len(plan.stages), dp=dp, tp=tp, sharding=sharding,
                                schedule=plan.schedule.kind, num_micro=plan.schedule.num_microbatches, loss=loss_fn,
-                               device=ctx.device)
+                               device=ctx.device, passes=passes)
     return AppliedPipeline(model=model, rank=rank, ctx=ctx, layers=plan.stage_of(ctx.rank).layers,
                            last_stage_ranks=len(plan.stages[-1].ranks),
                            autocast_dtype=dtype_of(plan.precision.compute_dtype) if plan.precision.mixed else None)
+
+
+def plan_passes(plan: Plan) -> list[list[Pass]]:
+    """Each stage's passes (kind, micro-batch, virtual stage) in the order of its program: what it runs."""
+    out: list[list[Pass]] = []
+    for stage in plan.stages:
+        instrs = plan.program_of(stage.ranks[0]).instrs
+        out.append([(str(i.pass_kind), i.micro, i.stage) for i in instrs
+                    if i.pass_kind is not None and i.micro is not None and i.stage is not None])
+    return out
 
 
 def check_pipeline_plan(plan: Plan, ctx: DistContext) -> None:
@@ -143,8 +155,9 @@ def check_pipeline_plan(plan: Plan, ctx: DistContext) -> None:
     expected = [tuple(range(i * mesh.size, (i + 1) * mesh.size)) for i in range(len(plan.stages))]
     if [s.ranks for s in plan.stages] != expected:
         raise PlanMismatchError("stage s must hold ranks s * size .. (s + 1) * size - 1 (the pp x dp mesh); re-run `plait plan`")
-    if plan.schedule.kind not in SCHEDULES or plan.schedule.kind == "interleaved-1f1b":
-        raise PlanMismatchError(f"schedule {plan.schedule.kind!r}: a pipeline plan runs gpipe or 1f1b (one stage per rank)")
+    if plan.schedule.kind not in (*SCHEDULES, *LIST_SCHEDULES) or plan.schedule.kind == "interleaved-1f1b":
+        raise PlanMismatchError(f"schedule {plan.schedule.kind!r}: a pipeline plan runs gpipe, 1f1b or zero-bubble "
+                                "(one stage per rank)")
     batch, dp = plan.batch, mesh.axis_size("dp")
     if batch.global_size % (dp * plan.schedule.num_microbatches):
         raise PlanMismatchError(f"global batch {batch.global_size} does not split into {dp} replicas x "
