@@ -7,7 +7,9 @@ machine's profile; then the same stages run on 4 gloo ranks with ``torch.distrib
 timed steps after 3 warm-up steps, and each rank's peak tensor memory over one more step (parameters,
 gradients, AdamW state and what the torch stages hold between steps included: receive buffers, the last
 stage's kept outputs; not the layers of other stages the rank's model copy still holds). Targets (issue 7): step within 30 %, predicted peak at least the measured
-one and within 15 %. Prints a table and writes JSON with --json.
+one and within 15 %. Each row also says how many cores other processes kept busy while it was timed (from
+/proc/stat, less the ranks' own CPU time): on a machine with few cores the measured step grows with that load.
+Prints a table and writes JSON with --json.
 
     plait profile --nproc 4            # once: measure this machine
     python bench/pipeline_fidelity.py --json out/pipeline_fidelity.json
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -68,6 +71,7 @@ class Row:
     measured_step_s: float
     predicted_peaks: list[int]
     measured_peaks: list[int]
+    others_cores: float = float("nan")  # cores other processes kept busy during the timed steps (NaN: unknown)
 
     @property
     def step_error(self) -> float:
@@ -133,9 +137,42 @@ def stage_state_bytes(stages: list[Any]) -> int:
     return live_tensor_bytes(tensors)
 
 
+@dataclass(frozen=True)
+class CpuUse:
+    """CPU time used between two moments: by every process of the machine, by this process, and the wall time."""
+
+    machine_s: float  # NaN where /proc/stat is missing
+    own_s: float
+    wall_s: float
+
+
+def cpu_clock() -> CpuUse:
+    """The counters now (since boot / process start): subtract two readings with ``cpu_since``."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        busy = (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+    except (OSError, ValueError, IndexError):
+        busy = float("nan")
+    return CpuUse(machine_s=busy, own_s=time.process_time(), wall_s=time.perf_counter())
+
+
+def cpu_since(start: CpuUse) -> CpuUse:
+    """CPU time used since ``start``."""
+    now = cpu_clock()
+    return CpuUse(machine_s=now.machine_s - start.machine_s, own_s=now.own_s - start.own_s, wall_s=now.wall_s - start.wall_s)
+
+
+def others_cores(uses: list[CpuUse]) -> float:
+    """Cores other processes kept busy while the ranks (one ``CpuUse`` each, over the same steps) ran."""
+    machine = statistics.median(u.machine_s for u in uses)
+    wall = statistics.median(u.wall_s for u in uses)
+    return max(0.0, machine - sum(u.own_s for u in uses)) / wall if wall > 0 else float("nan")
+
+
 def measure_rank(name: str, stage_layers: list[list[str]], pp: int, dp: int, schedule: str, num_micro: int,
-                 global_batch: int, warmup: int, steps: int) -> tuple[float, int]:
-    """One rank: median step time, then its peak tensor memory over one more step."""
+                 global_batch: int, warmup: int, steps: int) -> tuple[float, int, CpuUse]:
+    """One rank: median step time and the CPU used over the timed steps, then its peak tensor memory over one
+    more step."""
     init_distributed()
     build, make_batch, loss = model_parts(name)
     torch.manual_seed(0)
@@ -145,8 +182,11 @@ def measure_rank(name: str, stage_layers: list[list[str]], pp: int, dp: int, sch
     gen = torch.Generator().manual_seed(1)
     batches = [make_batch(global_batch, generator=gen) for _ in range(4)]
     times = []
+    start = cpu_clock()
     for i in range(warmup + steps):
         dist.barrier()
+        if i == warmup:
+            start = cpu_clock()
         t0 = time.perf_counter()
         opt.zero_grad()
         rank.step(batches[i % 4])
@@ -154,6 +194,7 @@ def measure_rank(name: str, stage_layers: list[list[str]], pp: int, dp: int, sch
         dist.barrier()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
+    used = cpu_since(start)
     modules = [stage.submod for stage in rank.stages]  # a module counts its parameters' gradients too
     held = stage_state_bytes(rank.stages)  # not passed as a baseline, which would keep the old outputs alive
     with track_peak_memory(baseline=[*modules, opt]) as mem:
@@ -161,7 +202,7 @@ def measure_rank(name: str, stage_layers: list[list[str]], pp: int, dp: int, sch
         rank.step(batches[0])
         opt.step()
     teardown()
-    return statistics.median(times), held + mem.total_peak_bytes
+    return statistics.median(times), held + mem.total_peak_bytes, used
 
 
 def run(config: tuple[str, int, int, str], warmup: int, steps: int) -> Row:
@@ -174,20 +215,21 @@ def run(config: tuple[str, int, int, str], warmup: int, steps: int) -> Row:
     out = run_ranks(measure_rank, NPROC, name, stage_layers, pp, dp, schedule, choice.num_micro, global_batch,
                     warmup, steps, timeout_s=1200)
     return Row(model=name, stages=pp, dp=dp, num_micro=choice.num_micro, schedule=schedule, predicted_step_s=step,
-               measured_step_s=statistics.median(t for t, _ in out), predicted_peaks=peaks,
-               measured_peaks=[m for _, m in out])
+               measured_step_s=statistics.median(t for t, _, _ in out), predicted_peaks=peaks,
+               measured_peaks=[m for _, m, _ in out], others_cores=others_cores([u for _, _, u in out]))
 
 
 def report(rows: list[Row]) -> dict[str, Any]:
     """Print the table; the JSON record."""
     table = Table(title="pipeline fidelity on this machine (local:4, gloo, torch.distributed.pipelining)")
     for col in ("model", "stages x dp", "micro", "schedule", "pred step (ms)", "meas step (ms)", "err",
-                "pred / meas peak per rank (MB)", "worst mem err"):
+                "pred / meas peak per rank (MB)", "worst mem err", "others' load (cores)"):
         table.add_column(col)
     for r in rows:
         peaks = ", ".join(f"{p / 1e6:.1f}/{m / 1e6:.1f}" for p, m in zip(r.predicted_peaks, r.measured_peaks, strict=True))
         table.add_row(r.model, f"{r.stages} x {r.dp}", str(r.num_micro), r.schedule, f"{r.predicted_step_s * 1e3:.1f}",
-                      f"{r.measured_step_s * 1e3:.1f}", f"{r.step_error:.0%}", peaks, f"{r.worst_memory_error:.0%}")
+                      f"{r.measured_step_s * 1e3:.1f}", f"{r.step_error:.0%}", peaks, f"{r.worst_memory_error:.0%}",
+                      f"{r.others_cores:.2f}")
     Console(width=200).print(table)
     under = [f"{r.model} {r.stages}x{r.dp} {r.schedule}" for r in rows
              if any(p < m for p, m in zip(r.predicted_peaks, r.measured_peaks, strict=True))]
@@ -197,7 +239,8 @@ def report(rows: list[Row]) -> dict[str, Any]:
           f"{min(margins):+.1%} .. {max(margins):+.1%}; memory under-predicted on {', '.join(under) or 'no row'} "
           f"(target: no row)")
     return {"rows": [dict(asdict(r), step_error=r.step_error, worst_memory_error=r.worst_memory_error,
-                          memory_margins=r.memory_margins) for r in rows],
+                          memory_margins=r.memory_margins,
+                          others_cores=None if math.isnan(r.others_cores) else r.others_cores) for r in rows],
             "memory_under_predicted": under,
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
                         "load_avg": os.getloadavg()}}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
-from costkit import GB, alpha_beta_table, cpu_profile
+from costkit import GB, alpha_beta_table, cpu_profile, tiny_graph
 
 from plait.cluster import load_cluster, local_cluster
 from plait.cluster.spec import LinkSpec
@@ -14,6 +14,8 @@ from plait.cost.calibration import Calibration
 from plait.cost.comm import flat_time, hierarchical_time, ring_time
 from plait.cost.model import DEFAULT_KERNEL_OVERHEAD_S, DEFAULT_MATMUL_EFFICIENCY
 from plait.cost.profile import SyncPoint
+from plait.plan import BatchSpec, Instr, MeshSpec, Plan, RankProgram, shard
+from plait.sim import instruction_time, simulate
 
 
 def test_datasheet_cpu_time_adds_device_and_host_work() -> None:
@@ -58,6 +60,34 @@ def test_concurrency_reads_the_measured_level_and_scales_beyond_it() -> None:
     assert four.matmul_time(flops) == pytest.approx(2 * two.matmul_time(flops))
     assert (one.kernel_overhead_s, two.kernel_overhead_s, four.kernel_overhead_s) == pytest.approx((5e-6, 8e-6, 16e-6))
     assert four.copy_bandwidth == pytest.approx(5 * GB)
+
+
+def test_at_concurrency_reads_the_profile_for_that_many_computing_ranks() -> None:
+    profile = cpu_profile(cores=2)
+    four = CostModel(local_cluster(4), profile)
+    flops = 2.0 * 256**3
+    assert four.at_concurrency(4) is four
+    assert four.at_concurrency(2) is four.at_concurrency(2)  # one model per level
+    assert four.at_concurrency(2).matmul_time(flops) == pytest.approx(CostModel(local_cluster(2), profile).matmul_time(flops))
+    assert four.at_concurrency(1).kernel_overhead_s == pytest.approx(5e-6)
+    # the level changes nothing on a GPU or without a profile
+    gpu = CostModel(load_cluster("dgx-a100:1"))
+    datasheet = CostModel(replace(local_cluster(4), profile=None))
+    assert gpu.at_concurrency(1) is gpu and datasheet.at_concurrency(1) is datasheet
+
+
+def test_data_parallel_ranks_are_simulated_at_the_cost_models_level() -> None:
+    # every rank of an SPMD program computes at once: the simulator reads the cost model's own level
+    cost = CostModel(local_cluster(4), cpu_profile(cores=2))
+    instrs = (
+        Instr(op="compute", stream="compute", name="fwd", flops=2.0 * 256**3, bytes_moved=1e6, num_kernels=4),
+        Instr(op="collective", stream="comm", name="ar", collective="all_reduce", nbytes=4096, group=(0, 1, 2, 3), deps=(0,)),
+        Instr(op="optimizer", stream="compute", name="step", numel=1000, num_kernels=2, deps=(1,)),
+    )
+    plan = Plan(model=tiny_graph(), cluster=local_cluster(4), mesh=MeshSpec(shape=(4,), axes=("dp",)),
+                batch=BatchSpec(global_size=16, micro_size=4, placements=(shard(0),)), params=(),
+                programs=(RankProgram(ranks=(0, 1, 2, 3), instrs=instrs),))
+    assert simulate(plan, cost).prediction.step_s == pytest.approx(sum(instruction_time(i, cost) for i in instrs))
 
 
 def test_unmeasured_dtype_scales_fp32_by_the_datasheet() -> None:

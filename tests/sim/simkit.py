@@ -16,6 +16,9 @@ class UnitCost:
     def __init__(self, *, overlaps_comm: bool = True) -> None:
         self.overlaps_comm = overlaps_comm
 
+    def at_concurrency(self, level: int) -> UnitCost:
+        return self
+
     def compute_time(self, flops: float, bytes_moved: float = 0.0, *, dtype: str = "fp32", num_kernels: int = 1) -> float:
         return flops
 
@@ -27,6 +30,24 @@ class UnitCost:
 
     def p2p_time(self, nbytes: float, src: int, dst: int) -> float:
         return nbytes
+
+
+class SharedCoreCost(UnitCost):
+    """UnitCost on CPU ranks (one lane) that share ``cores`` cores of a node: with ``level`` ranks computing at
+    once, compute and the optimizer take ``max(1, level / cores)`` times their UnitCost seconds."""
+
+    def __init__(self, cores: int, level: int = 1) -> None:
+        super().__init__(overlaps_comm=False)
+        self.cores, self.level = cores, level
+
+    def at_concurrency(self, level: int) -> SharedCoreCost:
+        return SharedCoreCost(self.cores, level)
+
+    def compute_time(self, flops: float, bytes_moved: float = 0.0, *, dtype: str = "fp32", num_kernels: int = 1) -> float:
+        return flops * max(1.0, self.level / self.cores)
+
+    def optimizer_time(self, num_params: float, *, num_tensors: int = 0) -> float:
+        return num_params * max(1.0, self.level / self.cores)
 
 
 def tiny_graph() -> ModelGraph:

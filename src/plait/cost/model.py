@@ -65,6 +65,7 @@ class CostModel:
         # gloo's communication threads run on the same cores as a CPU rank's compute, so the two take
         # turns; a GPU computes while its copy engines and NCCL kernels move data.
         self.overlaps_comm = kind != "cpu"
+        self._levels: dict[int, CostModel] = {self.concurrency: self}
         self.matmul_efficiency = DEFAULT_MATMUL_EFFICIENCY[kind]
         rates = self.calibration.rates if self.calibration else None
         self.kernel_overhead_s = rates.kernel_s if rates else DEFAULT_KERNEL_OVERHEAD_S[kind]
@@ -80,6 +81,15 @@ class CostModel:
         p = self.profile.provenance
         when = f"{p.date}, " if p.date else ""
         return f"profile of {self.profile.device.name} ({when}torch {p.torch_version}, {p.num_ranks} rank(s))"
+
+    def at_concurrency(self, level: int) -> CostModel:
+        """This cost model read for ``level`` ranks of a node computing at once (itself on GPUs or without a profile,
+        where the level changes nothing); the simulator reads it per moment on CPU ranks, which share cores."""
+        if self.cluster.device.kind != "cpu" or self.calibration is None:
+            return self
+        if level not in self._levels:
+            self._levels[level] = CostModel(self.cluster, self.profile, concurrency=level)
+        return self._levels[level]
 
     # ---- compute -----------------------------------------------------------------------------
 

@@ -1,9 +1,11 @@
 """Run a Plan's instruction programs against the CostModel: a timeline per program and a Prediction.
 
 Each program has two in-order streams (compute and comm); on a cost model that does not overlap
-communication with compute (CPU ranks) both run on one lane in program order. An instruction starts
-when its lane is free, its ``deps`` have finished and, for a collective that spans several programs,
-when every partner instruction (same name) is ready too; then all partners run together. A transfer is
+communication with compute (CPU ranks) both run on one lane in program order, and the ranks of a node share
+its cores (``plait.sim.shared_cores``: compute runs at the speed the profile measured for as many ranks
+computing at once as compute at that moment). An instruction starts when its lane is free, its ``deps``
+have finished and, for a collective that spans several programs, when every partner instruction (same
+name) is ready too; then all partners run together. A transfer is
 non-blocking, as pipeline runtimes post it (``isend``/``irecv``): a ``send`` runs as soon as its lane and
 deps allow, whether or not the receiver is there yet, and the ``recv`` of the same name ends when both it
 is posted and the send has ended, so two ranks that send to each other before receiving cannot deadlock.
@@ -13,6 +15,7 @@ on it), each distinct piece of work once.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -21,6 +24,7 @@ from plait.errors import PlaitError
 from plait.plan.ir import Instr, Plan, Prediction, RankProgram
 from plait.sim.memory import memory_trace, resident_by_rank
 from plait.sim.metrics import prediction_of
+from plait.sim.shared_cores import ScheduleError, SharedCoreSchedule, Timer
 from plait.sim.trace import Event, ProgramTrace
 
 _RENDEZVOUS = ("collective",)
@@ -95,7 +99,7 @@ def simulate(plan: Plan, cost: CostModel) -> SimResult:
         raise SimulationError("the plan has no programs to simulate; build it with a planner (`plait plan`)")
     for program in plan.programs:
         _validate(program)
-    times = _schedule(plan.programs, _durations(plan, cost), overlap=cost.overlaps_comm)
+    times = _schedule(plan.programs, _durations(plan, cost)) if cost.overlaps_comm else _schedule_shared(plan, cost)
     resident = resident_by_rank(plan)
     traces = []
     for program, (starts, ends) in zip(plan.programs, times, strict=True):
@@ -120,6 +124,31 @@ def simulate(plan: Plan, cost: CostModel) -> SimResult:
                      static_by_rank=resident)
 
 
+def _timer(plan: Plan, cost: CostModel) -> Timer:
+    """Seconds of instruction ``k`` of program ``p`` with ``level`` ranks of its node computing at once (``None``:
+    the cost model as it is); each distinct piece of work is timed once per level."""
+    seen: dict[tuple[object, ...], float] = {}
+    dtype = plan.precision.compute_dtype
+
+    def time_of(p: int, k: int, level: int | None) -> float:
+        instr = plan.programs[p].instrs[k]
+        key = (*_work_of(instr), level)
+        if key not in seen:
+            seen[key] = instruction_time(instr, cost if level is None else cost.at_concurrency(level), dtype=dtype)
+        return seen[key]
+
+    return time_of
+
+
+def _schedule_shared(plan: Plan, cost: CostModel) -> list[tuple[list[float], list[float]]]:
+    """One lane per program, compute sharing each node's cores (``plait.sim.shared_cores``)."""
+    nodes = [Counter(plan.cluster.node_of(r) for r in program.ranks) for program in plan.programs]
+    try:
+        return SharedCoreSchedule(plan.programs, _timer(plan, cost), nodes).run()
+    except ScheduleError as e:
+        raise SimulationError(str(e)) from e
+
+
 def _validate(program: RankProgram) -> None:
     for k, ins in enumerate(program.instrs):
         for d in ins.deps:
@@ -129,15 +158,9 @@ def _validate(program: RankProgram) -> None:
                 )
 
 
-def _schedule(
-    programs: Sequence[RankProgram], durations: list[list[float]], *, overlap: bool = True
-) -> list[tuple[list[float], list[float]]]:
-    """List-schedule every program; returns (starts, ends) per program.
-
-    Without ``overlap`` (CPU ranks) both streams run on one lane in program order: communication
-    takes turns with compute on the rank's cores.
-    """
-    lane = _lane if overlap else _one_lane
+def _schedule(programs: Sequence[RankProgram], durations: list[list[float]]) -> list[tuple[list[float], list[float]]]:
+    """List-schedule every program on its two streams; returns (starts, ends) per program."""
+    lane = _lane
     queues = [{s: [k for k, i in enumerate(p.instrs) if lane(i) == s] for s in ("compute", "comm")} for p in programs]
     heads = [{"compute": 0, "comm": 0} for _ in programs]
     free_at = [{"compute": 0.0, "comm": 0.0} for _ in programs]
@@ -225,10 +248,6 @@ def _arrival(pi: int, k: int, programs: Sequence[RankProgram], ends: list[list[f
 
 def _lane(instr: Instr) -> str:
     return instr.stream
-
-
-def _one_lane(instr: Instr) -> str:
-    return "compute"
 
 
 def _deadlock_message(programs: Sequence[RankProgram], queues: list[dict[str, list[int]]], heads: list[dict[str, int]]) -> str:
