@@ -105,12 +105,19 @@ class PipelineRank:
         return torch.stack(losses).mean().detach() if losses else None
 
     def _average_over_dp(self) -> None:
+        """One all-reduce per dtype over the stage's gradients (their local pieces), flattened together."""
+        grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad  # to_local shares the memory
+                 for p in self.params.values() if p.grad is not None]
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for g in grads:
+            by_dtype.setdefault(g.dtype, []).append(g)
         with torch.no_grad():
-            for p in self.params.values():
-                if p.grad is not None:
-                    grad = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad  # shares the memory
-                    dist.all_reduce(grad, group=self.dp_group)
-                    grad.div_(self.dp)
+            for group in by_dtype.values():
+                flat = torch.cat([g.reshape(-1) for g in group])
+                dist.all_reduce(flat, group=self.dp_group)
+                flat.div_(self.dp)
+                for g, piece in zip(group, flat.split([g.numel() for g in group]), strict=True):
+                    g.copy_(piece.view_as(g))
 
 
 def build_pipeline_rank(model: nn.Module, stage_layers: Sequence[Sequence[str]], *, pp: int, dp: int, schedule: str,
