@@ -107,8 +107,8 @@ def pipeline_text(plan: Plan) -> str:
     sizes = sorted({len(s.ranks) for s in plan.stages})
     per = f"{sizes[0]} ranks each" if len(sizes) == 1 else f"{'/'.join(str(n) for n in sizes)} ranks"
     bubble = f", bubble {plan.predicted.bubble_fraction:.0%} of the step" if plan.predicted else ""
-    return (f"{len(plan.stages)} stages ({per}), {plan.schedule.kind}, {plan.schedule.num_microbatches} micro-batches"
-            f"{bubble}")
+    n = plan.schedule.num_microbatches
+    return f"{len(plan.stages)} stages ({per}), {plan.schedule.kind}, {n} micro-batch{'es' if n != 1 else ''}{bubble}"
 
 
 def stages_table(plan: Plan) -> Table:
