@@ -1,9 +1,12 @@
 """Pipeline fidelity: the simulator's step time and peak memory of pipeline stages against real runs.
 
-For each configuration (a zoo model, stages x data-parallel ranks per stage on ``local:4``, a schedule) the
-stage layout comes from plait's pipeline planner (``plan_pipeline`` with stages of one submesh size and at
-least the configuration's stage count), is lowered to the schedule's per-rank programs and simulated on the
-machine's profile; then the same stages run on 4 gloo ranks with ``torch.distributed.pipelining``: median of 8
+For each configuration (a zoo model, stages x data-parallel (x tensor-parallel) ranks per stage on ``local:4``,
+a schedule: GPipe, 1F1B, zero-bubble, interleaved 1F1B) the stage layout comes from plait's pipeline planner
+(``plan_pipeline`` with stages of one mesh shape and at least the configuration's stage count; tensor-parallel
+rows with the intra-op ILP's layers and boundaries sent as slices), becomes a pipeline Plan whose programs the
+simulator runs on the machine's profile, and the plan runs on 4 gloo ranks as the Trainer applies it
+(``apply_pipeline_plan``). The interleaved row cuts the planner's stages into two chunks per rank, prices
+them like stages and runs them with torch's interleaved schedule. Measured: median of 8
 timed steps after 3 warm-up steps, and each rank's peak tensor memory over one more step (parameters,
 gradients, AdamW state and what the torch stages hold between steps included: receive buffers, the last
 stage's kept outputs; not the layers of other stages the rank's model copy still holds). Targets (issue 7): step within 30 %, predicted peak at least the measured
@@ -25,7 +28,7 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,20 +44,52 @@ from plait.cost import CostModel  # noqa: E402
 from plait.cost.memory import OPTIMIZER_STATES  # noqa: E402
 from plait.graph import capture  # noqa: E402
 from plait.models import zoo_model  # noqa: E402
-from plait.plan import BatchSpec, MeshSpec, Plan, RankProgram, shard  # noqa: E402
+from plait.plan import BatchSpec, MeshSpec, Plan, plan_from_json, plan_to_json, shard  # noqa: E402
+from plait.planners.intra_op.source import ModelSource  # noqa: E402
+from plait.planners.layer_groups import group_layers  # noqa: E402
 from plait.planners.pipeline import PipelineChoice, PipelineOptions, plan_pipeline  # noqa: E402
+from plait.planners.pipeline_lowering import lower_pipeline  # noqa: E402
+from plait.planners.pipeline_plan import FP32, build_pipeline_plan, sharded_layers  # noqa: E402
+from plait.planners.schedules import interleaved_1f1b  # noqa: E402
+from plait.planners.stage_pricing import StageConfig, StagePricer  # noqa: E402
 from plait.profiling.memory import live_tensor_bytes, track_peak_memory  # noqa: E402
 from plait.runtime import init_distributed, run_ranks, teardown  # noqa: E402
 from plait.runtime.pipeline import build_pipeline_rank  # noqa: E402
+from plait.runtime.pipeline_apply import apply_pipeline_plan  # noqa: E402
 from plait.sim import simulate  # noqa: E402
 
 NPROC = 4
 OPT = {"lr": 1e-4}
-CONFIGS = [  # model, global batch, least stage count, schedule
-    ("gpt-mini", 16, 2, "1f1b"),
-    ("gpt-mini", 16, 4, "1f1b"),
-    ("gpt-mini", 16, 4, "gpipe"),
-    ("gpt-4m", 16, 2, "1f1b"),
+
+
+@dataclass(frozen=True)
+class Config:
+    """One row: a model and global batch, the least stage count, the schedule, tensor parallelism in stages."""
+
+    model: str
+    global_batch: int
+    min_stages: int
+    schedule: str  # gpipe, 1f1b, zero-bubble or interleaved-1f1b
+    tp: int = 1  # tensor-parallel ranks per stage (the intra-op ILP's layers)
+    split: bool = False  # boundaries cross as tp slices that the next stage all-gathers
+    chunks: int = 1  # model chunks per rank (interleaved 1F1B)
+
+    @property
+    def label(self) -> str:
+        """Short description for progress lines."""
+        extra = f", tp {self.tp}" + (" (sliced boundaries)" if self.split else "") if self.tp > 1 else ""
+        return f"{self.model}, at least {self.min_stages} stages, {self.schedule}{extra}"
+
+
+CONFIGS = [
+    Config("gpt-mini", 16, 2, "1f1b"),
+    Config("gpt-mini", 16, 4, "1f1b"),
+    Config("gpt-mini", 16, 4, "gpipe"),
+    Config("gpt-4m", 16, 2, "1f1b"),
+    Config("gpt-mini", 16, 2, "zero-bubble"),
+    Config("gpt-mini", 16, 2, "interleaved-1f1b", chunks=2),
+    Config("gpt-mini", 16, 2, "1f1b", tp=2, split=True),
+    Config("gpt-mini", 16, 2, "gpipe", tp=2, split=True),
 ]
 
 
@@ -67,6 +102,7 @@ class Row:
     dp: int
     num_micro: int
     schedule: str
+    tp: int
     predicted_step_s: float
     measured_step_s: float
     predicted_peaks: list[int]
@@ -100,30 +136,72 @@ def model_parts(name: str) -> tuple[Any, Any, Any]:
     return zm.build, zm.make_batch, zm.loss
 
 
-def choose(name: str, global_batch: int, min_stages: int) -> tuple[Any, PipelineChoice, CostModel]:
-    """The planner's stages for local:4 (stages of one size, at least ``min_stages``)."""
+def captured(name: str, global_batch: int) -> tuple[Any, ModelSource]:
+    """The model's layer view and its source for the intra-op ILP (meta tensors, two samples per rank)."""
     build, make_batch, loss = model_parts(name)
     with torch.device("meta"):
-        graph = capture(build(), make_batch(global_batch, device="meta"), name=name, loss_fn=loss, with_ops=False)
+        model = build()
+    batch = make_batch(global_batch // 2, device="meta")
+    graph = capture(model, batch, name=name, loss_fn=loss, with_ops=False)
+    return graph, ModelSource(model=model, example_batch=batch, batch_size=global_batch // 2, loss_fn=loss, name=name)
+
+
+def choose(config: Config) -> tuple[Any, PipelineChoice, CostModel]:
+    """The planner's stages for local:4 (stages of one mesh shape, at least ``min_stages``, tp as configured)."""
+    graph, source = captured(config.model, config.global_batch)
     cluster = local_cluster(NPROC)
     cost = CostModel(cluster)
-    options = PipelineOptions(same_size=True, min_stages=min_stages, micro_batches=(2, 4, 8))
-    return graph, plan_pipeline(graph, cluster, global_batch=global_batch, cost=cost, options=options), cost
+    options = PipelineOptions(same_size=True, min_stages=config.min_stages, micro_batches=(2, 4, 8), tp_sizes=(config.tp,))
+    sharded = sharded_layers(source, cluster, cost, tp_sizes=(config.tp,), joint_batch=source.batch_size, precision=FP32,
+                             optimizer="adamw") if config.tp > 1 else {}
+    choice = plan_pipeline(graph, cluster, global_batch=config.global_batch, cost=cost, options=options, sharded=sharded)
+    if config.split:
+        sliced = tuple(replace(w, send_split=config.tp) for w in choice.work[:-1]) + choice.work[-1:]
+        choice = replace(choice, work=sliced)
+    return graph, choice, cost
 
 
-def predict(graph: Any, choice: PipelineChoice, cost: CostModel, schedule: str) -> tuple[float, list[int]]:
-    """Simulated step and per-rank peak (static state plus the programs' dynamic peak)."""
-    programs = choice.programs(schedule)
+def plan_of(config: Config) -> Plan:
+    """The pipeline plan the row runs: the planner's stages under the row's schedule."""
+    graph, choice, cost = choose(config)
+    return build_pipeline_plan(graph, cost.cluster, choice, global_batch=config.global_batch, cost=cost,
+                               schedule=config.schedule)
+
+
+def predict_plan(plan: Plan) -> tuple[float, list[int]]:
+    """The plan's simulated step and per-rank peak (its stage's state plus the program's dynamic peak)."""
+    assert plan.predicted is not None
+    return plan.predicted.step_s, list(plan.predicted.peak_memory_bytes)
+
+
+def interleaved(config: Config) -> tuple[list[list[str]], int, int, int, float, list[int]]:
+    """An interleaved row: the planner's data-parallel stages, their layers cut into ``chunks`` x stages virtual
+    stages (balanced FLOPs), each priced like a stage; (virtual stage layers, stages, dp, micro-batches, step,
+    peaks)."""
+    graph, choice, cost = choose(config)
+    p, dp, v = len(choice.stage_ranks), len(choice.stage_ranks[0]), config.chunks
+    layers = graph.layers
+    ranges = group_layers([float(x.fwd_flops + x.bwd_flops) for x in layers], [float(x.output_bytes) for x in layers[:-1]],
+                          p * v)
+    pricer = StagePricer(graph=graph, cluster=cost.cluster, cost=cost, optimizer="adamw")
+    micro = choice.micro_size // dp
+    priced = [pricer.price(a, b, micro, StageConfig(), last=k == p * v - 1) for k, (a, b) in enumerate(ranges)]
+    mine = [[k for k in range(p * v) if k % p == s] for s in range(p)]
+    programs = lower_pipeline(interleaved_1f1b(p, choice.num_micro, v), [x.work for x in priced], choice.stage_ranks,
+                              optimizer_numel=[sum(priced[k].param_numel for k in ks) for ks in mine],
+                              sync_bytes=[sum(priced[k].param_bytes for k in ks) for ks in mine],
+                              step_temp_bytes=[max(priced[k].step_temp_bytes for k in ks) for ks in mine])
     plan = Plan(model=graph, cluster=cost.cluster, mesh=MeshSpec(shape=(NPROC,), axes=("dp",)),
-                batch=BatchSpec(global_size=NPROC, micro_size=1, placements=(shard(0),)), params=(),
-                programs=tuple(RankProgram(ranks=p.ranks, instrs=p.instrs) for p in programs))
+                batch=BatchSpec(global_size=NPROC, micro_size=1, placements=(shard(0),)), params=(), programs=programs)
     result = simulate(plan, cost)
-    peaks = [0] * NPROC
     states = OPTIMIZER_STATES["adamw"]
-    for ranks, params in zip(choice.stage_ranks, choice.sync_bytes, strict=True):
+    peaks = [0] * NPROC
+    for s, ranks in enumerate(choice.stage_ranks):
+        static = sum(priced[k].param_bytes for k in mine[s]) * (2 + states)
         for r in ranks:
-            peaks[r] = params * (2 + states) + result.trace_of(r).peak_dynamic_bytes
-    return result.prediction.step_s, peaks
+            peaks[r] = static + result.trace_of(r).peak_dynamic_bytes
+    names = [[layer.name for layer in layers[a:b]] for a, b in ranges]
+    return names, p, dp, choice.num_micro, result.prediction.step_s, peaks
 
 
 def stage_state_bytes(stages: list[Any]) -> int:
@@ -171,13 +249,27 @@ def others_cores(uses: list[CpuUse]) -> float:
 
 def measure_rank(name: str, stage_layers: list[list[str]], pp: int, dp: int, schedule: str, num_micro: int,
                  global_batch: int, warmup: int, steps: int) -> tuple[float, int, CpuUse]:
-    """One rank: median step time and the CPU used over the timed steps, then its peak tensor memory over one
-    more step."""
+    """One rank of stages built directly (the interleaved row): see ``timed_steps``."""
     init_distributed()
     build, make_batch, loss = model_parts(name)
     torch.manual_seed(0)
-    model = build()
-    rank = build_pipeline_rank(model, stage_layers, pp=pp, dp=dp, schedule=schedule, num_micro=num_micro, loss=loss)
+    rank = build_pipeline_rank(build(), stage_layers, pp=pp, dp=dp, schedule=schedule, num_micro=num_micro, loss=loss)
+    return timed_steps(rank, make_batch, global_batch, warmup, steps)
+
+
+def measure_plan_rank(name: str, plan_json: str, warmup: int, steps: int) -> tuple[float, int, CpuUse]:
+    """One rank of a pipeline plan, applied as the Trainer applies it: see ``timed_steps``."""
+    ctx = init_distributed()
+    build, make_batch, loss = model_parts(name)
+    torch.manual_seed(0)
+    plan = plan_from_json(plan_json)
+    rank = apply_pipeline_plan(build(), plan, ctx, loss).rank
+    return timed_steps(rank, make_batch, plan.batch.global_size, warmup, steps)
+
+
+def timed_steps(rank: Any, make_batch: Any, global_batch: int, warmup: int, steps: int) -> tuple[float, int, CpuUse]:
+    """Median step time and the CPU used over the timed steps, then the rank's peak tensor memory over one more
+    step; tears the process group down."""
     opt = torch.optim.AdamW(list(rank.params.values()), **OPT)
     gen = torch.Generator().manual_seed(1)
     batches = [make_batch(global_batch, generator=gen) for _ in range(4)]
@@ -205,17 +297,19 @@ def measure_rank(name: str, stage_layers: list[list[str]], pp: int, dp: int, sch
     return statistics.median(times), held + mem.total_peak_bytes, used
 
 
-def run(config: tuple[str, int, int, str], warmup: int, steps: int) -> Row:
+def run(config: Config, warmup: int, steps: int) -> Row:
     """Plan, predict and measure one configuration."""
-    name, global_batch, min_stages, schedule = config
-    graph, choice, cost = choose(name, global_batch, min_stages)
-    pp, dp = len(choice.layer_ranges), len(choice.stage_ranks[0])
-    step, peaks = predict(graph, choice, cost, schedule)
-    stage_layers = [[layer.name for layer in graph.layers[a:b]] for a, b in choice.layer_ranges]
-    out = run_ranks(measure_rank, NPROC, name, stage_layers, pp, dp, schedule, choice.num_micro, global_batch,
-                    warmup, steps, timeout_s=1200)
-    return Row(model=name, stages=pp, dp=dp, num_micro=choice.num_micro, schedule=schedule, predicted_step_s=step,
-               measured_step_s=statistics.median(t for t, _, _ in out), predicted_peaks=peaks,
+    if config.chunks > 1:
+        names, pp, dp, num_micro, step, peaks = interleaved(config)
+        out = run_ranks(measure_rank, NPROC, config.model, names, pp, dp, config.schedule, num_micro, config.global_batch,
+                        warmup, steps, timeout_s=1200)
+    else:
+        plan = plan_of(config)
+        pp, dp, num_micro = len(plan.stages), plan.stages[0].stage_mesh.axis_size("dp"), plan.schedule.num_microbatches
+        step, peaks = predict_plan(plan)
+        out = run_ranks(measure_plan_rank, NPROC, config.model, plan_to_json(plan), warmup, steps, timeout_s=1200)
+    return Row(model=config.model, stages=pp, dp=dp, num_micro=num_micro, schedule=config.schedule, tp=config.tp,
+               predicted_step_s=step, measured_step_s=statistics.median(t for t, _, _ in out), predicted_peaks=peaks,
                measured_peaks=[m for _, m, _ in out], others_cores=others_cores([u for _, _, u in out]))
 
 
@@ -227,11 +321,11 @@ def report(rows: list[Row]) -> dict[str, Any]:
         table.add_column(col)
     for r in rows:
         peaks = ", ".join(f"{p / 1e6:.1f}/{m / 1e6:.1f}" for p, m in zip(r.predicted_peaks, r.measured_peaks, strict=True))
-        table.add_row(r.model, f"{r.stages} x {r.dp}", str(r.num_micro), r.schedule, f"{r.predicted_step_s * 1e3:.1f}",
+        table.add_row(r.model, f"{r.stages} x {r.dp}" + (f" x tp {r.tp}" if r.tp > 1 else ""), str(r.num_micro), r.schedule, f"{r.predicted_step_s * 1e3:.1f}",
                       f"{r.measured_step_s * 1e3:.1f}", f"{r.step_error:.0%}", peaks, f"{r.worst_memory_error:.0%}",
                       f"{r.others_cores:.2f}")
     Console(width=200).print(table)
-    under = [f"{r.model} {r.stages}x{r.dp} {r.schedule}" for r in rows
+    under = [f"{r.model} {r.stages}x{r.dp}x{r.tp} {r.schedule}" for r in rows
              if any(p < m for p, m in zip(r.predicted_peaks, r.measured_peaks, strict=True))]
     margins = [m for r in rows for m in r.memory_margins]
     print(f"worst step error {max(r.step_error for r in rows):.1%} (target <= 30%); worst memory error "
@@ -255,7 +349,7 @@ def main() -> None:
     a = p.parse_args()
     rows = []
     for k, config in enumerate(CONFIGS):
-        print(f"[{k + 1}/{len(CONFIGS)}] {config[0]}, at least {config[2]} stages, {config[3]}", flush=True)
+        print(f"[{k + 1}/{len(CONFIGS)}] {config.label}", flush=True)
         rows.append(run(config, a.warmup, a.steps))
     record = report(rows)
     if a.json:

@@ -75,7 +75,8 @@ def test_the_planners_bound_is_never_below_the_simulated_peak(seed: int) -> None
     in_1f1b = [min(p - s, m) for s in range(p)]
     for schedule, in_flight in ((one_f_one_b(p, m), in_1f1b), (gpipe(p, m), [m] * p), (zero_bubble(p, m), in_1f1b)):
         result = run(schedule, work, keep_outputs=keep, temps=temps)
+        split = schedule == zero_bubble(p, m)
         for s in range(p):
             bound = stage_memory(work[s], input_bytes=work[s - 1].boundary_bytes if s else 0, num_micro=m,
-                                 step_temp_bytes=temps[s], keep_outputs=keep)
+                                 step_temp_bytes=temps[s], keep_outputs=keep, split_backward=split)
             assert result.trace_of(s).peak_dynamic_bytes <= bound.peak(in_flight[s]), (schedule is None, s)

@@ -88,18 +88,20 @@ class StageMemory:
 
 
 def stage_memory(w: StageWork, *, input_bytes: int, num_micro: int, step_temp_bytes: int = 0,
-                 keep_outputs: bool = False) -> StageMemory:
+                 keep_outputs: bool = False, split_backward: bool = False) -> StageMemory:
     """The bound ``lower_pipeline``'s program of a stage running ``w`` stays under (one virtual stage per rank;
     ``input_bytes``: the previous stage's ``boundary_bytes``): each in-flight micro-batch holds its activations
     and output (or, once its backward ran, its input's gradient and, in GPipe, its output); while they run, the
     receive buffers, the kept final outputs, the backward's workspace and two input gradients (its own and the
     one its previous backward sent), and 1F1B's held warm-up output; after them, the outputs' merge or the
-    optimizer step's temporaries."""
+    optimizer step's temporaries. With ``split_backward`` (the zero-bubble schedule) a micro-batch between its
+    ``I`` and ``W`` also holds the gradients of its weight ops' outputs, counted as many bytes as its activations."""
     finals = num_micro * w.final_output_bytes if keep_outputs else 0
     buffers = num_micro * (input_bytes + w.boundary_bytes) + finals
     kept = w.boundary_bytes + (0 if keep_outputs else w.final_output_bytes)
+    held = w.activation_bytes * (2 if split_backward else 1)  # between I and W: activations and output gradients
     return StageMemory(
-        per_micro=kept + max(w.activation_bytes, input_bytes),
+        per_micro=kept + max(held, input_bytes),
         during=buffers + w.transient_bytes + 2 * input_bytes + w.boundary_bytes + w.comm_temp_bytes,
         after=buffers + max(finals, step_temp_bytes),
     )
@@ -228,7 +230,7 @@ def _lower_action(instrs: list[Instr], a: Action, stage: int, p: int, work: Sequ
         w = work[v]
         instrs.append(Instr(op="compute", stream="compute", name=f"bwdW v{v} mb{a.micro}", phase="bwd",
                             flops=w.bwd_flops / 2, bytes_moved=w.bwd_bytes_moved / 2, num_kernels=max(1, w.bwd_kernels // 2),
-                            free_bytes=w.activation_bytes + released,  # after its I, in compute-stream order
+                            free_bytes=2 * w.activation_bytes + released,  # after its I, in compute-stream order
                             pass_kind="W", micro=a.micro, stage=v))
     else:
         _lower_backward(instrs, a, v, stage, p, work, stage_ranks, released)
@@ -275,12 +277,14 @@ def _lower_backward(instrs: list[Instr], a: Action, v: int, stage: int, p: int, 
         deps = (len(instrs) - 1,)
     whole = a.kind == "B"
     share = 1.0 if whole else 0.5
+    # an I keeps the activations and, for its W, the gradients of the weight ops' outputs (about as many bytes)
+    kept_for_w = 0 if whole else w.activation_bytes
     freed = w.activation_bytes + released if whole else released
     instrs.append(Instr(op="compute", stream="compute", name=f"bwd{'' if whole else 'I'} v{v} mb{a.micro}", phase="bwd",
                         flops=w.bwd_flops * share, bytes_moved=w.bwd_bytes_moved * share,
                         num_kernels=max(1, int(w.bwd_kernels * share)), deps=deps,
-                        alloc_bytes=w.transient_bytes + _input_bytes(work, v), free_bytes=freed + w.transient_bytes,
-                        pass_kind=a.kind, micro=a.micro, stage=v))
+                        alloc_bytes=w.transient_bytes + _input_bytes(work, v) + kept_for_w,
+                        free_bytes=freed + w.transient_bytes, pass_kind=a.kind, micro=a.micro, stage=v))
     _tensor_parallel(instrs, w.bwd_comms, f"bwd v{v} mb{a.micro}", "bwd", group)
     if v > 0:
         instrs.append(Instr(op="send", stream="comm", name=f"grad {v}>{v - 1} mb{a.micro}", phase="bwd",
