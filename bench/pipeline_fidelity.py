@@ -346,9 +346,12 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--rows", default=None, help="comma-separated row numbers to run (1-based; default: all)")
     a = p.parse_args()
+    picked = [int(k) - 1 for k in a.rows.split(",")] if a.rows else list(range(len(CONFIGS)))
     rows = []
-    for k, config in enumerate(CONFIGS):
+    for k in picked:
+        config = CONFIGS[k]
         print(f"[{k + 1}/{len(CONFIGS)}] {config.label}", flush=True)
         rows.append(run(config, a.warmup, a.steps))
     record = report(rows)

@@ -95,11 +95,11 @@ def stage_memory(w: StageWork, *, input_bytes: int, num_micro: int, step_temp_by
     receive buffers, the kept final outputs, the backward's workspace and two input gradients (its own and the
     one its previous backward sent), and 1F1B's held warm-up output; after them, the outputs' merge or the
     optimizer step's temporaries. With ``split_backward`` (the zero-bubble schedule) a micro-batch between its
-    ``I`` and ``W`` also holds the gradients of its weight ops' outputs, counted as many bytes as its activations."""
+    ``I`` and ``W`` also holds the gradients of its weight ops' outputs, counted as its backward's workspace."""
     finals = num_micro * w.final_output_bytes if keep_outputs else 0
     buffers = num_micro * (input_bytes + w.boundary_bytes) + finals
     kept = w.boundary_bytes + (0 if keep_outputs else w.final_output_bytes)
-    held = w.activation_bytes * (2 if split_backward else 1)  # between I and W: activations and output gradients
+    held = w.activation_bytes + (_kept_for_w(w) if split_backward else 0)  # between I and W: also output gradients
     return StageMemory(
         per_micro=kept + max(held, input_bytes),
         during=buffers + w.transient_bytes + 2 * input_bytes + w.boundary_bytes + w.comm_temp_bytes,
@@ -230,7 +230,7 @@ def _lower_action(instrs: list[Instr], a: Action, stage: int, p: int, work: Sequ
         w = work[v]
         instrs.append(Instr(op="compute", stream="compute", name=f"bwdW v{v} mb{a.micro}", phase="bwd",
                             flops=w.bwd_flops / 2, bytes_moved=w.bwd_bytes_moved / 2, num_kernels=max(1, w.bwd_kernels // 2),
-                            free_bytes=2 * w.activation_bytes + released,  # after its I, in compute-stream order
+                            free_bytes=w.activation_bytes + _kept_for_w(w) + released,  # after its I (compute order)
                             pass_kind="W", micro=a.micro, stage=v))
     else:
         _lower_backward(instrs, a, v, stage, p, work, stage_ranks, released)
@@ -277,8 +277,9 @@ def _lower_backward(instrs: list[Instr], a: Action, v: int, stage: int, p: int, 
         deps = (len(instrs) - 1,)
     whole = a.kind == "B"
     share = 1.0 if whole else 0.5
-    # an I keeps the activations and, for its W, the gradients of the weight ops' outputs (about as many bytes)
-    kept_for_w = 0 if whole else w.activation_bytes
+    # an I keeps, for its W, the gradients of the weight ops' outputs: counted as its backward's workspace plus
+    # the gradient of the stage's output (the last layer's weights need it)
+    kept_for_w = 0 if whole else _kept_for_w(w)
     freed = w.activation_bytes + released if whole else released
     instrs.append(Instr(op="compute", stream="compute", name=f"bwd{'' if whole else 'I'} v{v} mb{a.micro}", phase="bwd",
                         flops=w.bwd_flops * share, bytes_moved=w.bwd_bytes_moved * share,
@@ -290,6 +291,12 @@ def _lower_backward(instrs: list[Instr], a: Action, v: int, stage: int, p: int, 
         instrs.append(Instr(op="send", stream="comm", name=f"grad {v}>{v - 1} mb{a.micro}", phase="bwd",
                             nbytes=_slice(work[v - 1]), group=(me, _rank_of(stage_ranks, p, v - 1)),
                             deps=(len(instrs) - 1,)))
+
+
+def _kept_for_w(w: StageWork) -> int:
+    """What an ``I`` pass keeps for its ``W``: the weight ops' output gradients (the backward's workspace) and the
+    gradient of the stage's output."""
+    return w.transient_bytes + (w.boundary_bytes or w.final_output_bytes)
 
 
 def _slice(w: StageWork) -> int:

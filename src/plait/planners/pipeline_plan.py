@@ -25,6 +25,7 @@ from plait.plan.ir import (
     ParamPlan,
     Plan,
     PrecisionPolicy,
+    RankProgram,
     ScheduleSpec,
     StageSpec,
     SyncKind,
@@ -43,6 +44,7 @@ from plait.sim import simulate
 FP32 = PrecisionPolicy()
 DEFAULT_OPTIONS = PipelineOptions()
 SCHEDULES = ("1f1b", "zero-bubble")  # what a pipeline plan is simulated under when the caller does not fix it
+LIST_DRIVEN = ("zero-bubble",)  # schedules the runtime runs from the plan's pass lists
 
 
 def fastest_that_fits(plans: list[Plan], limit: float) -> Plan:
@@ -138,9 +140,17 @@ def build_pipeline_plan(graph: ModelGraph, cluster: Cluster, choice: PipelineCho
         activations=pipeline_pins(choice, stages), precision=precision,
         layers=tuple(LayerPlan(name=layer.name, recompute=layer.name in recompute) for layer in graph.layers),
         schedule=ScheduleSpec(kind=schedule, num_microbatches=choice.num_micro), stages=stages,
-        programs=choice.programs(schedule), optimizer=optimizer,
+        programs=_programs(choice, schedule), optimizer=optimizer,
     )
     return replace(plan, predicted=simulate(plan, cost).prediction)
+
+
+def _programs(choice: PipelineChoice, schedule: str) -> tuple[RankProgram, ...]:
+    """The choice's programs; torch's list-driven runtime (the zero-bubble schedule) keeps the last stage's
+    outputs until the step ends whatever ``return_outputs`` says (measured by bench/pipeline_fidelity.py)."""
+    if schedule in LIST_DRIVEN:
+        choice = replace(choice, keep_outputs=True)
+    return choice.programs(schedule)
 
 
 def sharded_layers(source: ModelSource, cluster: Cluster, cost: CostModel, *, tp_sizes: tuple[int, ...], joint_batch: int,
