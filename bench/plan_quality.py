@@ -17,8 +17,13 @@ simulator, in bf16, under the same memory limit (0.9 x device memory):
 
 Prints a table with the ratio Megatron / plait of predicted step times and writes JSON with --json.
 
+``--scaling`` runs the Megatron-LM scaling study instead (``bench/plan_quality_scaling.py``: the paper's ten
+GPT configurations from 1.7B on 32 A100s to 1T on 3,072, its tensor/pipeline/data-parallel configuration against
+plait's pipeline planner).
+
     python bench/plan_quality.py --json out/plan_quality.json
     python bench/plan_quality.py --quick        # two small rows, a couple of minutes
+    python bench/plan_quality.py --scaling --json out/plan_quality_scaling.json
 """
 
 from __future__ import annotations
@@ -544,8 +549,13 @@ def main() -> None:
         help="comma-separated MODEL@CLUSTER@GLOBAL_BATCH, e.g. gpt3-1.3b@dgx-a100:1@128",
     )
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--scaling", action="store_true", help="the Megatron-LM scaling study (ten GPTs, 32 to 3,072 GPUs)")
+    p.add_argument("--scaling-rows", default=None, help="1-based rows of the scaling study, e.g. 1,2,5 (default: all)")
     a = p.parse_args()
     torch.set_num_threads(1)
+    if a.scaling:
+        run_scaling(a.scaling_rows, a.json)
+        return
     rows = _parse_rows(a.rows, a.quick)
     results = []
     for i, row in enumerate(rows, 1):
@@ -557,6 +567,13 @@ def main() -> None:
     if a.json:
         with open(a.json, "w") as f:
             json.dump(record, f, indent=1)
+
+
+def run_scaling(spec: str | None, out: str | None) -> None:
+    """The Megatron-LM scaling study (``bench/plan_quality_scaling.py``)."""
+    import plan_quality_scaling
+
+    plan_quality_scaling.main(spec, out)
 
 
 if __name__ == "__main__":

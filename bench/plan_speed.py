@@ -1,12 +1,24 @@
-"""Planning speed of the intra-op planner: capture, ILP and exact propagation on big GPTs, and the whole search.
+"""Planning speed: the intra-op planner (capture, ILP and exact propagation on big GPTs, and the whole search) and
+the pipeline planner (GPT-39B on 64 A100s, GPT-1T on 3,072), with the time of every pass.
 
     python bench/plan_speed.py --json out/plan_speed.json
+    python bench/plan_speed.py --pipeline       # the pipeline rows only
 
 Rows: a 24-layer GPT (gpt2-medium) on 8 devices (dgx-a100:1) and the 96-layer GPT-175B config on a
 64-device 2-D mesh (dgx-a100:8, dp=8 x tp=8). For each: the time to capture the layer view and the joint
 forward+backward graph on fake tensors, to build and solve the ILP (its size), to propagate the choice
 and lower and simulate the plan; plus, for the 24-layer GPT, ``plait.plan``'s whole search over every
 data-parallel and intra-op candidate. Nothing is allocated: models are built on the meta device.
+
+Pipeline rows run the steps of ``plan_pipeline_full`` one by one and time each: capture of the layer view (bf16
+autocast, meta device) and of the joint forward+backward graph, the intra-op ILP once per tensor-parallel size
+(2, 4, 8), the stage search (grouping, pricing of the stage candidates, the stage DPs, the full price of the
+shortlisted pipelines and their simulation) and the final lowering and simulation under 1F1B and zero-bubble.
+GPT-39B is the zoo's ``gpt-39b`` (Alpa's largest GPT) at global batch 512; GPT-1T is the Megatron-LM scaling
+study's largest row (``bench/plan_quality_scaling.py``) at its batch of 3,072. When no pipeline fits the memory
+limit the search ends with that answer; the row then also times a search under the memory Megatron-LM's
+configuration of that row needs by the planner's own memory check (its simulated peak or the bound the planner
+checks, whichever is larger), which ends in a plan.
 
 The peer planners cannot run here (no GPUs, other frameworks); their published search times are printed
 beside for scale: Alpa about 40 minutes for GPT-39B on 64 GPUs (compile and profile every stage-mesh
@@ -17,19 +29,30 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import plait
-from plait.cluster import load_cluster
-from plait.cost import CostModel
-from plait.models import zoo_model
-from plait.plan import MeshSpec
-from plait.planners.intra_op.planner import build_intra_op_plan
-from plait.planners.intra_op.source import ModelSource
+import torch  # noqa: E402
+
+import plait  # noqa: E402
+from plait.cluster import load_cluster  # noqa: E402
+from plait.cost import CostModel  # noqa: E402
+from plait.graph import capture  # noqa: E402
+from plait.models import GPT, GPT_CONFIGS, GPTConfig, lm_batch, lm_loss, zoo_model  # noqa: E402
+from plait.plan import MeshSpec  # noqa: E402
+from plait.plan.table import model_flops_per_step  # noqa: E402
+from plait.planners.data_parallel import resolve_precision  # noqa: E402
+from plait.planners.intra_op.planner import build_intra_op_plan  # noqa: E402
+from plait.planners.intra_op.source import ModelSource  # noqa: E402
+from plait.planners.pipeline import PipelineOptions, plan_pipeline  # noqa: E402
+from plait.planners.pipeline_plan import SCHEDULES, build_pipeline_plan, fastest_that_fits, sharded_layers  # noqa: E402
+from plait.planners.stage_configs import tensor_parallel_sizes  # noqa: E402
+from plait.planners.stage_dp import StageError  # noqa: E402
 
 PUBLISHED = "Alpa ~2400 s (GPT-39B, 64 GPUs); Aceso ~99 s (GPT-1.3B, 4 GPUs)"
 
@@ -81,6 +104,114 @@ def measure(model: str, cluster_spec: str, shape: tuple[int, int], global_batch:
     return row
 
 
+@dataclass
+class PipelineRow:
+    """One timed pipeline planning, pass by pass (seconds), and what it chose."""
+
+    model: str
+    devices: int
+    global_batch: int
+    memory_fraction: float
+    capture_s: float  # the layer view
+    joint_s: float  # the joint forward+backward graph (what the ILP reads)
+    ilp_s: float  # one ILP per tensor-parallel size
+    group_s: float
+    pricing_s: float
+    dp_s: float
+    search_other_s: float
+    choices_s: float  # full prices of the shortlisted pipelines
+    shortlist_sim_s: float  # their lowering and simulation
+    lower_sim_s: float  # the chosen pipeline under 1F1B and zero-bubble
+    total_s: float
+    problems: int = 0
+    candidates: int = 0
+    answer: str = ""  # the plan, or why none fits
+    step_s: float | None = None
+    tflops_per_gpu: float | None = None
+
+
+def measure_pipeline(model: str, cfg: GPTConfig, cluster_spec: str, global_batch: int, *,
+                     memory_fraction: float = 0.9) -> PipelineRow:
+    """Plan ``cfg`` as a pipeline on ``cluster_spec`` (stages of one submesh shape) and time every pass."""
+    cluster = load_cluster(cluster_spec)
+    cost = CostModel(cluster)
+    precision = resolve_precision("bf16", cluster)
+    t0 = time.perf_counter()
+    with torch.device("meta"):
+        module = GPT(cfg)
+    batch = lm_batch(cfg, 1, device="meta")
+    graph = capture(module, batch, name=model, loss_fn=lm_loss, with_ops=False, autocast="bf16")
+    t1 = time.perf_counter()
+    source = ModelSource(model=module, example_batch=batch, batch_size=1, loss_fn=lm_loss, name=model, autocast="bf16")
+    source.joint(1)
+    t2 = time.perf_counter()
+    sharded = sharded_layers(source, cluster, cost, tp_sizes=tensor_parallel_sizes(cluster), joint_batch=1,
+                             precision=precision, optimizer="adamw")
+    t3 = time.perf_counter()
+    options = PipelineOptions(same_size=True, memory_fraction=memory_fraction)
+    row = PipelineRow(model=model, devices=cluster.world_size, global_batch=global_batch, memory_fraction=memory_fraction,
+                      capture_s=t1 - t0, joint_s=t2 - t1, ilp_s=t3 - t2, group_s=0.0, pricing_s=0.0, dp_s=0.0,
+                      search_other_s=0.0, choices_s=0.0, shortlist_sim_s=0.0, lower_sim_s=0.0, total_s=0.0)
+    try:
+        choice = plan_pipeline(graph, cluster, global_batch=global_batch, cost=cost, options=options, sharded=sharded)
+    except StageError as exc:
+        row.total_s = time.perf_counter() - t0
+        row.pricing_s = row.total_s - (t3 - t0)  # the search, which ended without a plan
+        row.answer = f"no plan fits: {str(exc).splitlines()[0]}"
+        return row
+    t4 = time.perf_counter()
+    limit = memory_fraction * cluster.device.memory_bytes
+    plan = fastest_that_fits([build_pipeline_plan(graph, cluster, choice, global_batch=global_batch, cost=cost, schedule=s,
+                                                  precision=precision) for s in SCHEDULES], limit)
+    t5 = time.perf_counter()
+    parts = dict(choice.searched)
+    assert plan.predicted is not None
+    mesh = plan.stages[0].stage_mesh
+    row.group_s, row.pricing_s, row.dp_s = parts["group_layers"], parts["stage_pricing"], parts["stage_dp"]
+    row.search_other_s, row.choices_s = parts["search_other"], parts["build_choices"]
+    row.shortlist_sim_s, row.lower_sim_s = parts["simulate_shortlist"], t5 - t4
+    row.problems, row.candidates = int(parts["problems"]), int(parts["candidates"])
+    row.total_s = t5 - t0
+    row.step_s = plan.predicted.step_s
+    row.tflops_per_gpu = model_flops_per_step(plan) / plan.predicted.step_s / plan.world_size / 1e12
+    row.answer = (f"{len(plan.stages)} stages x ({' x '.join(f'{a}={n}' for a, n in zip(mesh.axes, mesh.shape, strict=True))}), "
+                  f"{plan.batch.num_micro} micro-batches, {plan.schedule.kind}")
+    return row
+
+
+def pipeline_rows(quick: bool) -> list[PipelineRow]:
+    """GPT-39B on 64 A100s; GPT-1T on 3,072 (without ``quick``), and under Megatron-LM's memory if none fits."""
+    rows = [measure_pipeline("gpt-39b", GPT_CONFIGS["gpt-39b"], "dgx-a100:8", 512)]
+    if quick:
+        return rows
+    sys.path.insert(0, str(Path(__file__).parent))
+    import plan_quality_scaling as scaling
+
+    row = scaling.SCALING_ROWS[-1]
+    rows.append(measure_pipeline("gpt-1t", row.config, row.cluster, row.batch))
+    if rows[-1].step_s is None:
+        cap = scaling.capture_row(row)
+        plan, bound = scaling.megatron_plan(row, cap)
+        assert plan.predicted is not None
+        needs = max(bound, *plan.predicted.peak_memory_bytes) * (1 + 1e-6) / cap.cluster.device.memory_bytes
+        rows.append(measure_pipeline("gpt-1t", row.config, row.cluster, row.batch, memory_fraction=round(needs + 5e-4, 3)))
+    return rows
+
+
+def pipeline_table(rows: list[PipelineRow]) -> str:
+    """The pipeline rows as a Markdown table (seconds per pass)."""
+    head = ("| model | GPUs | batch | memory | capture | joint graph | ILPs | stage pricing | stage DP | other search | "
+            "shortlist (price + simulate) | lower + simulate | **total** | DPs / candidates | answer |")
+    lines = [head, "|" + "---|" * 15]
+    for r in rows:
+        memory = f"{r.memory_fraction:g} x 80 GB"
+        lines.append(f"| {r.model} | {r.devices} | {r.global_batch} | {memory} | {r.capture_s:.1f} | {r.joint_s:.1f} | "
+                     f"{r.ilp_s:.1f} | {r.pricing_s:.1f} | {r.dp_s:.1f} | {r.group_s + r.search_other_s:.1f} | "
+                     f"{r.choices_s:.1f} + {r.shortlist_sim_s:.1f} | {r.lower_sim_s:.1f} | **{r.total_s:.1f}** | "
+                     f"{r.problems} / {r.candidates} | {r.answer} |")
+    return "\n".join(lines)
+
+
 def table(rows: list[Row]) -> str:
     """The rows as a Markdown table."""
     head = ("| model | devices | mesh | joint nodes | capture s | ILP vars (binary) / rows | solve s | plan s | total s "
@@ -97,16 +228,24 @@ def main() -> None:
     """Measure the rows, print the table, write JSON."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--json", type=Path, help="write the results here")
-    p.add_argument("--quick", action="store_true", help="the 24-layer GPT only, without the whole search")
+    p.add_argument("--quick", action="store_true", help="the 24-layer GPT and GPT-39B only, without the whole search")
+    p.add_argument("--pipeline", action="store_true", help="the pipeline rows only")
     a = p.parse_args()
-    rows = [measure("gpt2-medium", "dgx-a100:1", (1, 8), 8, search=not a.quick)]
-    if not a.quick:
-        rows.append(measure("gpt3-175b", "dgx-a100:8", (8, 8), 64, search=False))
-    print(table(rows))
-    print(f"targets: 24-layer GPT on 8 devices < 10 s; GPT-175B on 64 devices < 60 s. Published peers: {PUBLISHED}")
+    torch.set_num_threads(1)
+    rows: list[Row] = []
+    if not a.pipeline:
+        rows.append(measure("gpt2-medium", "dgx-a100:1", (1, 8), 8, search=not a.quick))
+        if not a.quick:
+            rows.append(measure("gpt3-175b", "dgx-a100:8", (8, 8), 64, search=False))
+        print(table(rows))
+        print(f"targets: 24-layer GPT on 8 devices < 10 s; GPT-175B on 64 devices < 60 s. Published peers: {PUBLISHED}")
+    piped = pipeline_rows(a.quick)
+    print(pipeline_table(piped))
+    print("targets: GPT-39B on 64 A100s <= 60 s; GPT-1T on 3,072 A100s <= 300 s")
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps({"rows": [asdict(r) for r in rows], "published": PUBLISHED}, indent=1) + "\n")
+        record = {"rows": [asdict(r) for r in rows], "pipeline_rows": [asdict(r) for r in piped], "published": PUBLISHED}
+        a.json.write_text(json.dumps(record, indent=1) + "\n")
 
 
 if __name__ == "__main__":

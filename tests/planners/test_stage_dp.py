@@ -4,10 +4,20 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 
 from plait.planners.stage_brute import brute_force_stages
-from plait.planners.stage_dp import StageCandidate, StageError, StageProblem, pipeline_time, solve_stages
+from plait.planners.stage_dp import (
+    StageCandidate,
+    StageError,
+    StageProblem,
+    StageSolution,
+    pipeline_time,
+    solve_stages,
+    solve_table,
+)
+from plait.planners.stage_tables import _least_sum_general, least_sum
 
 
 def random_problem(rng: random.Random, *, layers: int, devices: int, micro: int) -> StageProblem:
@@ -29,6 +39,17 @@ def random_problem(rng: random.Random, *, layers: int, devices: int, micro: int)
                         candidates=tuple(cands))
 
 
+def solved_like_brute_force(problem: StageProblem) -> tuple[StageSolution, StageSolution] | None:
+    """(the DP's solution, brute force's), or None after checking that both find no pipeline."""
+    try:
+        expected = brute_force_stages(problem)
+    except StageError:
+        with pytest.raises(StageError):
+            solve_stages(problem)
+        return None
+    return solve_stages(problem), expected
+
+
 @pytest.mark.parametrize("micro", [1, 4, 16])
 def test_dp_equals_brute_force_on_random_costs(micro: int) -> None:
     rng = random.Random(micro)
@@ -38,13 +59,10 @@ def test_dp_equals_brute_force_on_random_costs(micro: int) -> None:
         if layers * devices > 32:  # keeps brute force to seconds; the DP is checked up to 8 x 8 below
             layers = max(1, 32 // devices)
         problem = random_problem(rng, layers=layers, devices=devices, micro=micro)
-        try:
-            expected = brute_force_stages(problem)
-        except StageError:
-            with pytest.raises(StageError):
-                solve_stages(problem)
+        pair = solved_like_brute_force(problem)
+        if pair is None:
             continue
-        got = solve_stages(problem)
+        got, expected = pair
         assert got.step_s == pytest.approx(expected.step_s, rel=1e-9)
         assert got.step_s == pytest.approx(pipeline_time([s.time_s for s in got.stages], micro,
                                                          [s.once_s for s in got.stages]))
@@ -133,3 +151,59 @@ def test_once_per_step_work_counts_in_the_sum_only() -> None:
     assert len(cheap.stages) == 2 and cheap.step_s == pytest.approx(2.0 + 0.2 + 7 * 1.0)
     dear = solve_stages(problem(0.6))  # 2 + 1.2 + 7 = 10.2 > 8 x 1.2 + 0.5 = 10.1
     assert len(dear.stages) == 1 and dear.step_s == pytest.approx(8 * 1.2 + 0.5)
+
+
+def one_size_problem(rng: random.Random, *, layers: int, size: int, devices: int, micro: int) -> StageProblem:
+    """Random candidates that all run on submeshes of one size (a pipeline of ``devices / size`` stages)."""
+    cands = []
+    for start in range(layers):
+        for stop in range(start + 1, layers + 1):
+            for c in range(rng.choice([1, 2])):
+                cands.append(StageCandidate(start=start, stop=stop, submesh=0, config=c,
+                                            time_s=sum(rng.uniform(0.5, 2.0) for _ in range(stop - start)),
+                                            max_after=rng.choice([0, 1, 2, 3, layers]),
+                                            once_s=rng.choice([0.0, rng.uniform(0.0, 1.0)])))
+    return StageProblem(num_layers=layers, submesh_devices=(size,), num_devices=devices, num_micro=micro,
+                        candidates=tuple(cands))
+
+
+@pytest.mark.parametrize("micro", [1, 4, 16])
+def test_one_size_table_equals_the_general_table_and_brute_force(micro: int) -> None:
+    # Every candidate on a submesh of the same size: the DP drops the device axis (exactly devices / size stages).
+    rng = random.Random(100 + micro)
+    for _ in range(30):
+        layers, size, stages = rng.randint(1, 8), rng.choice([1, 2, 4]), rng.randint(1, 5)
+        problem = one_size_problem(rng, layers=layers, size=size, devices=size * stages, micro=micro)
+        table = problem.table()
+        for t_max in (np.inf, float(np.median(table.time_s))):
+            general = _least_sum_general(table, layers, size * stages, t_max)
+            one = least_sum(table, layers, size * stages, t_max)
+            assert (general is None) == (one is None)
+            if one is not None and general is not None:
+                assert one[0] == pytest.approx(general[0], rel=1e-12)
+                assert len(one[1]) == stages and [int(table.start[i]) for i in one[1]][0] == 0
+        pair = solved_like_brute_force(problem)
+        if pair is not None:
+            assert pair[0].step_s == pytest.approx(pair[1].step_s, rel=1e-9)
+
+
+def test_a_bound_stops_a_search_that_cannot_beat_it() -> None:
+    problem = uniform(8, 8, 4)
+    best = solve_stages(problem)
+    table = problem.table()
+    kwargs = {"num_layers": 8, "num_devices": 8, "num_micro": 4}
+    assert solve_table(table, **kwargs, bound=best.step_s * 0.999) is None  # nothing beats a bound below the optimum
+    within = solve_table(table, **kwargs, bound=best.step_s * 1.001)
+    assert within is not None and within.step_s == pytest.approx(best.step_s)
+    unbounded = solve_table(table, **kwargs)
+    assert unbounded is not None and unbounded.t_max_tried >= within.t_max_tried
+
+
+def test_the_first_feasible_t_max_is_found_by_bisection() -> None:
+    # 16 micro-batches on 8 single devices: t_max below one layer's time admits no pipeline; bisection skips
+    # those levels instead of solving each.
+    flat = StageProblem(num_layers=8, submesh_devices=(1,), num_devices=8, num_micro=16,
+                        candidates=tuple(c for c in uniform(8, 8, 16).candidates if c.submesh == 0))
+    got = solve_stages(flat)
+    assert got.step_s == pytest.approx(8 + 15 * 1.0)
+    assert got.t_max_tried <= 2 + got.t_max_total.bit_length()

@@ -1,6 +1,6 @@
 """Pipeline plans from the layer view: group the layers, price every (group range, submesh, configuration)
 as a stage with the CostModel (``plait.planners.stage_pricing``), choose stages and micro-batches with the
-stage DP, and lower the choice to per-stage programs.
+stage DP, check the few best in the simulator, and lower the choice to per-stage programs.
 
 A stage's configuration is its tensor-parallel size inside the submesh (the rest of the submesh is data
 parallel; tensor-parallel layers come from the intra-op ILP, ``plait.planners.stage_configs``, when the
@@ -9,6 +9,13 @@ per stage, Alpa did not): it then keeps only each layer's input per in-flight mi
 activations while that layer's backward runs, and does the forward twice. Its memory check is the bound
 ``stage_memory`` puts on its lowered 1F1B program with ``stages after it + 1`` micro-batches in flight, so it
 is never below what the simulator shows.
+
+The search (``plait.planners.pipeline_search``) prunes as Alpa does: a stage's FLOPs must lie within a factor
+``1 + stage_imbalance`` of its fair share, and a pipeline of one submesh size has exactly ``devices / size``
+stages, so only ranges on some chain of that many are priced; recomputation is kept only where it lets more
+stages follow. The DP's step is a closed form (once-per-step work counted whole); the ``simulate_top`` best
+pipelines are lowered and simulated, and the fastest simulated one is chosen, as the automatic planner
+chooses among its candidates.
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+
+import numpy as np
 
 from plait.cluster.spec import Cluster
 from plait.cost import CostModel
@@ -25,22 +34,29 @@ from plait.graph.model_graph import ModelGraph
 from plait.plan.ir import RankProgram
 from plait.planners.layer_groups import group_layers
 from plait.planners.pipeline_lowering import StageWork, lower_pipeline
+from plait.planners.pipeline_search import Found, Search, Shortlist, search_mixed, search_same_size
 from plait.planners.schedules import gpipe, one_f_one_b
 from plait.planners.stage_configs import ShardedLayers
-from plait.planners.stage_dp import StageCandidate, StageError, StageProblem, StageSolution, solve_stages
-from plait.planners.stage_pricing import PricedStage, StageConfig, StagePricer, stage_problem
+from plait.planners.stage_dp import StageCandidate, StageError, StageSolution
+from plait.planners.stage_pricing import StageConfig, StagePricer
 from plait.planners.zero_bubble import zero_bubble
 
-MAX_GROUPS = 16  # layer groups the stage DP sees (Alpa clusters to a few dozen layers at most)
+MAX_GROUPS = 16  # layer groups the DP of mixed-size pipelines sees (Alpa clusters to a few dozen layers at most)
+MAX_ONE_SIZE_GROUPS = 256  # pipelines of one submesh size see every layer up to this many
 
 
 @dataclass(frozen=True, kw_only=True)
 class PipelineOptions:
     """What the pipeline search may choose and the memory it must respect."""
 
-    num_groups: int | None = None  # default: min(layers, MAX_GROUPS)
-    micro_batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
-    imbalance: float = 0.5
+    num_groups: int | None = None  # default: every layer (one submesh size), min(layers, MAX_GROUPS) (mixed sizes)
+    # micro-batch counts to try; empty: every power-of-two share of samples per rank (one submesh size),
+    # or 1, 2, 4, ..., 64 (mixed sizes)
+    micro_batches: tuple[int, ...] = ()
+    imbalance: float = 0.5  # of the layer groups' FLOPs
+    # a stage's FLOPs lie within a factor 1 + stage_imbalance of its fair share (Alpa's imbalance tolerance);
+    # None: any range
+    stage_imbalance: float | None = 1.0
     memory_fraction: float = 0.9
     optimizer: str = "adamw"
     same_size: bool = False  # every stage on a submesh of one size (what plait.runtime.pipeline runs today)
@@ -50,6 +66,8 @@ class PipelineOptions:
     # told return_outputs=False; plait.runtime.pipeline tells it so)
     keep_outputs: bool = False
     tp_sizes: tuple[int, ...] | None = None  # tensor-parallel sizes a stage may use (None: 1 and every size given)
+    compute_dtype: str | None = None  # None: the tensor-parallel layers' compute dtype, else the graph's
+    simulate_top: int = 3  # the DP's best pipelines checked in the simulator (0: trust the DP's closed form)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,6 +87,9 @@ class PipelineChoice:
     search_s: float
     keep_outputs: bool = False
     sharded: Mapping[int, ShardedLayers] = field(default_factory=dict, repr=False)  # the layers of each tp size used
+    simulated_s: float | None = None  # the simulator's step of its 1F1B programs, when the search ran it
+    # seconds per part of the search (and the problems solved and candidates priced)
+    searched: tuple[tuple[str, float], ...] = ()
 
     @property
     def step_s(self) -> float:
@@ -113,36 +134,66 @@ def plan_pipeline(graph: ModelGraph, cluster: Cluster, *, global_batch: int, cos
     stages may use (by tp size); ``StageError`` when none fits."""
     t0 = time.perf_counter()
     check_optimizer(options.optimizer)
-    layers = graph.layers
-    groups = group_layers([float(layer.fwd_flops + layer.bwd_flops) for layer in layers],
-                          [float(layer.output_bytes) for layer in layers[:-1]],
-                          options.num_groups or min(len(layers), MAX_GROUPS), imbalance=options.imbalance)
-    sizes = submesh_sizes(cluster)
+    starts, group_flops = _groups(graph, options)
+    t_groups = time.perf_counter() - t0
+    dtype = options.compute_dtype or next((s.compute_dtype for s in (sharded or {}).values()), None) or graph.dtype
     pricer = StagePricer(graph=graph, cluster=cluster, cost=cost, optimizer=options.optimizer,
-                         keep_outputs=options.keep_outputs, sharded=sharded, allowed=options.tp_sizes)
-    limit = options.memory_fraction * cluster.device.memory_bytes
-    best: tuple[StageSolution, int, dict[StageCandidate, PricedStage]] | None = None
-    for num_micro in options.micro_batches:
-        if global_batch % num_micro:
-            continue
-        problem, priced = stage_problem(pricer, groups, sizes, global_batch // num_micro, num_micro, limit=limit,
-                                        rank_micro_batch=options.rank_micro_batch)
-        for sub in _subproblems(problem, options, pricer.configs()):
-            try:
-                solution = solve_stages(sub)
-            except StageError:
-                continue
-            if best is None or solution.step_s < best[0].step_s:
-                best = (solution, num_micro, priced)
-    if best is None:
-        raise StageError(f"no pipeline of {graph.name} fits {cluster.name} with micro-batch counts "
-                         f"{list(options.micro_batches)} dividing the global batch {global_batch}")
-    solution, num_micro, priced = best
-    chosen = [priced[s] for s in solution.stages]
+                         keep_outputs=options.keep_outputs, sharded=sharded, allowed=options.tp_sizes, compute_dtype=dtype)
+    search = Search(pricer=pricer, cluster=cluster, starts=starts, group_flops=group_flops, global_batch=global_batch,
+                    limit=options.memory_fraction * cluster.device.memory_bytes, imbalance=options.stage_imbalance,
+                    shortlist=Shortlist(keep=max(1, options.simulate_top)))
+    if options.same_size:
+        search_same_size(search, min_stages=options.min_stages, counts=options.micro_batches,
+                         fixed=options.rank_micro_batch)
+    else:
+        search_mixed(search, submesh_sizes(cluster), min_stages=options.min_stages, counts=options.micro_batches,
+                     fixed=options.rank_micro_batch)
+    t1 = time.perf_counter()
+    if not search.shortlist.found:
+        how = (f"micro-batch counts {list(options.micro_batches)}" if options.micro_batches else
+               "1, 2, 4, ... samples per rank and micro-batch")
+        raise StageError(f"no pipeline of {graph.name} fits {cluster.name} with {how} (global batch {global_batch}) "
+                         f"in {options.memory_fraction:g} x device memory; allow more memory, a smaller global batch "
+                         f"or more devices")
+    choices = [_choice(found, pricer, cluster, options, sharded, t0) for found in search.shortlist.found]
+    t2 = time.perf_counter()
+    best = choices[0] if options.simulate_top < 1 else _simulated_best(choices, graph, cluster, cost, global_batch,
+                                                                        options.optimizer, dtype)
+    t3 = time.perf_counter()
+    searched = (("group_layers", t_groups), ("stage_pricing", search.pricing_s), ("stage_dp", search.dp_s),
+                ("search_other", t1 - t0 - t_groups - search.pricing_s - search.dp_s), ("build_choices", t2 - t1),
+                ("simulate_shortlist", t3 - t2), ("problems", float(search.problems)),
+                ("candidates", float(search.candidates)))
+    return replace(best, search_s=t3 - t0, searched=searched)
+
+
+def _groups(graph: ModelGraph, options: PipelineOptions) -> tuple[np.ndarray, np.ndarray]:
+    """Each layer group's first layer (then the layer count) and FLOPs: every layer its own group for pipelines
+    of one submesh size (up to MAX_ONE_SIZE_GROUPS), else ``group_layers``."""
+    layers = graph.layers
+    flops = [float(layer.fwd_flops + layer.bwd_flops) for layer in layers]
+    count = options.num_groups or min(len(layers), MAX_ONE_SIZE_GROUPS if options.same_size else MAX_GROUPS)
+    if count >= len(layers):
+        return np.arange(len(layers) + 1), np.array(flops)
+    groups = group_layers(flops, [float(layer.output_bytes) for layer in layers[:-1]], count, imbalance=options.imbalance)
+    starts = np.array([a for a, _ in groups] + [len(layers)])
+    return starts, np.array([sum(flops[a:b]) for a, b in groups])
+
+
+def _choice(found: Found, pricer: StagePricer, cluster: Cluster, options: PipelineOptions,
+            sharded: Mapping[int, ShardedLayers] | None, t0: float) -> PipelineChoice:
+    """The PipelineChoice of a found pipeline: its stages priced in full."""
+    cands, table = found.cands, found.cands.table
+    chosen = [cands.price(pricer, i) for i in found.picks]
+    stages = tuple(StageCandidate(start=int(table.start[i]), stop=int(table.stop[i]), submesh=int(cands.submesh[i]),
+                                  config=int(cands.config[i]), time_s=float(table.time_s[i]),
+                                  max_after=int(table.max_after[i]), once_s=float(table.once_s[i])) for i in found.picks)
+    solution = StageSolution(stages=stages, step_s=found.step_s, t_max_tried=found.t_max_tried,
+                             t_max_total=found.t_max_total, solve_s=0.0)
     return PipelineChoice(
-        layer_ranges=tuple((groups[s.start][0], groups[s.stop - 1][1]) for s in solution.stages),
-        stage_ranks=assign_ranks([sizes[s.submesh] for s in solution.stages], cluster),
-        num_micro=num_micro, micro_size=global_batch // num_micro,
+        layer_ranges=tuple((int(cands.first_layer[i]), int(cands.stop_layer[i])) for i in found.picks),
+        stage_ranks=assign_ranks([int(table.devices[i]) for i in found.picks], cluster),
+        num_micro=found.num_micro, micro_size=found.micro_size,
         work=tuple(p.work for p in chosen),
         sync_bytes=tuple(p.param_bytes for p in chosen),
         optimizer_numel=tuple(p.param_numel for p in chosen),
@@ -153,14 +204,17 @@ def plan_pipeline(graph: ModelGraph, cluster: Cluster, *, global_batch: int, cos
     )
 
 
-def _subproblems(problem: StageProblem, options: PipelineOptions, configs: Sequence[StageConfig]) -> list[StageProblem]:
-    """The problem as it is, or one per stage mesh (``same_size``: one submesh size and tensor-parallel size,
-    what the runtime runs); stages fewer than ``min_stages`` are ruled out by size: a stage may take at most
-    ``devices / min_stages`` devices."""
-    cap = problem.num_devices // max(1, options.min_stages)
-    usable = [c for c in problem.candidates if problem.submesh_devices[c.submesh] <= cap]
-    if not options.same_size:
-        return [replace(problem, candidates=tuple(usable))]
-    shapes = sorted({(c.submesh, configs[c.config].tp) for c in usable})
-    return [replace(problem, candidates=tuple(c for c in usable if (c.submesh, configs[c.config].tp) == shape))
-            for shape in shapes]
+def _simulated_best(choices: Sequence[PipelineChoice], graph: ModelGraph, cluster: Cluster, cost: CostModel,
+                    global_batch: int, optimizer: str, dtype: str) -> PipelineChoice:
+    """The choice whose lowered 1F1B programs the simulator runs fastest (ties: the DP's order)."""
+    from plait.plan.ir import PrecisionPolicy
+    from plait.planners.pipeline_plan import build_pipeline_plan  # it imports this module
+
+    precision = PrecisionPolicy(param_dtype=graph.dtype, compute_dtype=dtype, reduce_dtype=graph.dtype)
+    timed = []
+    for choice in choices:
+        plan = build_pipeline_plan(graph, cluster, choice, global_batch=global_batch, cost=cost, optimizer=optimizer,
+                                   precision=precision)
+        assert plan.predicted is not None
+        timed.append(replace(choice, simulated_s=plan.predicted.step_s))
+    return min(timed, key=lambda c: c.simulated_s or 0.0)

@@ -13,10 +13,15 @@ with times ``t_i`` and ``o_i`` over ``B`` micro-batches takes
 
 and uses every device exactly once. ``solve_stages`` enumerates ``t_max`` over the distinct candidate
 times in ascending order; for each, a DP over (first layer, stages, devices) finds the least ``sum t_i`` of
-the candidates no slower than ``t_max`` (with their ``o_i``), and ``sum + (B - 1) * t_max`` bounds a feasible pipeline from
-above, exactly at the optimum's own maximum. A first pass without a bound gives the least sum of any
-pipeline; the search stops once ``(B - 1) * t_max`` plus that least sum (or ``t_max`` if larger) reaches the
-best found, since no later ``t_max`` can beat it.
+the candidates no slower than ``t_max`` (with their ``o_i``), and ``sum + (B - 1) * t_max`` bounds a feasible
+pipeline from above, exactly at the optimum's own maximum. Feasibility only grows with ``t_max``, so a
+binary search finds the first feasible one; from there the search ascends and stops once
+``(B - 1) * t_max`` plus the least sum of any pipeline (or ``t_max`` if larger) reaches the best found, since
+no later ``t_max`` can beat it. With one micro-batch the step is the least sum itself.
+
+The DP runs on arrays (``StageTable``, one entry per candidate; ``plait.planners.stage_tables``). When every
+candidate's submesh has the same size, every pipeline has ``devices / size`` stages and the device axis
+drops out of the table (Alpa's DP on pipelines of one submesh shape).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from plait.errors import PlaitError
+from plait.planners.stage_tables import StageTable, least_sum
 
 
 class StageError(PlaitError):
@@ -72,6 +78,18 @@ class StageProblem:
             if not (c.time_s >= 0 and c.once_s >= 0) or c.max_after < 0:
                 raise StageError(f"candidate {c} needs times >= 0 and max_after >= 0")
 
+    def table(self) -> StageTable:
+        """The candidates as arrays."""
+        cands = self.candidates
+        return StageTable(
+            start=np.array([c.start for c in cands], dtype=np.int64),
+            stop=np.array([c.stop for c in cands], dtype=np.int64),
+            devices=np.array([self.submesh_devices[c.submesh] for c in cands], dtype=np.int64),
+            time_s=np.array([c.time_s for c in cands], dtype=float),
+            once_s=np.array([c.once_s for c in cands], dtype=float),
+            max_after=np.array([c.max_after for c in cands], dtype=np.int64),
+        )
+
 
 @dataclass(frozen=True)
 class StageSolution:
@@ -82,6 +100,16 @@ class StageSolution:
     t_max_tried: int
     t_max_total: int
     solve_s: float
+
+
+@dataclass(frozen=True)
+class TableSolution:
+    """The DP's answer on a ``StageTable``: chosen candidate indices (first stage first) and the step."""
+
+    picks: tuple[int, ...]
+    step_s: float  # sum (t_i + o_i) + (B - 1) * max t_i of the chosen stages
+    t_max_tried: int
+    t_max_total: int
 
 
 def pipeline_time(times: Sequence[float], num_micro: int, once: Sequence[float] = ()) -> float:
@@ -99,78 +127,82 @@ def solve_stages(problem: StageProblem) -> StageSolution:
     """The fastest pipeline of ``problem``'s candidates (see the module docstring); ``StageError`` if none."""
     problem.validate()
     t0 = time.perf_counter()
-    cands = [c for c in problem.candidates if problem.submesh_devices[c.submesh] <= problem.num_devices]
-    levels = sorted({c.time_s for c in cands})
-    unbounded = _least_sum(problem, cands, np.inf) if levels else None
-    if unbounded is None:
+    found = solve_table(problem.table(), num_layers=problem.num_layers, num_devices=problem.num_devices,
+                        num_micro=problem.num_micro)
+    if found is None:
         raise StageError(_no_pipeline(problem))
+    stages = tuple(problem.candidates[i] for i in found.picks)
+    return StageSolution(stages=stages, step_s=stage_step(stages, problem.num_micro), t_max_tried=found.t_max_tried,
+                         t_max_total=found.t_max_total, solve_s=time.perf_counter() - t0)
+
+
+def solve_table(table: StageTable, *, num_layers: int, num_devices: int, num_micro: int,
+                bound: float = np.inf) -> TableSolution | None:
+    """The fastest pipeline of the table's candidates whose step is below ``bound``; None when there is none
+    (no pipeline at all, or none faster than ``bound``: the search stops as soon as none can be)."""
+    usable = table.devices <= num_devices
+    if not usable.all():
+        table = table.take(np.flatnonzero(usable))
+    index = np.flatnonzero(usable)
+    levels = _levels(table.time_s)
+    unbounded = least_sum(table, num_layers, num_devices, np.inf) if len(levels) else None
+    if unbounded is None or unbounded[0] >= bound:
+        return None
     floor = unbounded[0]  # no t_max has a smaller least sum
+    if num_micro == 1:  # the step is the sum itself
+        return _solution(table, index, unbounded[1], num_micro, 1, len(levels))
+    first, tried = _first_feasible(table, num_layers, num_devices, levels)
     best: tuple[float, list[int]] | None = None
-    tried = 0
-    previous = -np.inf
-    for t_max in levels:
-        if best is not None and (problem.num_micro - 1) * t_max + max(floor, t_max) >= best[0]:
+    limit = bound
+    for t_max in levels[first:]:
+        if (num_micro - 1) * t_max + max(floor, t_max) >= limit:
             break
-        if t_max - previous <= 1e-12 * max(1.0, t_max):
-            continue
-        previous = t_max
         tried += 1
-        found = _least_sum(problem, cands, t_max)
+        found = least_sum(table, num_layers, num_devices, t_max)
         if found is None:
             continue
-        total = found[0] + (problem.num_micro - 1) * t_max
-        if best is None or total < best[0]:
-            best = (total, found[1])
+        total = found[0] + (num_micro - 1) * t_max
+        if total < limit:
+            best, limit = (total, found[1]), total
     if best is None:
-        raise StageError(_no_pipeline(problem))
-    stages = tuple(cands[i] for i in best[1])
-    return StageSolution(stages=stages, step_s=stage_step(stages, problem.num_micro),
-                         t_max_tried=tried, t_max_total=len(levels), solve_s=time.perf_counter() - t0)
-
-
-def _least_sum(problem: StageProblem, cands: list[StageCandidate], t_max: float) -> tuple[float, list[int]] | None:
-    """Least ``sum t_i`` of a pipeline of candidates no slower than ``t_max``, and its candidate indices.
-
-    ``best[k, s, d]``: the least sum of ``s`` stages covering layers ``k..L-1`` on exactly ``d`` devices;
-    filled from the last layer back, each candidate starting at ``k`` extending the tables at its ``stop``.
-    """
-    L, D = problem.num_layers, problem.num_devices
-    S = min(L, D)
-    best = np.full((L + 1, S + 1, D + 1), np.inf)
-    pick = np.full((L + 1, S + 1, D + 1), -1, dtype=np.int64)
-    best[L, 0, 0] = 0.0
-    by_start: list[list[int]] = [[] for _ in range(L)]
-    for i, c in enumerate(cands):
-        if c.time_s <= t_max:
-            by_start[c.start].append(i)
-    for k in range(L - 1, -1, -1):
-        for i in by_start[k]:
-            c = cands[i]
-            dev = problem.submesh_devices[c.submesh]
-            after = min(S - 1, c.max_after)  # stages that may follow this one
-            rest = best[c.stop, : after + 1, : D + 1 - dev]  # s' = 0..after stages after it, d' devices
-            options = rest + (c.time_s + c.once_s)
-            target = best[k, 1 : after + 2, dev:]
-            better = options < target
-            if better.any():
-                target[better] = options[better]
-                pick[k, 1 : after + 2, dev:][better] = i
-    sums = best[0, :, D]
-    if not np.isfinite(sums).any():
         return None
-    s = int(np.argmin(sums))
-    return float(sums[s]), _walk(problem, cands, pick, s)
+    return _solution(table, index, best[1], num_micro, tried, len(levels))
 
 
-def _walk(problem: StageProblem, cands: list[StageCandidate], pick: np.ndarray, stages: int) -> list[int]:
-    """The candidate indices of the table entry ``(layer 0, stages, all devices)``, first stage first."""
-    out = []
-    k, s, d = 0, stages, problem.num_devices
-    while s > 0:
-        i = int(pick[k, s, d])
-        out.append(i)
-        k, s, d = cands[i].stop, s - 1, d - problem.submesh_devices[cands[i].submesh]
-    return out
+def _levels(times: np.ndarray) -> np.ndarray:
+    """The distinct candidate times in ascending order (times within 1e-12 of the previous one merged)."""
+    levels = np.unique(times)
+    if len(levels) < 2:
+        return levels
+    keep = np.ones(len(levels), dtype=bool)
+    previous = levels[0]
+    for i in range(1, len(levels)):
+        if levels[i] - previous <= 1e-12 * max(1.0, levels[i]):
+            keep[i] = False
+        else:
+            previous = levels[i]
+    return levels[keep]
+
+
+def _first_feasible(table: StageTable, num_layers: int, num_devices: int, levels: np.ndarray) -> tuple[int, int]:
+    """The index of the least ``t_max`` admitting a pipeline (the last one does), and the DPs it took."""
+    lo, hi, tried = 0, len(levels) - 1, 0
+    while lo < hi:
+        mid = (lo + hi) // 2
+        tried += 1
+        if least_sum(table, num_layers, num_devices, float(levels[mid])) is None:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo, tried
+
+
+def _solution(table: StageTable, index: np.ndarray, picks: list[int], num_micro: int, tried: int,
+              total: int) -> TableSolution:
+    times = [float(table.time_s[i]) for i in picks]
+    once = [float(table.once_s[i]) for i in picks]
+    return TableSolution(picks=tuple(int(index[i]) for i in picks), step_s=pipeline_time(times, num_micro, once),
+                         t_max_tried=tried, t_max_total=total)
 
 
 def _no_pipeline(problem: StageProblem) -> str:
