@@ -179,11 +179,12 @@ def _score_pipeline(option: Option, graph: ModelGraph, cluster: Cluster, *, glob
                                                         [layer.name for layer in graph.layers], source.loss_fn)
     if problem is not None:
         return Scored(option=option, plan=None, fits=False, peak_bytes=0, reason=f"not applicable: {problem}")
+    policy = resolve_precision(precision, cluster)
     options = PipelineOptions(memory_fraction=limit / cluster.device.memory_bytes, optimizer=optimizer, same_size=True,
-                              min_stages=2, rank_micro_batch=micro_batch)
+                              min_stages=2, rank_micro_batch=micro_batch, compute_dtype=policy.compute_dtype)
     try:
         plan = plan_pipeline_full(graph, cluster, global_batch=global_batch, cost=cost, options=options,
-                                  precision=resolve_precision(precision, cluster))
+                                  precision=policy, source=source)
     except StageError as exc:
         return Scored(option=option, plan=None, fits=False, peak_bytes=0, reason=f"does not fit: {exc}")
     assert plan.predicted is not None

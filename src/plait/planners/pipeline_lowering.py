@@ -88,16 +88,17 @@ class StageMemory:
 
 
 def stage_memory(w: StageWork, *, input_bytes: int, num_micro: int, step_temp_bytes: int = 0,
-                 keep_outputs: bool = False, split_backward: bool = False) -> StageMemory:
+                 keep_outputs: bool = False, split_backward: bool = False, input_split: int = 1) -> StageMemory:
     """The bound ``lower_pipeline``'s program of a stage running ``w`` stays under (one virtual stage per rank;
     ``input_bytes``: the previous stage's ``boundary_bytes``): each in-flight micro-batch holds its activations
     and output (or, once its backward ran, its input's gradient and, in GPipe, its output); while they run, the
     receive buffers, the kept final outputs, the backward's workspace and two input gradients (its own and the
     one its previous backward sent), and 1F1B's held warm-up output; after them, the outputs' merge or the
     optimizer step's temporaries. With ``split_backward`` (the zero-bubble schedule) a micro-batch between its
-    ``I`` and ``W`` also holds the gradients of its weight ops' outputs, counted as its backward's workspace."""
+    ``I`` and ``W`` also holds the gradients of its weight ops' outputs, counted as its backward's workspace.
+    Receive buffers hold what crosses: a boundary sent as slices (``input_split``, ``w.send_split``) needs slices."""
     finals = num_micro * w.final_output_bytes if keep_outputs else 0
-    buffers = num_micro * (input_bytes + w.boundary_bytes) + finals
+    buffers = num_micro * (-(-input_bytes // input_split) + _slice(w)) + finals  # receive buffers: what crosses
     kept = w.boundary_bytes + (0 if keep_outputs else w.final_output_bytes)
     held = w.activation_bytes + (_kept_for_w(w) if split_backward else 0)  # between I and W: also output gradients
     return StageMemory(
@@ -187,7 +188,7 @@ def _lower_actions(actions: Sequence[Action], stage: int, p: int, work: Sequence
     last = len(work) - 1
     virtual = sorted({a.chunk * p + stage for a in actions})
     micro = {v: sum(1 for a in actions if a.kind == "F" and a.chunk * p + stage == v) for v in virtual}
-    buffers = sum(micro[v] * (_input_bytes(work, v) + work[v].boundary_bytes) for v in virtual)
+    buffers = sum(micro[v] * ((_slice(work[v - 1]) if v > 0 else 0) + _slice(work[v])) for v in virtual)
     released: defaultdict[int, int] = defaultdict(int)  # action index -> bytes let go when it ends
     points = release_points(actions)
     instrs: list[Instr] = []
