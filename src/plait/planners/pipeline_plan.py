@@ -189,7 +189,7 @@ def plan_pipeline_full(graph: ModelGraph, cluster: Cluster, *, global_batch: int
     provenance = provenance_of("plait.planners.pipeline", search_s=t3 - t0,
                                passes={"tensor_parallel_ilp": t1 - t0, "stage_dp": t2 - t1, "lower_and_simulate": t3 - t2},
                                options={"global_batch": str(global_batch), "schedule": plan.schedule.kind,
-                                        "micro_batches": ",".join(str(m) for m in options.micro_batches),
+                                        "micro_batches": ",".join(str(m) for m in options.micro_batches) or "auto",
                                         "tp_sizes": ",".join(str(t) for t in (1, *sorted(sharded))),
                                         "same_size": str(options.same_size), "memory_fraction": str(options.memory_fraction)})
     return replace(plan, provenance=provenance)
