@@ -113,7 +113,8 @@ def price_block(pricer: StagePricer, arrays: LayerArrays, starts: np.ndarray, ga
     configs = pricer.configs()
     plain, again = configs.index(StageConfig(block.tp, False)), configs.index(StageConfig(block.tp, True))
     prices = np.array([[_price(pricer, int(a[r]), int(b[r]), block, recompute, limit, max_stages,
-                               int(arrays.send_split[b[r] - 1]) if block.split else 1)
+                               int(arrays.send_split[b[r] - 1]) if block.split else 1,
+                               int(arrays.send_split[a[r] - 1]) if block.split and a[r] > 0 else 1)
                         for recompute in (False, True)] for r in first]).reshape(len(first), 2, 3)
     per = prices[inverse]  # (ranges, config, [time, once, in_flight])
     plain_ok = per[:, 0, 2] >= 1
@@ -132,13 +133,14 @@ def price_block(pricer: StagePricer, arrays: LayerArrays, starts: np.ndarray, ga
 
 
 def _price(pricer: StagePricer, a: int, b: int, block: Block, recompute: bool, limit: float, max_stages: int,
-           split: int) -> tuple[float, float, int]:
-    """Time per micro-batch, once-per-step time and the most micro-batches it may hold in flight (0: none)."""
+           split: int, input_split: int = 1) -> tuple[float, float, int]:
+    """Time per micro-batch, once-per-step time and the most micro-batches it may hold in flight (0: none);
+    ``split``/``input_split``: how the stage's output and its input cross (slices need slice-sized buffers)."""
     last = b == len(pricer.graph.layers)
     priced = pricer.price(a, b, block.rank_micro, StageConfig(block.tp, recompute), last=last, send_split=split)
     static = priced.param_bytes * (2 + OPTIMIZER_STATES[pricer.optimizer])
     memory = stage_memory(priced.work, input_bytes=priced.input_bytes, num_micro=block.num_micro,
-                          step_temp_bytes=priced.step_temp_bytes, keep_outputs=pricer.keep_outputs)
+                          step_temp_bytes=priced.step_temp_bytes, keep_outputs=pricer.keep_outputs, input_split=input_split)
     in_flight = memory.max_in_flight(limit - static, cap=max_stages)
     if in_flight < 1:
         return 0.0, 0.0, 0
