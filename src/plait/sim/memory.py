@@ -29,11 +29,15 @@ def resident_by_rank(plan: Plan) -> tuple[int, ...]:
         return (resident_bytes(plan),) * plan.world_size
     out = [0] * plan.world_size
     for stage in plan.stages:
-        mine = replace(plan, params=tuple(p for p in plan.params if p.stage == stage.index))
-        params, grads, optimizer = state_bytes(mine)
+        params, grads, optimizer = stage_state_bytes(plan, stage.index)
         for rank in stage.ranks:
             out[rank] = params + grads + optimizer + plan.model.buffer_bytes + batch_bytes(plan)
     return tuple(out)
+
+
+def stage_state_bytes(plan: Plan, stage: int) -> tuple[int, int, int]:
+    """Parameters, gradients and optimizer state a rank of pipeline stage ``stage`` holds between steps."""
+    return state_bytes(replace(plan, params=tuple(p for p in plan.params if p.stage == stage)))
 
 
 def has_buckets(plan: Plan) -> bool:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
 
 from plait.cost.memory import state_bytes
 from plait.plan.ir import MemoryEstimate, Plan, Prediction
+from plait.sim.memory import stage_state_bytes
 from plait.sim.trace import Event, ProgramTrace
 
 
@@ -105,8 +105,7 @@ def _state_of(plan: Plan, rank: int) -> tuple[int, int, int]:
     """The state ``rank`` holds: its stage's in a pipeline, the plan's otherwise."""
     if not plan.is_pipeline:
         return state_bytes(plan)
-    stage = plan.stage_of(rank).index
-    return state_bytes(replace(plan, params=tuple(p for p in plan.params if p.stage == stage)))
+    return stage_state_bytes(plan, plan.stage_of(rank).index)
 
 
 def bubble_fraction(traces: Sequence[ProgramTrace], step: float) -> float:
