@@ -5,8 +5,8 @@ a schedule: GPipe, 1F1B, zero-bubble, interleaved 1F1B) the stage layout comes f
 (``plan_pipeline`` with stages of one mesh shape and at least the configuration's stage count; tensor-parallel
 rows with the intra-op ILP's layers and boundaries sent as slices), becomes a pipeline Plan whose programs the
 simulator runs on the machine's profile, and the plan runs on 4 gloo ranks as the Trainer applies it
-(``apply_pipeline_plan``). The interleaved row cuts the planner's stages into two chunks per rank, prices
-them like stages and runs them with torch's interleaved schedule. Measured: median of 8
+(``apply_pipeline_plan``). The interleaved row is the planner's interleaved variant of its stages (two model
+chunks per rank, ``plait.planners.pipeline_interleave``), run the same way. Measured: median of 8
 timed steps after 3 warm-up steps, and each rank's peak tensor memory over one more step (parameters,
 gradients, AdamW state and what the torch stages hold between steps included: receive buffers, the last
 stage's kept outputs; not the layers of other stages the rank's model copy still holds). Targets (issue 7): step within 30 %, predicted peak at least the measured
@@ -41,22 +41,15 @@ from rich.table import Table  # noqa: E402
 
 from plait.cluster import local_cluster  # noqa: E402
 from plait.cost import CostModel  # noqa: E402
-from plait.cost.memory import OPTIMIZER_STATES  # noqa: E402
 from plait.graph import capture  # noqa: E402
 from plait.models import zoo_model  # noqa: E402
-from plait.plan import BatchSpec, MeshSpec, Plan, plan_from_json, plan_to_json, shard  # noqa: E402
+from plait.plan import Plan, plan_from_json, plan_to_json  # noqa: E402
 from plait.planners.intra_op.source import ModelSource  # noqa: E402
-from plait.planners.layer_groups import group_layers  # noqa: E402
 from plait.planners.pipeline import PipelineChoice, PipelineOptions, plan_pipeline  # noqa: E402
-from plait.planners.pipeline_lowering import lower_pipeline  # noqa: E402
 from plait.planners.pipeline_plan import FP32, build_pipeline_plan, sharded_layers  # noqa: E402
-from plait.planners.schedules import interleaved_1f1b  # noqa: E402
-from plait.planners.stage_pricing import StageConfig, StagePricer  # noqa: E402
 from plait.profiling.memory import live_tensor_bytes, track_peak_memory  # noqa: E402
 from plait.runtime import init_distributed, run_ranks, teardown  # noqa: E402
-from plait.runtime.pipeline import build_pipeline_rank  # noqa: E402
 from plait.runtime.pipeline_apply import apply_pipeline_plan  # noqa: E402
-from plait.sim import simulate  # noqa: E402
 
 NPROC = 4
 OPT = {"lr": 1e-4}
@@ -151,13 +144,16 @@ def choose(config: Config) -> tuple[Any, PipelineChoice, CostModel]:
     graph, source = captured(config.model, config.global_batch)
     cluster = local_cluster(NPROC)
     cost = CostModel(cluster)
-    options = PipelineOptions(same_size=True, min_stages=config.min_stages, micro_batches=(2, 4, 8), tp_sizes=(config.tp,))
+    options = PipelineOptions(same_size=True, min_stages=config.min_stages, micro_batches=(2, 4, 8), tp_sizes=(config.tp,),
+                              chunks=(config.chunks,) if config.chunks > 1 else ())
     sharded = sharded_layers(source, cluster, cost, tp_sizes=(config.tp,), joint_batch=source.batch_size, precision=FP32,
                              optimizer="adamw") if config.tp > 1 else {}
     choice = plan_pipeline(graph, cluster, global_batch=config.global_batch, cost=cost, options=options, sharded=sharded)
     if config.split:
         sliced = tuple(replace(w, send_split=config.tp) for w in choice.work[:-1]) + choice.work[-1:]
         choice = replace(choice, work=sliced)
+    if config.chunks > 1:
+        choice = choice.variants[0]  # the planner's interleaved variant of its stages
     return graph, choice, cost
 
 
@@ -174,39 +170,9 @@ def predict_plan(plan: Plan) -> tuple[float, list[int]]:
     return plan.predicted.step_s, list(plan.predicted.peak_memory_bytes)
 
 
-def interleaved(config: Config) -> tuple[list[list[str]], int, int, int, float, list[int]]:
-    """An interleaved row: the planner's data-parallel stages, their layers cut into ``chunks`` x stages virtual
-    stages (balanced FLOPs), each priced like a stage; (virtual stage layers, stages, dp, micro-batches, step,
-    peaks)."""
-    graph, choice, cost = choose(config)
-    p, dp, v = len(choice.stage_ranks), len(choice.stage_ranks[0]), config.chunks
-    layers = graph.layers
-    ranges = group_layers([float(x.fwd_flops + x.bwd_flops) for x in layers], [float(x.output_bytes) for x in layers[:-1]],
-                          p * v)
-    pricer = StagePricer(graph=graph, cluster=cost.cluster, cost=cost, optimizer="adamw")
-    micro = choice.micro_size // dp
-    priced = [pricer.price(a, b, micro, StageConfig(), last=k == p * v - 1) for k, (a, b) in enumerate(ranges)]
-    mine = [[k for k in range(p * v) if k % p == s] for s in range(p)]
-    programs = lower_pipeline(interleaved_1f1b(p, choice.num_micro, v), [x.work for x in priced], choice.stage_ranks,
-                              optimizer_numel=[sum(priced[k].param_numel for k in ks) for ks in mine],
-                              sync_bytes=[sum(priced[k].param_bytes for k in ks) for ks in mine],
-                              step_temp_bytes=[max(priced[k].step_temp_bytes for k in ks) for ks in mine])
-    plan = Plan(model=graph, cluster=cost.cluster, mesh=MeshSpec(shape=(NPROC,), axes=("dp",)),
-                batch=BatchSpec(global_size=NPROC, micro_size=1, placements=(shard(0),)), params=(), programs=programs)
-    result = simulate(plan, cost)
-    states = OPTIMIZER_STATES["adamw"]
-    peaks = [0] * NPROC
-    for s, ranks in enumerate(choice.stage_ranks):
-        static = sum(priced[k].param_bytes for k in mine[s]) * (2 + states)
-        for r in ranks:
-            peaks[r] = static + result.trace_of(r).peak_dynamic_bytes
-    names = [[layer.name for layer in layers[a:b]] for a, b in ranges]
-    return names, p, dp, choice.num_micro, result.prediction.step_s, peaks
-
-
 def stage_state_bytes(stages: list[Any]) -> int:
-    """What torch pipeline stages hold between steps: a receive buffer per micro-batch for the input and for the
-    output's gradient, and the last stage's outputs of the previous step (freed when the next step starts)."""
+    """What pipeline stages hold between steps: receive buffers that still have storage (none with plait's
+    ``LazyRecvStage``) and the last stage's outputs of the previous step (freed when the next step starts)."""
     tensors: list[torch.Tensor] = []
     for stage in stages:
         infos = [*stage.args_recv_info.values(), *stage.grad_recv_info.values()]
@@ -245,16 +211,6 @@ def others_cores(uses: list[CpuUse]) -> float:
     machine = statistics.median(u.machine_s for u in uses)
     wall = statistics.median(u.wall_s for u in uses)
     return max(0.0, machine - sum(u.own_s for u in uses)) / wall if wall > 0 else float("nan")
-
-
-def measure_rank(name: str, stage_layers: list[list[str]], pp: int, dp: int, schedule: str, num_micro: int,
-                 global_batch: int, warmup: int, steps: int) -> tuple[float, int, CpuUse]:
-    """One rank of stages built directly (the interleaved row): see ``timed_steps``."""
-    init_distributed()
-    build, make_batch, loss = model_parts(name)
-    torch.manual_seed(0)
-    rank = build_pipeline_rank(build(), stage_layers, pp=pp, dp=dp, schedule=schedule, num_micro=num_micro, loss=loss)
-    return timed_steps(rank, make_batch, global_batch, warmup, steps)
 
 
 def measure_plan_rank(name: str, plan_json: str, warmup: int, steps: int) -> tuple[float, int, CpuUse]:
@@ -299,15 +255,10 @@ def timed_steps(rank: Any, make_batch: Any, global_batch: int, warmup: int, step
 
 def run(config: Config, warmup: int, steps: int) -> Row:
     """Plan, predict and measure one configuration."""
-    if config.chunks > 1:
-        names, pp, dp, num_micro, step, peaks = interleaved(config)
-        out = run_ranks(measure_rank, NPROC, config.model, names, pp, dp, config.schedule, num_micro, config.global_batch,
-                        warmup, steps, timeout_s=1200)
-    else:
-        plan = plan_of(config)
-        pp, dp, num_micro = len(plan.stages), plan.stages[0].stage_mesh.axis_size("dp"), plan.schedule.num_microbatches
-        step, peaks = predict_plan(plan)
-        out = run_ranks(measure_plan_rank, NPROC, config.model, plan_to_json(plan), warmup, steps, timeout_s=1200)
+    plan = plan_of(config)
+    pp, dp, num_micro = plan.num_pipeline_ranks, plan.stages[0].stage_mesh.axis_size("dp"), plan.schedule.num_microbatches
+    step, peaks = predict_plan(plan)
+    out = run_ranks(measure_plan_rank, NPROC, config.model, plan_to_json(plan), warmup, steps, timeout_s=1200)
     return Row(model=config.model, stages=pp, dp=dp, num_micro=num_micro, schedule=config.schedule, tp=config.tp,
                predicted_step_s=step, measured_step_s=statistics.median(t for t, _, _ in out), predicted_peaks=peaks,
                measured_peaks=[m for _, m, _ in out], others_cores=others_cores([u for _, _, u in out]))

@@ -13,6 +13,7 @@ from torch import nn
 from plait.cluster import load_cluster
 from plait.cost import CostModel
 from plait.cost.memory import OPTIMIZER_STATES
+from plait.errors import PlaitError
 from plait.graph import ModelGraph, capture
 from plait.graph.chain import chain_problem
 from plait.models import GPT, lm_batch, lm_loss, zoo_model
@@ -184,7 +185,32 @@ def test_tensor_parallel_stages_carry_the_ilps_layout_and_its_collectives() -> N
     qkv = plan.param("blocks.0.attn.qkv.weight")
     assert str(qkv.placements[1]) == "Shard(0)" and qkv.stage == 0  # Megatron's column split, from the ILP
     assert plan.activations and all(len(a.placements) == 2 for a in plan.activations)
-    for program, stage in zip(plan.programs, plan.stages, strict=True):
+    assert len(plan.programs) == plan.num_pipeline_ranks  # one per rank group (its model chunks, if interleaved)
+    for program in plan.programs:
         tp = [i for i in program.instrs if i.op == "collective" and i.axes == ("tp",)]
-        assert tp and all(i.group == stage.ranks[:2] for i in tp)  # the stage's tensor-parallel pair
+        assert tp and all(i.group == program.ranks[:2] for i in tp)  # the stage's tensor-parallel pair
     assert plan_from_json(plan_to_json(plan)) == plan
+
+
+def test_an_interleaved_plan_runs_model_chunks_round_robin_with_a_smaller_bubble() -> None:
+    """Interleaved 1F1B: the layers cut into 2 x p virtual stages, virtual stage v on rank group v % p, one
+    program per rank group holding both chunks' passes; the simulator shows a smaller bubble than 1F1B on the
+    same stages. A pipeline that cannot be interleaved is a clear error."""
+    graph, cluster = zoo_graph("gpt-mini", batch=4), load_cluster("local:4")
+    cost = CostModel(cluster)
+    options = PipelineOptions(same_size=True, min_stages=2, micro_batches=(4,), tp_sizes=(1,))
+    plan = plan_pipeline_full(graph, cluster, global_batch=16, cost=cost, options=options, schedule="interleaved-1f1b")
+    p = plan.num_pipeline_ranks
+    assert p >= 2 and len(plan.stages) == 2 * p and plan.mesh.shape[0] == p
+    assert [s.ranks for s in plan.stages] == [plan.stages[v % p].ranks for v in range(2 * p)]
+    assert [n for s in plan.stages for n in s.layers] == [layer.name for layer in graph.layers]
+    assert len(plan.programs) == p and {i.stage for i in plan.program_of(0).instrs if i.stage is not None} == {0, p}
+    assert plan.stages_of(0) == (plan.stages[0], plan.stages[p])
+    assert plan_from_json(plan_to_json(plan)) == plan
+    assert f"{p} stages x 2 model chunks" in plan_text(plan)
+    plain = plan_pipeline_full(graph, cluster, global_batch=16, cost=cost, options=options, schedule="1f1b")
+    assert plan.predicted is not None and plain.predicted is not None
+    assert plan.predicted.bubble_fraction < plain.predicted.bubble_fraction
+    too_few_layers = PipelineOptions(same_size=True, min_stages=2, micro_batches=(4,), tp_sizes=(1,), chunks=(4,))
+    with pytest.raises(PlaitError, match="cannot be interleaved"):
+        plan_pipeline_full(graph, cluster, global_batch=16, cost=cost, options=too_few_layers, schedule="interleaved-1f1b")

@@ -1,5 +1,6 @@
 """The Trainer runs pipeline plans: the planner's stages on 4 gloo ranks match one plain process after 3 AdamW
-steps (1F1B and GPipe, with a stage that recomputes), and a checkpoint taken by the pipeline resumes exactly."""
+steps (1F1B, GPipe, zero-bubble and interleaved 1F1B with two model chunks per rank, with a stage that
+recomputes), and a checkpoint taken by the pipeline resumes exactly."""
 
 from __future__ import annotations
 
@@ -24,10 +25,11 @@ NAME, STEPS, GLOBAL_BATCH = "gpt-tiny", 3, 8
 LOSS_RTOL, PARAM_ATOL = 1e-5, 5e-6
 
 
-def pipeline_plan(tp: int = 1, *, split: bool = False, schedule: str = "1f1b") -> Plan:
+def pipeline_plan(tp: int = 1, *, split: bool = False, schedule: str | None = None) -> Plan:
     """The pipeline planner's own choice for gpt-tiny on 4 local ranks (stages of one size, at least two), with
     stages of ``tp`` tensor-parallel ranks (the intra-op ILP's layers); ``split``: every boundary crosses as tp
-    slices that the next stage all-gathers; ``schedule``: the pass lists the plan's programs hold."""
+    slices that the next stage all-gathers; ``schedule``: the pass lists the plan's programs hold (None: the
+    planner's choice)."""
     build, make_batch, loss = model_parts(NAME)
     with torch.device("meta"):
         model = build()
@@ -37,14 +39,15 @@ def pipeline_plan(tp: int = 1, *, split: bool = False, schedule: str = "1f1b") -
     cluster = local_cluster(4)
     cost = CostModel(cluster)
     options = PipelineOptions(same_size=True, min_stages=2, micro_batches=(2, 4), tp_sizes=(tp,))
-    if not split and schedule == "1f1b":
-        return plan_pipeline_full(graph, cluster, global_batch=GLOBAL_BATCH, cost=cost, options=options, source=source)
+    if not split and schedule in (None, "interleaved-1f1b"):
+        return plan_pipeline_full(graph, cluster, global_batch=GLOBAL_BATCH, cost=cost, options=options, source=source,
+                                  schedule=schedule)
     sharded = sharded_layers(source, cluster, cost, tp_sizes=(tp,), joint_batch=GLOBAL_BATCH // 2, precision=FP32,
                              optimizer="adamw")
     choice = plan_pipeline(graph, cluster, global_batch=GLOBAL_BATCH, cost=cost, options=options, sharded=sharded)
     sliced = tuple(replace(w, send_split=tp if split else 1) for w in choice.work[:-1]) + choice.work[-1:]
     return build_pipeline_plan(graph, cluster, replace(choice, work=sliced), global_batch=GLOBAL_BATCH, cost=cost,
-                               schedule=schedule)
+                               schedule=schedule or "1f1b")
 
 
 def train_rank(plan_json: str, steps: int, out_dir: str | None = None, checkpoint_every: int = 0,
@@ -79,9 +82,9 @@ def variants(plan: Plan) -> dict[str, Plan]:
     return {"1f1b": plan, "gpipe": gpipe, "recompute-stage-0": recomputing, "zero-bubble": zero}
 
 
-@pytest.mark.parametrize("variant", ["1f1b", "gpipe", "recompute-stage-0", "zero-bubble"])
+@pytest.mark.parametrize("variant", ["1f1b", "gpipe", "recompute-stage-0", "zero-bubble", "interleaved"])
 def test_the_trainer_runs_a_pipeline_plan(variant: str) -> None:
-    plan = variants(pipeline_plan())[variant]
+    plan = pipeline_plan(schedule="interleaved-1f1b") if variant == "interleaved" else variants(pipeline_plan())[variant]
     assert plan.is_pipeline and len(plan.stages) >= 2
     results = run_ranks(train_rank, 4, plan_to_json(plan), STEPS)
     assert_matches(results[0])
@@ -89,9 +92,10 @@ def test_the_trainer_runs_a_pipeline_plan(variant: str) -> None:
 
 
 def test_the_trainer_runs_tensor_parallel_stages() -> None:
-    # 2 stages x 2-way tensor parallelism with the intra-op ILP's placements (Megatron's column/row split)
+    # 2 stages x 2-way tensor parallelism with the intra-op ILP's placements (Megatron's column/row split), as
+    # the planner schedules them (it may give each rank group two model chunks, interleaved 1F1B)
     plan = pipeline_plan(tp=2)
-    assert [s.stage_mesh.axes for s in plan.stages] == [("dp", "tp"), ("dp", "tp")]
+    assert plan.num_pipeline_ranks == 2 and all(s.stage_mesh.axes == ("dp", "tp") for s in plan.stages)
     assert plan.mesh.axes == ("pp", "dp", "tp") and plan.mesh.shape == (2, 1, 2)
     split = [p.name for p in plan.params if any(pl.is_shard for pl in p.placements)]
     assert any("qkv.weight" in n for n in split) and any("fc2.weight" in n for n in split)
@@ -103,7 +107,7 @@ def test_a_boundary_sent_as_slices_is_gathered_by_the_next_stage() -> None:
     # each tp rank sends half the sequence; the next stage all-gathers it (and the gradient comes back halved)
     plan = pipeline_plan(tp=2, split=True)
     assert [str(p) for p in plan.stages[0].send_placements] == ["Replicate()", "Shard(1)"]
-    whole = pipeline_plan(tp=2)
+    whole = pipeline_plan(tp=2, schedule="1f1b")
     sent = [i.nbytes for i in plan.programs[0].instrs if i.op == "send"]
     assert sent == [-(-i.nbytes // 2) for i in whole.programs[0].instrs if i.op == "send"]
     assert any(i.collective == "all_gather" and i.name.startswith("gather act") for i in plan.programs[1].instrs)

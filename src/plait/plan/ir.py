@@ -366,11 +366,20 @@ class Plan:
         return self.stages[param.stage].stage_mesh if param.stage is not None else self.mesh
 
     def stage_of(self, rank: int) -> StageSpec:
-        """The pipeline stage ``rank`` belongs to."""
-        for stage in self.stages:
-            if rank in stage.ranks:
-                return stage
-        raise KeyError(f"rank {rank} is in no stage of this plan ({len(self.stages)} stages)")
+        """The (first) pipeline stage ``rank`` belongs to."""
+        return self.stages_of(rank)[0]
+
+    def stages_of(self, rank: int) -> tuple[StageSpec, ...]:
+        """The pipeline stages ``rank`` runs: one, or its model chunks under an interleaved schedule."""
+        found = tuple(stage for stage in self.stages if rank in stage.ranks)
+        if not found:
+            raise KeyError(f"rank {rank} is in no stage of this plan ({len(self.stages)} stages)")
+        return found
+
+    @property
+    def num_pipeline_ranks(self) -> int:
+        """Pipeline stages on distinct ranks (fewer than ``stages`` when each runs several model chunks)."""
+        return len({stage.ranks for stage in self.stages})
 
     def program_of(self, rank: int) -> RankProgram:
         """The program that ``rank`` executes."""

@@ -107,8 +107,9 @@ def pipeline_text(plan: Plan) -> str:
     sizes = sorted({len(s.ranks) for s in plan.stages})
     per = f"{sizes[0]} ranks each" if len(sizes) == 1 else f"{'/'.join(str(n) for n in sizes)} ranks"
     bubble = f", bubble {plan.predicted.bubble_fraction:.0%} of the step" if plan.predicted else ""
-    n = plan.schedule.num_microbatches
-    return f"{len(plan.stages)} stages ({per}), {plan.schedule.kind}, {n} micro-batch{'es' if n != 1 else ''}{bubble}"
+    n, pp = plan.schedule.num_microbatches, plan.num_pipeline_ranks
+    chunks = f" x {len(plan.stages) // pp} model chunks" if len(plan.stages) > pp else ""
+    return f"{pp} stages{chunks} ({per}), {plan.schedule.kind}, {n} micro-batch{'es' if n != 1 else ''}{bubble}"
 
 
 def stages_table(plan: Plan) -> Table:

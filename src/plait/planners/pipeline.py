@@ -33,9 +33,10 @@ from plait.errors import PlaitError
 from plait.graph.model_graph import ModelGraph
 from plait.plan.ir import RankProgram
 from plait.planners.layer_groups import group_layers
+from plait.planners.pipeline_interleave import can_interleave, interleave
 from plait.planners.pipeline_lowering import StageWork, lower_pipeline
 from plait.planners.pipeline_search import Found, Search, Shortlist, search_mixed, search_same_size
-from plait.planners.schedules import gpipe, one_f_one_b
+from plait.planners.schedules import gpipe, interleaved_1f1b, one_f_one_b
 from plait.planners.stage_configs import ShardedLayers
 from plait.planners.stage_dp import StageCandidate, StageError, StageSolution
 from plait.planners.stage_pricing import StageConfig, StagePricer
@@ -68,6 +69,7 @@ class PipelineOptions:
     tp_sizes: tuple[int, ...] | None = None  # tensor-parallel sizes a stage may use (None: 1 and every size given)
     compute_dtype: str | None = None  # None: the tensor-parallel layers' compute dtype, else the graph's
     simulate_top: int = 3  # the DP's best pipelines checked in the simulator (0: trust the DP's closed form)
+    chunks: tuple[int, ...] = (2,)  # model chunks per rank the chosen pipeline is also offered with (interleaved 1F1B)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,6 +92,10 @@ class PipelineChoice:
     simulated_s: float | None = None  # the simulator's step of its 1F1B programs, when the search ran it
     # seconds per part of the search (and the problems solved and candidates priced)
     searched: tuple[tuple[str, float], ...] = ()
+    # model chunks per rank (interleaved 1F1B): ``layer_ranges``, ``work`` and ``configs`` are then per virtual
+    # stage ``v`` (on ranks ``stage_ranks[v % p]``), the once-per-step fields per rank group
+    chunks: int = 1
+    variants: tuple[PipelineChoice, ...] = ()  # the same pipeline with model chunks per rank (interleaved 1F1B)
 
     @property
     def step_s(self) -> float:
@@ -97,11 +103,19 @@ class PipelineChoice:
         return self.solution.step_s
 
     def programs(self, schedule: str = "1f1b") -> tuple[RankProgram, ...]:
-        """Per-stage programs of this choice under ``schedule`` (``1f1b``, ``gpipe`` or ``zero-bubble``)."""
+        """Per-stage programs of this choice under ``schedule`` (``1f1b``, ``gpipe`` or ``zero-bubble``; with model
+        chunks per rank, ``interleaved-1f1b``)."""
+        p, m = len(self.stage_ranks), self.num_micro
         lists = {"1f1b": one_f_one_b, "gpipe": gpipe, "zero-bubble": zero_bubble}
-        if schedule not in lists:
+        if self.chunks > 1:
+            if schedule != "interleaved-1f1b":
+                raise PlaitError(f"a pipeline of {self.chunks} model chunks per rank runs 'interleaved-1f1b', not {schedule!r}")
+            actions = interleaved_1f1b(p, m, self.chunks)
+        elif schedule in lists:
+            actions = lists[schedule](p, m)
+        else:
             raise PlaitError(f"unknown schedule {schedule!r} for a pipeline choice; choose one of {', '.join(lists)}")
-        return lower_pipeline(lists[schedule](len(self.layer_ranges), self.num_micro), self.work, self.stage_ranks,
+        return lower_pipeline(actions, self.work, self.stage_ranks,
                               optimizer_numel=self.optimizer_numel, sync_bytes=self.sync_bytes,
                               step_temp_bytes=self.step_temp_bytes, keep_outputs=self.keep_outputs)
 
@@ -164,7 +178,8 @@ def plan_pipeline(graph: ModelGraph, cluster: Cluster, *, global_batch: int, cos
                 ("search_other", t1 - t0 - t_groups - search.pricing_s - search.dp_s), ("build_choices", t2 - t1),
                 ("simulate_shortlist", t3 - t2), ("problems", float(search.problems)),
                 ("candidates", float(search.candidates)))
-    return replace(best, search_s=t3 - t0, searched=searched)
+    variants = tuple(interleave(best, pricer, v) for v in options.chunks if can_interleave(best, len(graph.layers), v))
+    return replace(best, search_s=t3 - t0, searched=searched, variants=variants)
 
 
 def _groups(graph: ModelGraph, options: PipelineOptions) -> tuple[np.ndarray, np.ndarray]:

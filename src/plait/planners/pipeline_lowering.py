@@ -12,8 +12,9 @@ boundary, direction and micro-batch, so the simulator pairs them.
 Memory follows what ``torch.distributed.pipelining`` (plait's pipeline runtime) holds, as measured by
 ``bench/pipeline_fidelity.py``:
 
-* for the whole step, a receive buffer per micro-batch for the input activation and for the output
-  gradient (torch allocates them when the stage is set up);
+* a receive buffer for a micro-batch's input activation from its receive until its last backward pass
+  (``B``, or ``W`` when the backward is split), and one for its output's gradient from that receive until the
+  same pass (``plait.runtime.pipeline_buffers``: torch alone would keep one per micro-batch for the whole run);
 * per micro-batch from its forward to its backward, the saved activations and the output (kept to run
   the backward with the gradient that comes back); with ``keep_outputs`` (torch's ``step`` returns the
   outputs unless told ``return_outputs=False``, as plait's runtime tells it) the last virtual stage
@@ -30,7 +31,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from plait.cost.work import Comm
 from plait.errors import PlaitError
@@ -90,21 +91,24 @@ class StageMemory:
 def stage_memory(w: StageWork, *, input_bytes: int, num_micro: int, step_temp_bytes: int = 0,
                  keep_outputs: bool = False, split_backward: bool = False, input_split: int = 1) -> StageMemory:
     """The bound ``lower_pipeline``'s program of a stage running ``w`` stays under (one virtual stage per rank;
-    ``input_bytes``: the previous stage's ``boundary_bytes``): each in-flight micro-batch holds its activations
-    and output (or, once its backward ran, its input's gradient and, in GPipe, its output); while they run, the
-    receive buffers, the kept final outputs, the backward's workspace and two input gradients (its own and the
-    one its previous backward sent), and 1F1B's held warm-up output; after them, the outputs' merge or the
+    ``input_bytes``: the previous stage's ``boundary_bytes``): each in-flight micro-batch holds its input's receive
+    buffer, its activations and output (or, once its backward ran, its input's gradient and, in GPipe, its
+    output); while they run, the next input's receive buffer, the running and the next backward's output
+    gradients, the kept final outputs, the backward's workspace and two input gradients (its own and the one its
+    previous backward sent), and 1F1B's held warm-up output; after them, the kept outputs and their merge or the
     optimizer step's temporaries. With ``split_backward`` (the zero-bubble schedule) a micro-batch between its
-    ``I`` and ``W`` also holds the gradients of its weight ops' outputs, counted as its backward's workspace.
-    Receive buffers hold what crosses: a boundary sent as slices (``input_split``, ``w.send_split``) needs slices."""
+    ``I`` and ``W`` also holds the gradients of its weight ops' outputs, counted as its backward's workspace,
+    and its output gradient's receive buffer. Receive buffers hold what crosses: a boundary sent as slices
+    (``input_split``, ``w.send_split``) needs slices."""
     finals = num_micro * w.final_output_bytes if keep_outputs else 0
-    buffers = num_micro * (-(-input_bytes // input_split) + _slice(w)) + finals  # receive buffers: what crosses
-    kept = w.boundary_bytes + (0 if keep_outputs else w.final_output_bytes)
-    held = w.activation_bytes + (_kept_for_w(w) if split_backward else 0)  # between I and W: also output gradients
+    received = -(-input_bytes // input_split)  # an input's receive buffer: what crosses
+    kept = w.boundary_bytes + (0 if keep_outputs else w.final_output_bytes) + received
+    held = w.activation_bytes + (_kept_for_w(w) + _slice(w) if split_backward else 0)  # I to W: output gradients
     return StageMemory(
         per_micro=kept + max(held, input_bytes),
-        during=buffers + w.transient_bytes + 2 * input_bytes + w.boundary_bytes + w.comm_temp_bytes,
-        after=buffers + max(finals, step_temp_bytes),
+        # the next input being received, the running backward's output gradient and the next one's
+        during=finals + received + 2 * _slice(w) + w.transient_bytes + 2 * input_bytes + w.boundary_bytes + w.comm_temp_bytes,
+        after=finals + max(finals, step_temp_bytes),
     )
 
 
@@ -183,12 +187,9 @@ def _split_release_points(actions: Sequence[Action]) -> list[int]:
 
 def _lower_actions(actions: Sequence[Action], stage: int, p: int, work: Sequence[StageWork],
                    stage_ranks: Sequence[tuple[int, ...]], keep_outputs: bool) -> tuple[list[Instr], int]:
-    """One stage's instructions for its actions (receive buffers allocated with the first), and the bytes still
-    held when they are done (buffers and final outputs, freed with the optimizer step)."""
+    """One stage's instructions for its actions, and the bytes still held when they are done (the final outputs,
+    freed with the optimizer step)."""
     last = len(work) - 1
-    virtual = sorted({a.chunk * p + stage for a in actions})
-    micro = {v: sum(1 for a in actions if a.kind == "F" and a.chunk * p + stage == v) for v in virtual}
-    buffers = sum(micro[v] * ((_slice(work[v - 1]) if v > 0 else 0) + _slice(work[v])) for v in virtual)
     released: defaultdict[int, int] = defaultdict(int)  # action index -> bytes let go when it ends
     points = release_points(actions)
     instrs: list[Instr] = []
@@ -200,12 +201,10 @@ def _lower_actions(actions: Sequence[Action], stage: int, p: int, work: Sequence
         released[points[i]] += sent
         _lower_action(instrs, a, stage, p, work, stage_ranks, released[i])
         finals += work[v].final_output_bytes if keep_outputs and a.kind == "F" and v == last else 0
-    if instrs:
-        instrs[0] = replace(instrs[0], alloc_bytes=instrs[0].alloc_bytes + buffers)
     if finals:
         instrs.append(Instr(op="compute", stream="compute", name="merge outputs", phase="bwd", bytes_moved=2 * finals,
                             num_kernels=1, deps=(len(instrs) - 1,), alloc_bytes=finals, free_bytes=finals))
-    return instrs, buffers + finals
+    return instrs, finals
 
 
 def _kept_output(work: Sequence[StageWork], v: int, keep_outputs: bool) -> int:
@@ -231,7 +230,7 @@ def _lower_action(instrs: list[Instr], a: Action, stage: int, p: int, work: Sequ
         w = work[v]
         instrs.append(Instr(op="compute", stream="compute", name=f"bwdW v{v} mb{a.micro}", phase="bwd",
                             flops=w.bwd_flops / 2, bytes_moved=w.bwd_bytes_moved / 2, num_kernels=max(1, w.bwd_kernels // 2),
-                            free_bytes=w.activation_bytes + _kept_for_w(w) + released,  # after its I (compute order)
+                            free_bytes=w.activation_bytes + _kept_for_w(w) + _received(work, v) + released,  # after its I
                             pass_kind="W", micro=a.micro, stage=v))
     else:
         _lower_backward(instrs, a, v, stage, p, work, stage_ranks, released)
@@ -251,7 +250,8 @@ def _lower_forward(instrs: list[Instr], a: Action, v: int, stage: int, p: int, w
     if v > 0:
         before = work[v - 1]
         instrs.append(Instr(op="recv", stream="comm", name=f"act {v - 1}>{v} mb{a.micro}", phase="fwd",
-                            nbytes=_slice(before), group=(_rank_of(stage_ranks, p, v - 1), me)))
+                            nbytes=_slice(before), group=(_rank_of(stage_ranks, p, v - 1), me),
+                            alloc_bytes=_slice(before)))
         _gather(instrs, before, f"act {v - 1}>{v} mb{a.micro}", "fwd", group)
         deps = (len(instrs) - 1,)
     output = w.boundary_bytes if v < last else w.final_output_bytes
@@ -273,7 +273,7 @@ def _lower_backward(instrs: list[Instr], a: Action, v: int, stage: int, p: int, 
     deps: tuple[int, ...] = ()
     if v < last:
         instrs.append(Instr(op="recv", stream="comm", name=f"grad {v + 1}>{v} mb{a.micro}", phase="bwd",
-                            nbytes=_slice(w), group=(_rank_of(stage_ranks, p, v + 1), me)))
+                            nbytes=_slice(w), group=(_rank_of(stage_ranks, p, v + 1), me), alloc_bytes=_slice(w)))
         _gather(instrs, w, f"grad {v + 1}>{v} mb{a.micro}", "bwd", group)
         deps = (len(instrs) - 1,)
     whole = a.kind == "B"
@@ -281,7 +281,7 @@ def _lower_backward(instrs: list[Instr], a: Action, v: int, stage: int, p: int, 
     # an I keeps, for its W, the gradients of the weight ops' outputs: counted as its backward's workspace plus
     # the gradient of the stage's output (the last layer's weights need it)
     kept_for_w = 0 if whole else _kept_for_w(w)
-    freed = w.activation_bytes + released if whole else released
+    freed = w.activation_bytes + _received(work, v) + released if whole else released
     instrs.append(Instr(op="compute", stream="compute", name=f"bwd{'' if whole else 'I'} v{v} mb{a.micro}", phase="bwd",
                         flops=w.bwd_flops * share, bytes_moved=w.bwd_bytes_moved * share,
                         num_kernels=max(1, int(w.bwd_kernels * share)), deps=deps,
@@ -298,6 +298,12 @@ def _kept_for_w(w: StageWork) -> int:
     """What an ``I`` pass keeps for its ``W``: the weight ops' output gradients (the backward's workspace) and the
     gradient of the stage's output."""
     return w.transient_bytes + (w.boundary_bytes or w.final_output_bytes)
+
+
+def _received(work: Sequence[StageWork], v: int) -> int:
+    """The receive buffers a micro-batch of virtual stage ``v`` holds until its last backward pass: its input's and
+    its output gradient's."""
+    return (_slice(work[v - 1]) if v > 0 else 0) + (_slice(work[v]) if v < len(work) - 1 else 0)
 
 
 def _slice(w: StageWork) -> int:

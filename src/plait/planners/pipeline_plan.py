@@ -16,6 +16,7 @@ from dataclasses import replace
 
 from plait.cluster.spec import Cluster
 from plait.cost import CostModel
+from plait.errors import PlaitError
 from plait.graph.model_graph import ModelGraph
 from plait.plan.ir import (
     ActivationPlan,
@@ -45,6 +46,7 @@ FP32 = PrecisionPolicy()
 DEFAULT_OPTIONS = PipelineOptions()
 SCHEDULES = ("1f1b", "zero-bubble")  # what a pipeline plan is simulated under when the caller does not fix it
 LIST_DRIVEN = ("zero-bubble",)  # schedules the runtime runs from the plan's pass lists
+INTERLEAVED = "interleaved-1f1b"  # a pipeline's variants with model chunks per rank run this
 
 
 def fastest_that_fits(plans: list[Plan], limit: float) -> Plan:
@@ -61,10 +63,10 @@ def stage_mesh(ranks: int, tp: int) -> MeshSpec:
 
 
 def pipeline_stages(graph: ModelGraph, choice: PipelineChoice) -> tuple[StageSpec, ...]:
-    """One StageSpec per chosen stage: its layers' names, its ranks and mesh, its recomputation."""
-    out = []
-    for i, ((a, b), ranks) in enumerate(zip(choice.layer_ranges, choice.stage_ranks, strict=True)):
-        config = choice.configs[i]
+    """One StageSpec per chosen (virtual) stage: its layers' names, its ranks and mesh, its recomputation."""
+    out, p = [], len(choice.stage_ranks)
+    for i, (a, b) in enumerate(choice.layer_ranges):
+        config, ranks = choice.configs[i], choice.stage_ranks[i % p]
         out.append(StageSpec(index=i, layers=tuple(layer.name for layer in graph.layers[a:b]), ranks=ranks,
                              mesh=stage_mesh(len(ranks), config.tp), recompute=config.recompute,
                              send_placements=send_placements(graph.layers[b - 1].output_shape, choice.work[i].send_split)))
@@ -121,9 +123,9 @@ def pipeline_mesh(stages: tuple[StageSpec, ...], choice: PipelineChoice, global_
         (mesh,) = meshes
         dp = mesh.axis_size("dp")
         placements: tuple[Placement, ...] = tuple(shard(0) if a == "dp" else REPLICATE for a in mesh.axes)
-        return (MeshSpec(shape=(len(stages), *mesh.shape), axes=("pp", *mesh.axes)),
+        return (MeshSpec(shape=(len(choice.stage_ranks), *mesh.shape), axes=("pp", *mesh.axes)),
                 BatchSpec(global_size=global_batch, micro_size=micro // dp, num_micro=n, placements=(REPLICATE, *placements)))
-    world = sum(len(s.ranks) for s in stages)
+    world = sum(len(r) for r in choice.stage_ranks)
     return (MeshSpec(shape=(world,), axes=("world",)),
             BatchSpec(global_size=global_batch, micro_size=micro, num_micro=n, placements=(REPLICATE,)))
 
@@ -153,6 +155,21 @@ def _programs(choice: PipelineChoice, schedule: str) -> tuple[RankProgram, ...]:
     return choice.programs(schedule)
 
 
+def _schedules(choice: PipelineChoice, schedule: str | None) -> list[tuple[PipelineChoice, str]]:
+    """The (pipeline, schedule) pairs to simulate: ``schedule`` if fixed, else 1F1B, zero-bubble and the interleaved
+    variants; ``PlaitError`` when the fixed schedule cannot run this pipeline."""
+    interleaved = [(v, INTERLEAVED) for v in choice.variants]
+    if schedule is None:
+        return [(choice, s) for s in SCHEDULES] + interleaved
+    if schedule != INTERLEAVED:
+        return [(choice, schedule)]
+    if not interleaved:
+        raise PlaitError(f"the chosen pipeline ({len(choice.stage_ranks)} stages, {choice.num_micro} micro-batches) "
+                         f"cannot be interleaved: it needs at least 2 stages of one size, micro-batches a multiple of "
+                         f"the stages and a layer per model chunk; choose another schedule")
+    return interleaved
+
+
 def sharded_layers(source: ModelSource, cluster: Cluster, cost: CostModel, *, tp_sizes: tuple[int, ...], joint_batch: int,
                    precision: PrecisionPolicy, optimizer: str) -> dict[int, ShardedLayers]:
     """The ILP's tensor-parallel layers for each size (none when the model's ops cannot be sharded)."""
@@ -172,7 +189,8 @@ def plan_pipeline_full(graph: ModelGraph, cluster: Cluster, *, global_batch: int
     """Search a pipeline (``plan_pipeline``) and return it as a complete Plan with its provenance. With the
     model's ``source``, stages may also shard their layers over ``options.tp_sizes`` ranks (default: 2, 4, ...
     up to a node) as the intra-op ILP chooses. ``schedule`` fixes the schedule; by default the chosen stages are
-    simulated under 1F1B and the zero-bubble schedule and the faster that fits wins."""
+    simulated under 1F1B, the zero-bubble schedule and interleaved 1F1B (``options.chunks`` model chunks per rank,
+    where the stages allow) and the fastest that fits wins."""
     t0 = time.perf_counter()
     allowed = options.tp_sizes
     sizes = tensor_parallel_sizes(cluster) if allowed is None else tuple(t for t in allowed if t > 1)
@@ -182,8 +200,8 @@ def plan_pipeline_full(graph: ModelGraph, cluster: Cluster, *, global_batch: int
     choice = plan_pipeline(graph, cluster, global_batch=global_batch, cost=cost, options=options, sharded=sharded)
     t2 = time.perf_counter()
     limit = options.memory_fraction * cluster.device.memory_bytes
-    plans = [build_pipeline_plan(graph, cluster, choice, global_batch=global_batch, cost=cost, schedule=s,
-                                 optimizer=options.optimizer, precision=precision) for s in ((schedule,) if schedule else SCHEDULES)]
+    plans = [build_pipeline_plan(graph, cluster, c, global_batch=global_batch, cost=cost, schedule=s,
+                                 optimizer=options.optimizer, precision=precision) for c, s in _schedules(choice, schedule)]
     plan = fastest_that_fits(plans, limit)
     t3 = time.perf_counter()
     provenance = provenance_of("plait.planners.pipeline", search_s=t3 - t0,

@@ -30,6 +30,7 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 from torch.distributed.tensor import DTensor
 
 from plait.errors import PlaitError
+from plait.runtime.pipeline_buffers import LazyRecvStage
 from plait.runtime.pipeline_lists import Pass, list_runner
 from plait.runtime.pipeline_tp import StageSharding, check_stage_sharding, tensor_parallel_stage
 from plait.runtime.tensor_parallel import reduce_grads_to_placements
@@ -143,7 +144,7 @@ def build_pipeline_rank(model: nn.Module, stage_layers: Sequence[Sequence[str]],
     for s in mine:
         chain = ChainStage(model, stage_layers[s])
         modules.append(chain if sharding is None else tensor_parallel_stage(chain, mesh["tp"], sharding, s, virtual))
-    stages = [PipelineStage(m, s, virtual, device, group=mesh.get_group("pp")) for m, s in zip(modules, mine, strict=True)]
+    stages: list[PipelineStage] = [LazyRecvStage(m, s, virtual, device, group=mesh.get_group("pp")) for m, s in zip(modules, mine, strict=True)]
     names = {n for s in mine for n in stage_layers[s]}
     params = {n: p for n, p in model.named_parameters() if any(n.startswith(m + ".") for m in names)}
 

@@ -3,7 +3,8 @@ meshes, schedule, micro-batches, recomputation) with ``plait.runtime.pipeline`` 
 parameters; full state for checkpoints is gathered from every stage onto rank 0.
 
 Nothing here decides: the stages, their ranks and the schedule are the plan's. The runtime runs stages of
-one size (the plan's mesh is ``pp x dp``, or ``pp x dp x tp`` once stages shard their layers).
+one size (the plan's mesh is ``pp x dp``, or ``pp x dp x tp`` once stages shard their layers); under interleaved
+1F1B each pipeline rank runs several of them (model chunks ``s, s + pp, ...``).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class AppliedPipeline:
     model: nn.Module
     rank: PipelineRank
     ctx: DistContext
-    layers: tuple[str, ...]  # this rank's stage's layers
+    layers: tuple[str, ...]  # this rank's stages' layers
     last_stage_ranks: int  # ranks that hold the loss (the last stage's)
     autocast_dtype: torch.dtype | None = None  # mixed precision: the stages compute in this dtype
     replicate: None = None  # the Trainer's WFBP traces: none in a pipeline
@@ -122,18 +123,18 @@ def apply_pipeline_plan(model: nn.Module, plan: Plan, ctx: DistContext, loss_fn:
     dp, tp = mesh.axis_size("dp"), mesh.axis_size("tp")
     sharding = stage_sharding(plan) if tp > 1 else None
     passes = plan_passes(plan) if plan.schedule.kind in LIST_SCHEDULES else None
-    rank = build_pipeline_rank(model, [s.layers for s in plan.stages], pp=len(plan.stages), dp=dp, tp=tp, sharding=sharding,
+    rank = build_pipeline_rank(model, [s.layers for s in plan.stages], pp=plan.num_pipeline_ranks, dp=dp, tp=tp, sharding=sharding,
                                schedule=plan.schedule.kind, num_micro=plan.schedule.num_microbatches, loss=loss_fn,
                                device=ctx.device, passes=passes)
-    return AppliedPipeline(model=model, rank=rank, ctx=ctx, layers=plan.stage_of(ctx.rank).layers,
+    return AppliedPipeline(model=model, rank=rank, ctx=ctx, layers=tuple(n for s in plan.stages_of(ctx.rank) for n in s.layers),
                            last_stage_ranks=len(plan.stages[-1].ranks),
                            autocast_dtype=dtype_of(plan.precision.compute_dtype) if plan.precision.mixed else None)
 
 
 def plan_passes(plan: Plan) -> list[list[Pass]]:
-    """Each stage's passes (kind, micro-batch, virtual stage) in the order of its program: what it runs."""
+    """Each pipeline rank's passes (kind, micro-batch, virtual stage) in the order of its program: what it runs."""
     out: list[list[Pass]] = []
-    for stage in plan.stages:
+    for stage in plan.stages[:plan.num_pipeline_ranks]:
         instrs = plan.program_of(stage.ranks[0]).instrs
         out.append([(str(i.pass_kind), i.micro, i.stage) for i in instrs
                     if i.pass_kind is not None and i.micro is not None and i.stage is not None])
@@ -152,12 +153,14 @@ def check_pipeline_plan(plan: Plan, ctx: DistContext) -> None:
     (mesh,) = meshes
     if set(mesh.axes) - {"dp", "tp"}:
         raise PlanMismatchError(f"stage mesh axes {mesh.axes}: the pipeline runtime knows dp and tp")
-    expected = [tuple(range(i * mesh.size, (i + 1) * mesh.size)) for i in range(len(plan.stages))]
+    pp = plan.num_pipeline_ranks
+    expected = [tuple(range((i % pp) * mesh.size, (i % pp + 1) * mesh.size)) for i in range(len(plan.stages))]
     if [s.ranks for s in plan.stages] != expected:
-        raise PlanMismatchError("stage s must hold ranks s * size .. (s + 1) * size - 1 (the pp x dp mesh); re-run `plait plan`")
-    if plan.schedule.kind not in (*SCHEDULES, *LIST_SCHEDULES) or plan.schedule.kind == "interleaved-1f1b":
-        raise PlanMismatchError(f"schedule {plan.schedule.kind!r}: a pipeline plan runs gpipe, 1f1b or zero-bubble "
-                                "(one stage per rank)")
+        raise PlanMismatchError("stage s must hold ranks (s % pp) * size .. (s % pp + 1) * size - 1 (the pp x dp mesh, "
+                                "model chunks round-robin); re-run `plait plan`")
+    if plan.schedule.kind not in (*SCHEDULES, *LIST_SCHEDULES):
+        raise PlanMismatchError(f"schedule {plan.schedule.kind!r}: a pipeline plan runs one of "
+                                f"{', '.join((*SCHEDULES, *LIST_SCHEDULES))}")
     batch, dp = plan.batch, mesh.axis_size("dp")
     if batch.global_size % (dp * plan.schedule.num_microbatches):
         raise PlanMismatchError(f"global batch {batch.global_size} does not split into {dp} replicas x "

@@ -28,16 +28,17 @@ def resident_by_rank(plan: Plan) -> tuple[int, ...]:
     if not plan.is_pipeline:
         return (resident_bytes(plan),) * plan.world_size
     out = [0] * plan.world_size
-    for stage in plan.stages:
-        params, grads, optimizer = stage_state_bytes(plan, stage.index)
-        for rank in stage.ranks:
+    for ranks in {stage.ranks for stage in plan.stages}:
+        params, grads, optimizer = stage_state_bytes(plan, ranks[0])
+        for rank in ranks:
             out[rank] = params + grads + optimizer + plan.model.buffer_bytes + batch_bytes(plan)
     return tuple(out)
 
 
-def stage_state_bytes(plan: Plan, stage: int) -> tuple[int, int, int]:
-    """Parameters, gradients and optimizer state a rank of pipeline stage ``stage`` holds between steps."""
-    return state_bytes(replace(plan, params=tuple(p for p in plan.params if p.stage == stage)))
+def stage_state_bytes(plan: Plan, rank: int) -> tuple[int, int, int]:
+    """Parameters, gradients and optimizer state pipeline rank ``rank`` holds between steps: its stages'."""
+    mine = {stage.index for stage in plan.stages_of(rank)}
+    return state_bytes(replace(plan, params=tuple(p for p in plan.params if p.stage in mine)))
 
 
 def has_buckets(plan: Plan) -> bool:

@@ -105,7 +105,7 @@ def _state_of(plan: Plan, rank: int) -> tuple[int, int, int]:
     """The state ``rank`` holds: its stage's in a pipeline, the plan's otherwise."""
     if not plan.is_pipeline:
         return state_bytes(plan)
-    return stage_state_bytes(plan, plan.stage_of(rank).index)
+    return stage_state_bytes(plan, rank)
 
 
 def bubble_fraction(traces: Sequence[ProgramTrace], step: float) -> float:
