@@ -37,7 +37,9 @@ def test_efficiency_is_one_at_m0_and_falls_with_batch() -> None:
 
 def test_gain_is_the_adascale_form_and_one_where_undefined() -> None:
     assert GradParams(sqr=2.0, var=6.0).gain(4.0) == pytest.approx(8.0 / 3.5, rel=1e-15)
-    assert np.all(GradParams(sqr=-1.0, var=0.5).gain(np.array([4.0, 8.0])) == 1.0)  # var / scale + sqr < 0
+    # a negative estimate counts as 0 (plait.adaptive's convention, as AdaptDL clamps): no signal, perfect scaling
+    assert np.all(GradParams(sqr=-1.0, var=0.5).gain(np.array([4.0, 8.0])) == np.array([4.0, 8.0]))
+    assert np.all(GradParams(sqr=0.0, var=0.0).gain(np.array([4.0, 8.0])) == 1.0)  # no statistics yet
 
 
 def test_iteration_time_by_hand() -> None:

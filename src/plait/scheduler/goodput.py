@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from plait.adaptive.efficiency import adascale_gain, statistical_efficiency
+
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 
@@ -58,9 +60,7 @@ class GradParams:
 
     def gain(self, scale: npt.ArrayLike) -> FloatArray:
         """AdaScale gain ``(var + sqr) / (var / scale + sqr)`` of a batch ``scale`` x the initial one (1 if undefined)."""
-        denom = self.var / np.asarray(scale, dtype=np.float64) + self.sqr
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return np.asarray(np.where(denom > 0, (self.var + self.sqr) / denom, 1.0), dtype=np.float64)
+        return adascale_gain(self.sqr, self.var, scale)
 
 
 def grad_time(params: PerfParams, atomic_bsz: npt.ArrayLike) -> FloatArray:
@@ -99,8 +99,7 @@ def iteration_time(
 
 def efficiency(grad: GradParams, init_batch_size: int, batch_size: npt.ArrayLike) -> FloatArray:
     """Statistical efficiency ``(phi + M0) / (phi + M)`` in the AdaScale-gain form ``gain / scale``."""
-    scale = np.asarray(batch_size, dtype=np.float64) / init_batch_size
-    return np.asarray(grad.gain(scale) / scale, dtype=np.float64)
+    return statistical_efficiency(grad.sqr, grad.var, np.asarray(batch_size, dtype=np.float64) / init_batch_size)
 
 
 @dataclass(frozen=True, kw_only=True)

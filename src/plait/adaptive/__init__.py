@@ -1,0 +1,41 @@
+"""Adaptive training (Pollux): gradient noise scale, statistical efficiency, learning-rate scaling and progress.
+
+``noise``: the unbiased two-batch estimator of ``|G|^2`` and ``tr(Sigma)``; ``smoothing``: their
+bias-corrected averages over steps and the noise scale; ``gradnorms``: the squared norms a step already
+has (local before synchronisation, synchronised after), combined over ranks and shards with one small
+all-reduce; ``efficiency``: efficiency and AdaScale gain of a batch size; ``scaling``: learning-rate rules
+and scale-invariant progress. See docs/adaptive.md.
+"""
+
+from plait.adaptive.efficiency import (
+    adascale_gain,
+    noise_scale_efficiency,
+    noise_scale_gain,
+    statistical_efficiency,
+)
+from plait.adaptive.gradnorms import GradNormProbe, all_reduce_sum, combine_norms, squared_norm
+from plait.adaptive.noise import GradStats, NormSample, estimate, expected_sqnorm
+from plait.adaptive.scaling import LR_SCALING_RULES, Progress, lr_factor, resolve_lr_scaling
+from plait.adaptive.smoothing import DEFAULT_SMOOTHING, ExpAverage, GradNoiseScale
+
+__all__ = [
+    "DEFAULT_SMOOTHING",
+    "LR_SCALING_RULES",
+    "ExpAverage",
+    "GradNoiseScale",
+    "GradNormProbe",
+    "GradStats",
+    "NormSample",
+    "Progress",
+    "adascale_gain",
+    "all_reduce_sum",
+    "combine_norms",
+    "estimate",
+    "expected_sqnorm",
+    "lr_factor",
+    "noise_scale_efficiency",
+    "noise_scale_gain",
+    "resolve_lr_scaling",
+    "squared_norm",
+    "statistical_efficiency",
+]
