@@ -8,18 +8,22 @@ the same structure.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from itertools import product
 from math import prod
-from typing import Literal
+from typing import Literal, get_args
 
 from plait.cluster.spec import Cluster
+from plait.errors import PlaitError
 from plait.graph.model_graph import ModelGraph
 from plait.plan.placement import Placement
 
 PLAN_VERSION = 2
 
 SyncKind = Literal["allreduce", "reduce_scatter", "ps", "sfb", "none"]
+SyncCompression = Literal["fp16", "bf16", "powersgd"]
+SYNC_KINDS: tuple[str, ...] = get_args(SyncKind)
+SYNC_COMPRESSIONS: tuple[str, ...] = get_args(SyncCompression)
 InstrOp = Literal["compute", "collective", "send", "recv", "free", "optimizer", "wait"]
 Stream = Literal["compute", "comm"]
 Phase = Literal["fwd", "bwd", "step", "none"]
@@ -108,13 +112,77 @@ class Bucket:
 
 @dataclass(frozen=True, kw_only=True)
 class SyncSpec:
-    """How one parameter's gradient meets its replicas: the reduction, the mesh axes it spans, its bucket."""
+    """How one parameter's gradient meets its replicas over the mesh ``axes`` (one entry of an AutoDist-style strategy).
+
+    ``kind``: ``allreduce`` (wait-free buckets), ``reduce_scatter`` (sharded optimizer, FSDP2), ``ps`` (parameter
+    server), ``sfb`` (sufficient-factor broadcasting, ``nn.Linear`` only) or ``none``. ``bucket``: the all-reduce
+    bucket (fusion group) the gradient travels in. ``compress``: all-reduce compression (``fp16``, ``bf16`` or
+    ``powersgd`` of rank ``compress_rank``, with ``error_feedback``). A ``ps`` parameter is cut into ``num_shards``
+    pieces along ``shard_dim`` (``torch.tensor_split``); ``servers[i]`` is the position, in the group the axes span,
+    of the rank serving piece ``i`` (empty: round-robin); ``staleness`` is the SSP bound (0: synchronous).
+    """
 
     kind: SyncKind
     axes: tuple[str, ...] = ()
     bucket: int | None = None
-    compress: str | None = None
+    compress: SyncCompression | None = None
     staleness: int = 0
+    compress_rank: int = 1
+    error_feedback: bool = True
+    num_shards: int = 1
+    shard_dim: int = 0
+    servers: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        problems = _sync_problems(self)
+        if problems:
+            raise PlaitError("; ".join(f"SyncSpec.{p}" for p in problems))
+
+    def to_json(self) -> dict[str, object]:
+        """The JSON form: the five original keys always, the newer ones only when they differ from their defaults."""
+        out: dict[str, object] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in _SYNC_KEYS_ALWAYS or value != f.default:
+                out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+
+_SYNC_KEYS_ALWAYS = ("kind", "axes", "bucket", "compress", "staleness")  # what plans written before the rest hold
+
+
+def _sync_problems(s: SyncSpec) -> list[str]:
+    """What is wrong with a SyncSpec, each message starting with the field's name (empty when valid)."""
+    out = []
+    if s.kind not in SYNC_KINDS:
+        out.append(f"kind {s.kind!r} is not one of {', '.join(SYNC_KINDS)}")
+    if len(set(s.axes)) != len(s.axes):
+        out.append(f"axes {s.axes} name a mesh axis twice")
+    if s.bucket is not None and s.bucket < 0:
+        out.append(f"bucket {s.bucket} is negative; buckets are numbered from 0")
+    if s.compress is not None and s.compress not in SYNC_COMPRESSIONS:
+        out.append(f"compress {s.compress!r} is not one of {', '.join(SYNC_COMPRESSIONS)} (or null for none)")
+    elif s.compress is not None and s.kind != "allreduce":
+        out.append(f"compress {s.compress!r} applies to kind 'allreduce' only, not {s.kind!r}")
+    if s.compress_rank < 1:
+        out.append(f"compress_rank {s.compress_rank} must be at least 1")
+    elif (s.compress_rank != 1 or not s.error_feedback) and s.compress != "powersgd":
+        out.append("compress_rank and error_feedback set PowerSGD; they need compress='powersgd'")
+    if s.staleness < 0:
+        out.append(f"staleness {s.staleness} is negative; 0 is synchronous, s > 0 lets workers run s clocks apart")
+    elif s.staleness > 0 and s.kind != "ps":
+        out.append(f"staleness {s.staleness} bounds a parameter server; kind {s.kind!r} is synchronous (use 0)")
+    if s.num_shards < 1:
+        out.append(f"num_shards {s.num_shards} must be at least 1")
+    if s.shard_dim < 0:
+        out.append(f"shard_dim {s.shard_dim} is negative; give the tensor dimension counted from 0")
+    if (s.num_shards != 1 or s.shard_dim != 0 or s.servers) and s.kind != "ps":
+        out.append(f"num_shards, shard_dim and servers place parameter-server shards; kind is {s.kind!r}, not 'ps'")
+    elif s.servers and len(s.servers) != s.num_shards:
+        out.append(f"servers {s.servers} must name one rank per shard ({s.num_shards} shards)")
+    elif any(r < 0 for r in s.servers):
+        out.append(f"servers {s.servers} holds a negative position; give positions in the group the axes span")
+    return out
 
 
 @dataclass(frozen=True, kw_only=True)

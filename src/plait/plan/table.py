@@ -7,7 +7,7 @@ import io
 from rich.console import Console, Group
 from rich.table import Table
 
-from plait.plan.ir import CandidateReport, Plan, Prediction
+from plait.plan.ir import CandidateReport, Plan, Prediction, SyncSpec
 from plait.plan.layout import shard_axis_of
 from plait.plan.placement import placements_text
 
@@ -49,6 +49,39 @@ def data_parallel_text(plan: Plan) -> str:
         where = f"replicate over {', '.join(f'{a}={plan.mesh.axis_size(a)}' for a in replicated)}, {where}"
     reshard = ", reshard after forward" if all(u.reshard_after_forward for u in plan.shard_units) else ""
     return f"FSDP2 ({where}): {len(plan.shard_units)} units{reshard}"
+
+
+SYNC_NAMES = {"allreduce": "all-reduce", "reduce_scatter": "reduce-scatter", "ps": "parameter server", "sfb": "SFB",
+              "none": "none"}
+MAX_SYNC_ROWS = 4
+
+
+def sync_spec_text(spec: SyncSpec) -> str:
+    """One SyncSpec as short text (bucket aside): ``parameter server over dp, 2 shards on dim 0 (ranks 0,1), staleness 2``."""
+    parts = [SYNC_NAMES.get(spec.kind, spec.kind) + (f" over {'/'.join(spec.axes)}" if spec.axes else "")]
+    if spec.compress == "powersgd":
+        parts.append(f"PowerSGD rank {spec.compress_rank}" + ("" if spec.error_feedback else " without error feedback"))
+    elif spec.compress is not None:
+        parts.append(f"{spec.compress} compressed")
+    if spec.kind == "ps":
+        shards = f"{spec.num_shards} shard{'s' if spec.num_shards != 1 else ''}"
+        if spec.num_shards > 1:
+            shards += f" on dim {spec.shard_dim}"
+        parts.append(shards + (f" (ranks {','.join(str(r) for r in spec.servers)})" if spec.servers else ""))
+        parts.append("synchronous" if spec.staleness == 0 else f"staleness {spec.staleness}")
+    return ", ".join(parts)
+
+
+def sync_text(plan: Plan) -> str:
+    """How gradients meet: each distinct SyncSpec (bucket aside) with the number of parameters using it."""
+    counts: dict[str, int] = {}
+    for p in plan.params:
+        text = sync_spec_text(p.sync)
+        counts[text] = counts.get(text, 0) + 1
+    rows = [f"{text} ({n} parameter{'s' if n != 1 else ''})" for text, n in counts.items()]
+    if len(rows) > MAX_SYNC_ROWS:
+        rows = [*rows[:MAX_SYNC_ROWS], f"{len(rows) - MAX_SYNC_ROWS} more kinds"]
+    return "; ".join(rows)
 
 
 def precision_text(plan: Plan) -> str:
@@ -137,6 +170,8 @@ def _head(plan: Plan) -> Table:
     if plan.is_pipeline:
         head.add_row("pipeline", pipeline_text(plan))
     head.add_row("data parallel", data_parallel_text(plan))
+    if plan.params:
+        head.add_row("sync", sync_text(plan))
     b = plan.batch
     head.add_row("batch", f"global {b.global_size} = micro {b.micro_size} x {b.num_micro} micro-batches x dp {plan.dp_degree}")
     head.add_row("precision", precision_text(plan))
