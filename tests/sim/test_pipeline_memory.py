@@ -53,6 +53,19 @@ def test_two_stage_1f1b_memory_by_hand() -> None:
     assert names[-2:] == ["merge outputs", "optimizer step"]
 
 
+def test_a_boundary_sent_as_slices_is_kept_and_received_as_slices() -> None:
+    """A tensor-parallel stage keeps (and sends) only its slice of the output once taken, and the next stage
+    keeps only the slice of the input gradient it sends back; the whole tensors live while they are computed."""
+    first = StageWork(fwd_flops=1.0, bwd_flops=2.0, activation_bytes=100, boundary_bytes=10, transient_bytes=7,
+                      tp=2, send_split=2)
+    last = StageWork(fwd_flops=1.0, bwd_flops=2.0, activation_bytes=200, transient_bytes=30, final_output_bytes=50)
+    result = run(one_f_one_b(2, 4), [first, last], keep_outputs=False)
+    # stage 0: 2 in flight with their output slices, the held warm-up slice, the workspace, a gradient slice
+    assert result.trace_of(0).peak_dynamic_bytes == 2 * (100 + 5) + 5 + 7 + 5
+    # stage 1: one micro-batch with its input slice, the workspace, its whole input gradient and the slice sent before
+    assert result.trace_of(1).peak_dynamic_bytes == 250 + 5 + 30 + 10 + 5
+
+
 def test_the_last_stage_peaks_when_it_merges_its_outputs() -> None:
     last = StageWork(fwd_flops=1.0, bwd_flops=2.0, activation_bytes=5, final_output_bytes=100)
     assert run(gpipe(1, 4), [last]).trace_of(0).peak_dynamic_bytes == 2 * 4 * 100

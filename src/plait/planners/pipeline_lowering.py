@@ -102,7 +102,7 @@ def stage_memory(w: StageWork, *, input_bytes: int, num_micro: int, step_temp_by
     (``input_split``, ``w.send_split``) needs slices."""
     finals = num_micro * w.final_output_bytes if keep_outputs else 0
     received = -(-input_bytes // input_split)  # an input's receive buffer: what crosses
-    kept = w.boundary_bytes + (0 if keep_outputs else w.final_output_bytes) + received
+    kept = _slice(w) + (0 if keep_outputs else w.final_output_bytes) + received
     held = w.activation_bytes + (_kept_for_w(w) + _slice(w) if split_backward else 0)  # I to W: output gradients
     return StageMemory(
         per_micro=kept + max(held, input_bytes),
@@ -197,7 +197,7 @@ def _lower_actions(actions: Sequence[Action], stage: int, p: int, work: Sequence
     for i, a in enumerate(actions):
         v = a.chunk * p + stage
         kept = _kept_output(work, v, keep_outputs)
-        sent = kept if a.kind == "F" else 0 if a.kind == "W" else _input_bytes(work, v)
+        sent = kept if a.kind == "F" else 0 if a.kind == "W" else _sent_back(work, v)
         released[points[i]] += sent
         _lower_action(instrs, a, stage, p, work, stage_ranks, released[i])
         finals += work[v].final_output_bytes if keep_outputs and a.kind == "F" and v == last else 0
@@ -208,11 +208,17 @@ def _lower_actions(actions: Sequence[Action], stage: int, p: int, work: Sequence
 
 
 def _kept_output(work: Sequence[StageWork], v: int, keep_outputs: bool) -> int:
-    """The output virtual stage ``v`` keeps from a forward to its backward: the boundary it sends on, or on the
-    last one the output it gives the loss (unless it keeps them all until the step ends)."""
+    """The output virtual stage ``v`` keeps from a forward to its backward: what it sends on (the whole boundary,
+    or this rank's slice: the whole output is freed once sliced), or on the last one the output it gives the
+    loss (unless it keeps them all until the step ends)."""
     if v < len(work) - 1:
-        return work[v].boundary_bytes
+        return _slice(work[v])
     return 0 if keep_outputs else work[v].final_output_bytes
+
+
+def _sent_back(work: Sequence[StageWork], v: int) -> int:
+    """The gradient virtual stage ``v`` sends back and keeps until torch lets go: its input's, or its slice."""
+    return _slice(work[v - 1]) if v > 0 else 0
 
 
 def _input_bytes(work: Sequence[StageWork], v: int) -> int:
@@ -255,9 +261,11 @@ def _lower_forward(instrs: list[Instr], a: Action, v: int, stage: int, p: int, w
         _gather(instrs, before, f"act {v - 1}>{v} mb{a.micro}", "fwd", group)
         deps = (len(instrs) - 1,)
     output = w.boundary_bytes if v < last else w.final_output_bytes
+    sliced_off = output - _slice(w) if v < last else 0  # the whole output lives until its slice is taken
     instrs.append(Instr(op="compute", stream="compute", name=f"fwd v{v} mb{a.micro}", phase="fwd", flops=w.fwd_flops,
                         bytes_moved=w.fwd_bytes_moved, num_kernels=w.num_kernels, deps=deps,
-                        alloc_bytes=w.activation_bytes + output, free_bytes=released, pass_kind="F", micro=a.micro, stage=v))
+                        alloc_bytes=w.activation_bytes + output, free_bytes=released + sliced_off, pass_kind="F",
+                        micro=a.micro, stage=v))
     _tensor_parallel(instrs, w.fwd_comms, f"fwd v{v} mb{a.micro}", "fwd", group)
     if v < last:
         instrs.append(Instr(op="send", stream="comm", name=f"act {v}>{v + 1} mb{a.micro}", phase="fwd",
@@ -282,6 +290,7 @@ def _lower_backward(instrs: list[Instr], a: Action, v: int, stage: int, p: int, 
     # the gradient of the stage's output (the last layer's weights need it)
     kept_for_w = 0 if whole else _kept_for_w(w)
     freed = w.activation_bytes + _received(work, v) + released if whole else released
+    freed += _input_bytes(work, v) - _sent_back(work, v)  # the input's gradient is kept as the slice it sends
     instrs.append(Instr(op="compute", stream="compute", name=f"bwd{'' if whole else 'I'} v{v} mb{a.micro}", phase="bwd",
                         flops=w.bwd_flops * share, bytes_moved=w.bwd_bytes_moved * share,
                         num_kernels=max(1, int(w.bwd_kernels * share)), deps=deps,
