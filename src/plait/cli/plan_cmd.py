@@ -15,8 +15,10 @@ from plait.cluster import Cluster, load_cluster
 from plait.errors import PlaitError
 from plait.graph.model_graph import ModelGraph
 from plait.plan import MeshSpec, plan_table, plan_to_json, save_plan
+from plait.plan.layout import shard_axis_of
 from plait.plan.table import console_for_tables
 from plait.planners.auto import FAMILIES
+from plait.planners.sync_strategies import SYNC_BUILDERS
 
 DEFAULT_PER_RANK_BATCH = 8
 
@@ -113,11 +115,15 @@ def parse_mesh(text: str) -> MeshSpec:
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "bf16-reduce"]), default=None,
               help="fp32, or bf16 compute with fp32 master weights (bf16-reduce: also bf16 gradient reduction). "
                    "Default: bf16 on GPU clusters, fp32 on CPUs.")
+@click.option("--sync", "sync", metavar="NAME[:KEY=VALUE,...]",
+              help=f"Per-parameter gradient synchronization of the replicated data-parallel candidates: "
+                   f"{', '.join(SYNC_BUILDERS)} (e.g. hybcomm, ps:staleness=1, allreduce:compress=powersgd,rank=2; "
+                   "auto picks per parameter by the cost model). Default: the wait-free all-reduce.")
 @click.option("--out", type=click.Path(dir_okay=False), help="Write the chosen plan's JSON here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan JSON instead of the tables.")
 def plan(model: str, cluster_spec: str, batch: int | None, micro_batch: int | None, profile: str | None,
-         memory_fraction: float, family: str, mesh_text: str | None, precision: str | None, out: str | None,
-         as_json: bool) -> None:
+         memory_fraction: float, family: str, mesh_text: str | None, precision: str | None, sync: str | None,
+         out: str | None, as_json: bool) -> None:
     """Choose the fastest plan for MODEL that fits the cluster's memory, data-parallel, intra-op
     (tensor-parallel by an ILP) or a pipeline (stages and micro-batches by dynamic programming), and explain
     it: placements per layer or stages, every candidate's predicted step time, memory, TFLOP/s and MFU.
@@ -137,7 +143,10 @@ def plan(model: str, cluster_spec: str, batch: int | None, micro_batch: int | No
     with planning_progress(not as_json) as progress:
         chosen = choose(module, example_batch, cluster, global_batch=batch, micro_batch=micro_batch, cost=CostModel(cluster),
                         memory_fraction=memory_fraction, precision=precision, loss_fn=loss_fn, name=name, families=families,
-                        meshes=meshes, force_batch_axis=batch_axis, progress=progress)
+                        meshes=meshes, force_batch_axis=batch_axis, progress=progress, sync=sync)
+    if sync and (chosen.is_pipeline or shard_axis_of(chosen) is not None):
+        click.echo(f"note: --sync {sync} re-planned the replicated data-parallel candidates; a sharded or pipeline plan "
+                   "was faster (see the candidates)", err=True)
     if as_json:
         click.echo(plan_to_json(chosen), nl=False)
     else:

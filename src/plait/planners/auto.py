@@ -19,18 +19,21 @@ from plait.planners.explain import explain, infeasible_message, winner_of
 from plait.planners.intra_op.planner import IntraOpOptions
 from plait.planners.intra_op.search import mesh_options
 from plait.planners.intra_op.source import ModelSource
+from plait.planners.sync_lowering import sync_scored
+from plait.planners.sync_strategies import SyncBuilder, param_roles, sync_builder
 
 FAMILIES = ("data-parallel", "intra-op", "pipeline")
 
 
-def _graph_of(model_or_graph: Any, example_batch: Any, loss_fn: Any, name: str | None, policy: PrecisionPolicy) -> ModelGraph:
+def _graph_of(model_or_graph: Any, example_batch: Any, loss_fn: Any, name: str | None, policy: PrecisionPolicy,
+              with_ops: bool = False) -> ModelGraph:
     if isinstance(model_or_graph, ModelGraph):
         return model_or_graph
     if example_batch is None:
         raise PlaitError("planning a module needs an example batch (real or meta tensors) to capture it with")
     from plait.graph import capture
 
-    return capture(model_or_graph, example_batch, name=name, loss_fn=loss_fn, with_ops=False, autocast=_autocast(policy))
+    return capture(model_or_graph, example_batch, name=name, loss_fn=loss_fn, with_ops=with_ops, autocast=_autocast(policy))
 
 
 def _autocast(policy: PrecisionPolicy) -> str | None:
@@ -67,6 +70,7 @@ def plan(
     intra_op: IntraOpOptions | None = None,
     dp_kinds: Sequence[DataParallelKind] = DP_KINDS,
     progress: Callable[[str], None] | None = None,
+    sync: str | SyncBuilder | None = None,
 ) -> Plan:
     """Choose the fastest plan that fits each device's memory, and explain the choice.
 
@@ -83,14 +87,18 @@ def plan(
     meet on data-parallel axes: ``replicate`` (all-reduce), ``fsdp`` and ``hybrid`` (sharded parameters,
     gradients and optimizer state, ZeRO-3); ``("fsdp",)`` is the prefer-reduce-scatter option. Every
     candidate weighed is in ``plan.candidates``; ``progress`` is told which candidate is being scored.
-    Raises NoFeasiblePlanError when none fits.
+    ``sync`` (a strategy builder or its name, see ``sync_strategies``) synchronises the replicated data-parallel
+    candidates per parameter (default: the wait-free all-reduce); a module is then captured with its ops, which
+    tell the builders each parameter's role. Raises NoFeasiblePlanError when none fits.
     """
     t0 = time.perf_counter()
     if not 0 < memory_fraction <= 1:
         raise PlaitError(f"memory_fraction must be in (0, 1], got {memory_fraction}")
     cluster = cluster if isinstance(cluster, Cluster) else load_cluster(cluster)
     policy = resolve_precision(precision, cluster)
-    graph = _graph_of(model_or_graph, example_batch, loss_fn, name, policy)
+    builder = sync_builder(sync) if isinstance(sync, str) else sync
+    graph = _graph_of(model_or_graph, example_batch, loss_fn, name, policy, with_ops=builder is not None)
+    roles = param_roles(graph, None if isinstance(model_or_graph, ModelGraph) else model_or_graph) if builder else None
     t1 = time.perf_counter()
     cost = cost or CostModel(cluster)
     if global_batch is None:
@@ -105,6 +113,9 @@ def plan(
     unknown_kinds = set(dp_kinds) - set(DP_KINDS)
     if unknown_kinds or not dp_kinds:
         raise PlaitError(f"unknown data-parallel kinds {sorted(unknown_kinds)}; choose from {', '.join(DP_KINDS)}")
+    if builder is not None and ("data-parallel" not in families or "replicate" not in dp_kinds):
+        raise PlaitError(f"sync strategy {builder.name!r} applies to replicated data-parallel candidates; search the "
+                         "data-parallel family with the replicate kind, or leave the sync strategy out")
     source = _source_of(model_or_graph, example_batch, loss_fn, name, graph, policy)
     if source is None and "intra-op" in families:
         if "data-parallel" not in families:
@@ -128,6 +139,8 @@ def plan(
         scored.append(score(graph, cluster, option, global_batch=global_batch, micro_batch=micro_batch, cost=cost, limit=limit,
                             optimizer=optimizer, precision=policy, source=source, intra_op=intra_op,
                             mesh=meshes[0] if meshes and len(meshes) == 1 else None))
+        if builder is not None:
+            scored[-1] = sync_scored(scored[-1], graph, builder, cost=cost, roles=roles, limit=limit)
     t2 = time.perf_counter()
     best = winner_of(scored)
     if best is None:
@@ -147,6 +160,7 @@ def plan(
             "bucket_sizes": ",".join(str(s) for s in sizes),
             "families": ",".join(families),
             "dp_kinds": ",".join(dp_kinds),
+            **({"sync": builder.name} if builder is not None else {}),
         },
     )
     return replace(best.plan, candidates=explain(scored, limit), provenance=provenance)

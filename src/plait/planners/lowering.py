@@ -17,10 +17,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 from plait.cost.memory import step_temporaries
 from plait.cost.work import DTENSOR_ADAMW_KERNELS, Comm, LayerWork, dtype_ratio
-from plait.plan.ir import Instr, Phase, Plan, RankProgram
+from plait.plan.ir import Bucket, Instr, Phase, Plan, RankProgram
 from plait.plan.layout import shard_axis_of
 
 
@@ -182,13 +183,32 @@ def optimizer(plan: Plan, numel: int, num_tensors: int, largest_bytes: int, tota
                  num_kernels=num_tensors, deps=deps, alloc_bytes=temp, free_bytes=temp)
 
 
-def lower_replicate(plan: Plan, work: Sequence[LayerWork], state: OptimizerShape) -> RankProgram:
+class SyncHooks(Protocol):
+    """How per-parameter synchronizers lower (``planners.sync_lowering``): each bucket, the work after the last
+    backward (SFB, parameter servers), and what the local optimizer steps."""
+
+    def reduce_bucket(self, b: Builder, bucket: Bucket, after: int) -> int:
+        """Instructions that reduce ``bucket`` once instruction ``after`` has filled it; returns the last."""
+        ...
+
+    def after_backward(self, b: Builder, after: int) -> tuple[int, ...]:
+        """Instructions after the step's last backward ``after``; returns those the optimizer waits for."""
+        ...
+
+    def local_state(self, state: OptimizerShape) -> OptimizerShape:
+        """What the local optimizer steps, given what it would step without parameter servers."""
+        ...
+
+
+def lower_replicate(plan: Plan, work: Sequence[LayerWork], state: OptimizerShape,
+                    hooks: SyncHooks | None = None) -> RankProgram:
     """Parameters replicated on every data-parallel axis, with wait-free backprop: forward and backward
     per micro-batch (gradients accumulate in place in the bucket buffers); on the last micro-batch each
     bucket is scaled by 1/dp and all-reduced as soon as backward has filled it; the optimizer step waits
     for every bucket. Tensor-parallel collectives block the layer that issues them. Without data-parallel
     replicas there are no buckets: the first micro-batch's backward makes each layer's gradients, which live
-    until ``zero_grad(set_to_none=True)`` after the optimizer step."""
+    until ``zero_grad(set_to_none=True)`` after the optimizer step. ``hooks`` lower per-parameter synchronizers
+    (compressed buckets, SFB, parameter servers) in place of the plain bucket all-reduce."""
     dp_axes = plan.data_parallel_axes
     reduce_ratio = dtype_ratio(plan.precision.reduce_dtype, plan.precision.param_dtype)
     sync = plan.dp_degree > 1
@@ -208,12 +228,18 @@ def lower_replicate(plan: Plan, work: Sequence[LayerWork], state: OptimizerShape
                                   last_layer=w.index == len(work) - 1, keep_grads=made, deps=deps)
             ready = [bk for bk in plan.buckets if bk.ready_after_layer == w.index] if last_micro and sync else []
             for bk in ready:
+                if hooks is not None:
+                    reduces.append(hooks.reduce_bucket(b, bk, prev))
+                    continue
                 scaled = b.add(copy_instr(f"scale bucket {bk.index}", bk.nbytes, (prev,)))
                 reduces.append(b.add(Instr(
                     op="collective", stream="comm", name=f"all_reduce bucket {bk.index}", phase="bwd",
                     collective="all_reduce", nbytes=int(bk.nbytes * reduce_ratio), group=rank0_group(plan, dp_axes),
                     axes=dp_axes, deps=(scaled,),
                 )))
+    if hooks is not None and sync:
+        reduces.extend(hooks.after_backward(b, prev))
+        state = hooks.local_state(state)
     kept = 0 if sync else sum(w.layer_grad_bytes for w in work)
     optimizer_step(b, plan, state, tuple(reduces), free_bytes=kept)
     return RankProgram(ranks=tuple(range(plan.mesh.size)), instrs=tuple(b.instrs))
