@@ -16,7 +16,7 @@ on it), each distinct piece of work once.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from plait.cost import CostModel
@@ -167,6 +167,7 @@ def _schedule(programs: Sequence[RankProgram], durations: list[list[float]]) -> 
     starts = [[-1.0] * len(p.instrs) for p in programs]
     ends = [[-1.0] * len(p.instrs) for p in programs]
     by_name = [{i.name: k for k, i in enumerate(p.instrs) if i.op in (*_RENDEZVOUS, *_TRANSFERS)} for p in programs]
+    owner = {r: q for q, p in enumerate(programs) for r in p.ranks}  # the program each rank runs
     remaining = sum(len(p.instrs) for p in programs)
     while remaining:
         progressed = False
@@ -175,12 +176,12 @@ def _schedule(programs: Sequence[RankProgram], durations: list[list[float]]) -> 
                 queue = queues[pi][stream]
                 while heads[pi][stream] < len(queue):
                     k = queue[heads[pi][stream]]
-                    parts = _ready_parts(pi, k, programs, queues, heads, ends, by_name, lane)
+                    parts = _ready_parts(pi, k, programs, queues, heads, ends, by_name, owner)
                     if parts is None:
                         break
                     start = max(max([free_at[q][lane(programs[q].instrs[j])]] + [ends[q][d] for d in programs[q].instrs[j].deps]) for q, j in parts)
-                    arrival = _arrival(pi, k, programs, ends, by_name)
-                    sent = _arrival(pi, k, programs, starts, by_name)  # a receive is busy from its send's start
+                    arrival = _arrival(pi, k, programs, ends, by_name, owner)
+                    sent = _arrival(pi, k, programs, starts, by_name, owner)  # a receive is busy from its send's start
                     for q, j in parts:
                         own = 0.0 if programs[q].instrs[j].op == "recv" else durations[q][j]  # the send moves the data
                         ends[q][j] = max(start + own, arrival)
@@ -202,18 +203,17 @@ def _ready_parts(
     heads: list[dict[str, int]],
     ends: list[list[float]],
     by_name: list[dict[str, int]],
-    lane: Callable[[Instr], str],
+    owner: dict[int, int],
 ) -> list[tuple[int, int]] | None:
     """The (program, index) pairs that run together with instruction ``k`` of program ``pi``, or None
     when one of them is not at the head of its stream or waits for a dependency."""
     ins = programs[pi].instrs[k]
     parts = [(pi, k)]
-    if ins.op == "recv" and _arrival(pi, k, programs, ends, by_name) < 0:
+    if ins.op == "recv" and _arrival(pi, k, programs, ends, by_name, owner) < 0:
         return None  # the matching send has not run yet
     if ins.op in _RENDEZVOUS:
-        for q, other in enumerate(programs):
-            if q == pi or set(ins.group).isdisjoint(other.ranks):
-                continue
+        for q in sorted({owner[r] for r in ins.group if r in owner} - {pi}):
+            other = programs[q]
             if ins.name not in by_name[q]:
                 raise SimulationError(
                     f"{ins.op} {ins.name!r} of ranks {programs[pi].ranks} spans ranks {other.ranks}, "
@@ -222,27 +222,28 @@ def _ready_parts(
             parts.append((q, by_name[q][ins.name]))
     for q, j in parts:
         partner = programs[q].instrs[j]
-        queue = queues[q][lane(partner)]
-        if heads[q][lane(partner)] >= len(queue) or queue[heads[q][lane(partner)]] != j:
+        queue = queues[q][partner.stream]
+        if heads[q][partner.stream] >= len(queue) or queue[heads[q][partner.stream]] != j:
             return None
         if any(ends[q][d] < 0 for d in partner.deps):
             return None
     return parts
 
 
-def _arrival(pi: int, k: int, programs: Sequence[RankProgram], ends: list[list[float]], by_name: list[dict[str, int]]) -> float:
+def _arrival(pi: int, k: int, programs: Sequence[RankProgram], ends: list[list[float]], by_name: list[dict[str, int]],
+             owner: dict[int, int]) -> float:
     """When the data of receive ``k`` of program ``pi`` has arrived: its send's end in ``ends`` (its start when
     given the starts; -1 while the send has not run); 0 for any other instruction."""
     ins = programs[pi].instrs[k]
     if ins.op != "recv":
         return 0.0
     src = ins.group[0] if ins.group else None
-    for q, other in enumerate(programs):
-        if q != pi and src in other.ranks:
-            j = by_name[q].get(ins.name)
-            if j is None or programs[q].instrs[j].op != "send":
-                raise SimulationError(f"recv {ins.name!r} of ranks {programs[pi].ranks} has no send of that name on rank {src}")
-            return ends[q][j]
+    q = owner.get(src) if src is not None else None
+    if q is not None and q != pi:
+        j = by_name[q].get(ins.name)
+        if j is None or programs[q].instrs[j].op != "send":
+            raise SimulationError(f"recv {ins.name!r} of ranks {programs[pi].ranks} has no send of that name on rank {src}")
+        return ends[q][j]
     raise SimulationError(f"recv {ins.name!r} of ranks {programs[pi].ranks} comes from rank {src}, which runs no program")
 
 
