@@ -20,7 +20,7 @@ class ProfileConfig:
     """Everything the ranks of one `plait profile` run need to know."""
 
     device: ProfileDevice
-    nproc: int  # ranks: collectives run among them; CPU compute is measured with 1..nproc of them busy
+    nproc: int  # ranks per node: collectives run among node 0's; CPU compute is measured with 1..nproc of them busy
     quick: bool
     matmul_sizes: tuple[int, ...]  # square GEMM sides
     dtypes: tuple[str, ...]  # matmul dtypes ("fp32", "bf16", ...)
@@ -32,28 +32,46 @@ class ProfileConfig:
     repeats: int
     threads_per_rank: int = 1
     timeout_s: float = 900.0
+    nnodes: int = 1  # nodes of nproc ranks each; >1 adds the link between node 0 and node 1 (``collective_bytes``)
 
     def __post_init__(self) -> None:
         if self.nproc < 1:
             raise ProfilingError(f"--nproc must be at least 1, got {self.nproc}")
+        if self.nnodes < 1:
+            raise ProfilingError(f"--nnodes must be at least 1, got {self.nnodes}")
         if any(c < 1 or c > self.nproc for c in self.concurrency):
             raise ProfilingError(f"concurrency levels {self.concurrency} must lie in 1..nproc ({self.nproc})")
 
     @property
+    def world_size(self) -> int:
+        """Ranks on all nodes."""
+        return self.nnodes * self.nproc
+
+    @property
+    def link_pairs(self) -> tuple[int, ...]:
+        """Numbers of rank pairs crossing the inter-node link at once: one alone, then every rank of a node."""
+        if self.nnodes < 2:
+            return ()
+        return (1,) if self.nproc == 1 else (1, self.nproc)
+
+    @property
     def num_steps(self) -> int:
-        """Progress steps: one per concurrency level and one per measured collective table entry."""
+        """Progress steps: one per concurrency level and one per measured collective or link table entry."""
         groups = max(0, self.nproc - 1)
         per_size = 4 * groups + (1 if self.nproc >= 2 else 0)  # four collectives per group size, then p2p
         sync = groups if self.device == "cpu" else 0  # one synchronisation measurement per group size
-        return len(self.concurrency) + per_size * len(self.collective_bytes) + sync
+        links = len(self.link_pairs) * len(self.collective_bytes)
+        return len(self.concurrency) + per_size * len(self.collective_bytes) + sync + links
 
 
-def default_config(*, device: ProfileDevice, nproc: int, quick: bool) -> ProfileConfig:
-    """The quick (well under a minute here) or full (a few minutes) profile of ``nproc`` ranks."""
+def default_config(*, device: ProfileDevice, nproc: int, quick: bool, nnodes: int = 1) -> ProfileConfig:
+    """The quick (well under a minute here) or full (a few minutes) profile of ``nproc`` ranks (per node,
+    on ``nnodes`` nodes)."""
     if device == "cuda":
         return ProfileConfig(
             device="cuda",
             nproc=nproc,
+            nnodes=nnodes,
             quick=quick,
             matmul_sizes=(512, 1024, 2048, 4096) if quick else (256, 512, 1024, 2048, 4096, 8192),
             dtypes=("bf16", "fp32") if quick else ("bf16", "fp16", "fp32", "tf32"),
@@ -68,6 +86,7 @@ def default_config(*, device: ProfileDevice, nproc: int, quick: bool) -> Profile
     return ProfileConfig(
         device="cpu",
         nproc=nproc,
+        nnodes=nnodes,
         quick=quick,
         matmul_sizes=(32, 64, 128, 256, 512) if quick else (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536),
         dtypes=("fp32",) if quick else ("fp32", "bf16"),

@@ -17,12 +17,18 @@ import torch.distributed as dist
 
 from plait.profiling.bench_comm import collective_results, process_groups, sync_results
 from plait.profiling.bench_compute import compute_results
+from plait.profiling.bench_links import link_groups, link_results
 from plait.profiling.config import ProfileConfig
 from plait.profiling.timing import timer_for
 from plait.serde import from_dict
 
 STORE_ENV = "PLAIT_PROFILE_STORE"  # host:port of the parent's TCPStore
 KEY_CONFIG, KEY_PROGRESS = "plait/config", "plait/progress"
+
+
+def node_done_key(node_rank: int) -> str:
+    """Store key a node's `plait profile` sets when its ranks are done (node 0 waits for it before leaving)."""
+    return f"plait/node_done/{node_rank}"
 
 
 def result_key(rank: int) -> str:
@@ -48,14 +54,16 @@ CONTENDED_WINDOW_S = 0.1
 
 def _device(cfg: ProfileConfig, rank: int) -> torch.device:
     if cfg.device == "cuda":
-        device = torch.device("cuda", rank % torch.cuda.device_count())
+        local = int(os.environ.get("LOCAL_RANK", rank))  # the rank's place on its own node
+        device = torch.device("cuda", local % torch.cuda.device_count())
         torch.cuda.set_device(device)
         return device
     return torch.device("cpu")
 
 
 def run_rank(store: dist.TCPStore, rank: int, world: int) -> dict[str, Any]:
-    """Measure compute at each concurrency level, then collectives; returns this rank's results."""
+    """Measure compute at each concurrency level, then collectives and (across nodes) the link; returns this
+    rank's results. Compute and collectives are measured among node 0's ranks (0 ... nproc-1)."""
     cfg = from_dict(ProfileConfig, json.loads(store.get(KEY_CONFIG)))
     torch.set_num_threads(cfg.threads_per_rank)
     device = _device(cfg, rank)
@@ -79,11 +87,13 @@ def run_rank(store: dist.TCPStore, rank: int, world: int) -> dict[str, Any]:
         dist.barrier()
         tick()
     groups = process_groups(cfg)  # every rank creates the groups once, in the same order
+    pairs = link_groups(cfg)
     collectives = collective_results(cfg, timer, device, tick, groups) if world >= 2 else []
     sync = sync_results(cfg, timer, device, tick, groups) if world >= 2 and cfg.device == "cpu" else []
+    links = link_results(cfg, timer, device, tick, pairs)
     dist.barrier()
     dist.destroy_process_group()
-    return {"rank": rank, "compute": compute, "collectives": collectives, "sync": sync}
+    return {"rank": rank, "compute": compute, "collectives": collectives, "sync": sync, "links": links}
 
 
 def main() -> None:
