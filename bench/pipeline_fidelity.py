@@ -42,7 +42,7 @@ from rich.table import Table  # noqa: E402
 from plait.cluster import local_cluster  # noqa: E402
 from plait.cost import CostModel  # noqa: E402
 from plait.graph import capture  # noqa: E402
-from plait.models import zoo_model  # noqa: E402
+from plait.models import GPTConfig, zoo_model  # noqa: E402
 from plait.plan import Plan, plan_from_json, plan_to_json  # noqa: E402
 from plait.planners.intra_op.source import ModelSource  # noqa: E402
 from plait.planners.pipeline import PipelineChoice, PipelineOptions, plan_pipeline  # noqa: E402
@@ -52,6 +52,10 @@ from plait.runtime import init_distributed, run_ranks, teardown  # noqa: E402
 from plait.runtime.pipeline_apply import apply_pipeline_plan  # noqa: E402
 
 NPROC = 4
+BENCH_GPTS = {  # GPTs of this bench only: cost_fidelity's 4 M-parameter GPT, and gpt-mini with 6 blocks (8 layers)
+    "gpt-4m": GPTConfig(vocab_size=2048, seq_len=128, num_layers=4, num_heads=4, hidden=256),
+    "gpt-mini-deep": GPTConfig(vocab_size=512, seq_len=128, num_layers=6, num_heads=4, hidden=128),
+}
 OPT = {"lr": 1e-4}
 
 
@@ -83,6 +87,9 @@ CONFIGS = [
     Config("gpt-mini", 16, 2, "interleaved-1f1b", chunks=2),
     Config("gpt-mini", 16, 2, "1f1b", tp=2, split=True),
     Config("gpt-mini", 16, 2, "gpipe", tp=2, split=True),
+    Config("gpt-mini", 16, 2, "gpipe"),
+    Config("gpt-mini-deep", 16, 4, "interleaved-1f1b", chunks=2),
+    Config("gpt-mini", 16, 2, "interleaved-1f1b", tp=2, split=True, chunks=2),
 ]
 
 
@@ -119,11 +126,11 @@ class Row:
 
 
 def model_parts(name: str) -> tuple[Any, Any, Any]:
-    """(build, make_batch, loss) of a zoo model, or of gpt-4m (cost_fidelity's 4 M-parameter GPT)."""
-    if name == "gpt-4m":
-        from plait.models import GPT, GPTConfig, lm_batch, lm_loss
+    """(build, make_batch, loss) of a zoo model, or of one of this bench's GPTs."""
+    if name in BENCH_GPTS:
+        from plait.models import GPT, lm_batch, lm_loss
 
-        cfg = GPTConfig(vocab_size=2048, seq_len=128, num_layers=4, num_heads=4, hidden=256)
+        cfg = BENCH_GPTS[name]
         return (lambda: GPT(cfg)), (lambda n, **kw: lm_batch(cfg, n, **kw)), lm_loss
     zm = zoo_model(name)
     return zm.build, zm.make_batch, zm.loss
@@ -144,7 +151,8 @@ def choose(config: Config) -> tuple[Any, PipelineChoice, CostModel]:
     graph, source = captured(config.model, config.global_batch)
     cluster = local_cluster(NPROC)
     cost = CostModel(cluster)
-    options = PipelineOptions(same_size=True, min_stages=config.min_stages, micro_batches=(2, 4, 8), tp_sizes=(config.tp,),
+    counts = (4, 8) if config.chunks > 1 else (2, 4, 8)  # interleaving needs a multiple of the stages
+    options = PipelineOptions(same_size=True, min_stages=config.min_stages, micro_batches=counts, tp_sizes=(config.tp,),
                               chunks=(config.chunks,) if config.chunks > 1 else ())
     sharded = sharded_layers(source, cluster, cost, tp_sizes=(config.tp,), joint_batch=source.batch_size, precision=FP32,
                              optimizer="adamw") if config.tp > 1 else {}

@@ -22,14 +22,15 @@ LAYERS = ["embed", "blocks.0", "blocks.1", "head"]  # gpt-tiny's layer view
 LOSS_RTOL, PARAM_ATOL = 1e-5, 5e-6
 
 
-def train_rank(stage_layers: list[list[str]], pp: int, dp: int, schedule: str, micro: int = MICRO) -> dict[str, Any]:
+def train_rank(stage_layers: list[list[str]], pp: int, dp: int, schedule: str, micro: int = MICRO,
+               name: str = "gpt-tiny") -> dict[str, Any]:
     init_distributed()
-    build, _, loss = model_parts("gpt-tiny")
+    build, _, loss = model_parts(name)
     torch.manual_seed(0)
     model = build()
     rank = build_pipeline_rank(model, stage_layers, pp=pp, dp=dp, schedule=schedule, num_micro=micro, loss=loss)
     opt = torch.optim.AdamW(list(rank.params.values()), **OPT)
-    data = data_of("gpt-tiny", GLOBAL_BATCH)
+    data = data_of(name, GLOBAL_BATCH)
     losses = []
     for step in range(STEPS):
         opt.zero_grad()
@@ -51,9 +52,9 @@ CASES = [
 ]
 
 
-def assert_matches_one_process(results: list[dict[str, Any]], dp: int) -> None:
+def assert_matches_one_process(results: list[dict[str, Any]], dp: int, name: str = "gpt-tiny") -> None:
     """The last stage's losses (mean over the replicas) and every stage's parameters against one process."""
-    ref_losses, ref_params = reference("gpt-tiny", GLOBAL_BATCH, STEPS)
+    ref_losses, ref_params = reference(name, GLOBAL_BATCH, STEPS)
     last_stage = [r for r in results if r["losses"][0] is not None]
     assert len(last_stage) == dp
     # each replica's mean loss over its slice; their mean is the global batch's loss
@@ -70,6 +71,13 @@ def assert_matches_one_process(results: list[dict[str, Any]], dp: int) -> None:
 @pytest.mark.parametrize(("stage_layers", "pp", "dp", "schedule"), CASES, ids=lambda v: str(v))
 def test_pipeline_matches_one_process(stage_layers: list[list[str]], pp: int, dp: int, schedule: str) -> None:
     assert_matches_one_process(run_ranks(train_rank, pp * dp, stage_layers, pp, dp, schedule, timeout_s=600), dp)
+
+
+def test_four_ranks_interleaved_run_eight_model_chunks_and_match_one_process() -> None:
+    """4 pipeline ranks x 2 model chunks each (interleaved 1F1B) on a GPT of 8 layers."""
+    layers = ["embed", *(f"blocks.{i}" for i in range(6)), "head"]
+    results = run_ranks(train_rank, 4, [[n] for n in layers], 4, 1, "interleaved-1f1b", 4, "gpt-tiny-deep", timeout_s=600)
+    assert_matches_one_process(results, 1, "gpt-tiny-deep")
 
 
 def test_the_planned_pipeline_runs_and_matches_one_process() -> None:

@@ -36,6 +36,8 @@ class GPTConfig:
 GPT_CONFIGS: dict[str, GPTConfig] = {
     "gpt-tiny": GPTConfig(vocab_size=96, seq_len=64, num_layers=2, num_heads=2, hidden=64),
     "gpt-mini": GPTConfig(vocab_size=512, seq_len=128, num_layers=4, num_heads=4, hidden=128),
+    # gpt-tiny's blocks, six of them: a layer view of 8 (pipelines of 4 ranks x 2 model chunks)
+    "gpt-tiny-deep": GPTConfig(vocab_size=96, seq_len=64, num_layers=6, num_heads=2, hidden=64),
     "gpt2-small": GPTConfig(num_layers=12, num_heads=12, hidden=768),
     "gpt2-medium": GPTConfig(num_layers=24, num_heads=16, hidden=1024),
     "gpt2-large": GPTConfig(num_layers=36, num_heads=20, hidden=1280),

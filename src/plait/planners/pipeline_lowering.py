@@ -15,6 +15,8 @@ Memory follows what ``torch.distributed.pipelining`` (plait's pipeline runtime) 
 * a receive buffer for a micro-batch's input activation from its receive until its last backward pass
   (``B``, or ``W`` when the backward is split), and one for its output's gradient from that receive until the
   same pass (``plait.runtime.pipeline_buffers``: torch alone would keep one per micro-batch for the whole run);
+  with several chunks per rank (interleaved), torch's multi-stage runtime posts each receive when the sender's
+  time step runs, ahead of its pass: one more buffer each way counts there for the whole step;
 * per micro-batch from its forward to its backward, the saved activations and the output (kept to run
   the backward with the gradient that comes back); with ``keep_outputs`` (torch's ``step`` returns the
   outputs unless told ``return_outputs=False``, as plait's runtime tells it) the last virtual stage
@@ -31,7 +33,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from plait.cost.work import Comm
 from plait.errors import PlaitError
@@ -188,8 +190,11 @@ def _split_release_points(actions: Sequence[Action]) -> list[int]:
 def _lower_actions(actions: Sequence[Action], stage: int, p: int, work: Sequence[StageWork],
                    stage_ranks: Sequence[tuple[int, ...]], keep_outputs: bool) -> tuple[list[Instr], int]:
     """One stage's instructions for its actions, and the bytes still held when they are done (the final outputs,
-    freed with the optimizer step)."""
+    and with several chunks per rank the receive buffers posted ahead; freed with the optimizer step)."""
     last = len(work) - 1
+    # torch's multi-stage runtime (several chunks per rank) posts a receive when the sender's time step runs, ahead
+    # of its pass: there one more buffer each way counts for the whole step (as measured by pipeline_fidelity)
+    chunks = {a.chunk for a in actions}
     released: defaultdict[int, int] = defaultdict(int)  # action index -> bytes let go when it ends
     points = release_points(actions)
     instrs: list[Instr] = []
@@ -201,10 +206,15 @@ def _lower_actions(actions: Sequence[Action], stage: int, p: int, work: Sequence
         released[points[i]] += sent
         _lower_action(instrs, a, stage, p, work, stage_ranks, released[i])
         finals += work[v].final_output_bytes if keep_outputs and a.kind == "F" and v == last else 0
+    held = finals
+    if len(chunks) > 1 and instrs:
+        ahead = max(_received(work, c * p + stage) for c in chunks)
+        instrs[0] = replace(instrs[0], alloc_bytes=instrs[0].alloc_bytes + ahead)
+        held += ahead
     if finals:
         instrs.append(Instr(op="compute", stream="compute", name="merge outputs", phase="bwd", bytes_moved=2 * finals,
                             num_kernels=1, deps=(len(instrs) - 1,), alloc_bytes=finals, free_bytes=finals))
-    return instrs, finals
+    return instrs, held
 
 
 def _kept_output(work: Sequence[StageWork], v: int, keep_outputs: bool) -> int:
