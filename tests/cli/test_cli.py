@@ -1,4 +1,9 @@
-"""The ``plait`` command end to end: help everywhere, and one clear message for each kind of bad input."""
+"""The ``plait`` command end to end: help everywhere, and one clear message for each kind of bad input.
+
+Most cases run the entry point's ``main`` in this process (``plait_in_process``: the same error handling and
+exit codes, without a fresh interpreter's torch import); top-level help, an unknown preset and a failing rank
+run ``python -m plait.cli`` in a fresh interpreter, so the real entry point's exit codes stay checked too.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
-from clikit import assert_one_clear_error, run_plait
+from clikit import assert_one_clear_error, plait_in_process, run_plait
 
 from plait.cli.main import COMMANDS
 
 
 def test_top_level_help_lists_every_subcommand() -> None:
-    result = run_plait("--help")
+    result = run_plait("--help")  # a fresh interpreter: the real entry point exits 0
     assert result.returncode == 0
     for name in COMMANDS:
         assert name in result.stdout
@@ -22,25 +27,25 @@ def test_top_level_help_lists_every_subcommand() -> None:
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_every_subcommand_has_help(command: str) -> None:
-    result = run_plait(command, "--help")
+    result = plait_in_process(command, "--help")
     assert result.returncode == 0, result.stderr
     assert "Usage:" in result.stdout and "--help" in result.stdout
 
 
 def test_unknown_preset_lists_known_ones() -> None:
-    result = run_plait("plan", "mlp-tiny", "--cluster", "tpu-pod:4")
+    result = run_plait("plan", "mlp-tiny", "--cluster", "tpu-pod:4")  # a fresh interpreter: the real exit code
     assert_one_clear_error(result, "unknown cluster preset 'tpu-pod'", "dgx-a100", "local")
 
 
 def test_malformed_cluster_file_names_file_and_key(tmp_path: Path) -> None:
     bad = tmp_path / "lab.yaml"
     bad.write_text("num_nodes: 2\ndevices_per_node: 4\ndevice: {name: X, kind: cuda}\nlinks: {}\n")
-    result = run_plait("plan", "mlp-tiny", "--cluster", str(bad))
+    result = plait_in_process("plan", "mlp-tiny", "--cluster", str(bad))
     assert_one_clear_error(result, str(bad), "device")
 
 
 def test_model_that_fits_no_plan_reports_smallest_memory() -> None:
-    result = run_plait("plan", "gpt3-175b", "--cluster", "p3.16xlarge:1", "--batch", "8", timeout=300)
+    result = plait_in_process("plan", "gpt3-175b", "--cluster", "p3.16xlarge:1", "--batch", "8")
     assert_one_clear_error(result, "fits no plan", "limit")
     for kind in ("replicate", "fsdp"):
         assert kind in result.stderr
@@ -82,5 +87,5 @@ def _alive(pid: int) -> bool:
 
 
 def test_unwritable_output_is_one_clear_error() -> None:
-    result = run_plait("plan", "mlp-tiny", "--cluster", "local:2", "--out", "/proc/no/such/dir/plan.json")
+    result = plait_in_process("plan", "mlp-tiny", "--cluster", "local:2", "--out", "/proc/no/such/dir/plan.json")
     assert_one_clear_error(result, "cannot access /proc/no")

@@ -152,9 +152,9 @@ def two_nodes(folder: Path, args_of: Sequence[Sequence[str]], prefixes: Sequence
 
 
 def train_args(plan: Path, folder: Path, rank: int, addr: str, port: int, *, steps: int = STEPS,
-               options: Sequence[str] = (), extra: Sequence[str] = ()) -> list[str]:
+               options: Sequence[str] = (), extra: Sequence[str] = (), script: Path = SCRIPTS / "train_zoo.py") -> list[str]:
     """`plait run` arguments for node ``rank`` of the 2x2 training job (``options`` for plait, ``extra`` for the script)."""
-    return [str(SCRIPTS / "train_zoo.py"), "--nnodes", "2", "--node-rank", str(rank), "--master-addr", addr,
+    return [str(script), "--nnodes", "2", "--node-rank", str(rank), "--master-addr", addr,
             "--master-port", str(port), "--plan", str(plan), "--out", str(folder / f"out{rank}"), "--timeout", "240",
             *options, "--", "--model", MODEL, "--steps", str(steps), "--lr", str(LR), "--pid-dir", str(folder / "pids"),
             *extra]
@@ -211,13 +211,48 @@ def test_a_failing_rank_stops_both_nodes(tmp_path: Path, plan_file: Path) -> Non
         assert none_alive(pids)
 
 
+GATHERED_TRAIN_SCRIPT = """
+import importlib.util, os, sys, time
+from pathlib import Path
+
+spec = importlib.util.spec_from_file_location("train_zoo", {script!r})
+train_zoo = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(train_zoo)  # its imports (torch, plait) before the gathering, not after
+arrived = Path({arrived!r})
+(arrived / os.environ["RANK"]).touch()
+deadline = time.monotonic() + {wait_s!r}  # only a guard against waiting for ever on a rank that died
+while len(list(arrived.iterdir())) < int(os.environ["WORLD_SIZE"]):
+    if time.monotonic() > deadline:
+        sys.exit(f"not every rank arrived in {wait_s} s")
+    time.sleep(0.01)
+train_zoo.main()
+"""
+
+
+def gathered_train_script(folder: Path) -> Path:
+    """The launcher tests' training script, entered by every rank only once all ranks have started: the
+    rendezvous then waits on no rank's interpreter start-up (seconds apart on a loaded machine), so a short
+    collective timeout cannot fire before the ranks train."""
+    arrived = folder / "arrived"
+    arrived.mkdir()
+    script = folder / "train_gathered.py"
+    script.write_text(GATHERED_TRAIN_SCRIPT.format(script=str(SCRIPTS / "train_zoo.py"), arrived=str(arrived), wait_s=WAIT_S))
+    return script
+
+
 @pytest.mark.slow
 def test_a_frozen_rank_times_out_on_both_nodes(tmp_path: Path, plan_file: Path) -> None:
     """SIGSTOP rank 3, as a node that hangs with its connections open: the other ranks raise at the collective
-    timeout (--dist-timeout, which the mesh's sub-groups get too), and both launchers exit, well before --timeout."""
-    port, dist_timeout_s = free_port(), 30
-    args = [train_args(plan_file, tmp_path, k, "127.0.0.1", port, steps=10_000, options=["--dist-timeout", str(dist_timeout_s)])
-            for k in (0, 1)]
+    timeout (--dist-timeout, which the mesh's sub-groups get too), and both launchers exit, well before --timeout.
+
+    The timeout is short, yet only the frozen rank can make it fire: the ranks meet before the rendezvous
+    (``gathered_train_script``), then train in lockstep, and rank 3 stops only once rank 0 has logged step 1,
+    which needs every rank's loss, so every rank has passed that collective; what waits longer than the
+    timeout after that waits on the frozen rank."""
+    port, dist_timeout_s = free_port(), 10
+    script = gathered_train_script(tmp_path)
+    args = [train_args(plan_file, tmp_path, k, "127.0.0.1", port, steps=10_000, options=["--dist-timeout", str(dist_timeout_s)],
+                       script=script) for k in (0, 1)]
     with two_nodes(tmp_path, args) as (node0, node1):
         wait_for(lambda: "[rank 0] step 1/" in node0.stdout() or node0.proc.poll() is not None or node1.proc.poll() is not None,
                  WAIT_S, "rank 0's first step")

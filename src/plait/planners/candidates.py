@@ -107,12 +107,13 @@ def score(
 ) -> Scored:
     """Build and simulate ``option`` with the fewest micro-batches whose peak memory fits ``limit``, first
     without and then with activation recomputation."""
-    if option.mesh is not None:
+    if option.mesh is not None or option.pipeline:
         floor = state_floor(graph, cluster, optimizer)
-        if floor > limit:  # no sharding can fit it: skip the capture and the ILP
+        if floor > limit:  # no sharding or pipeline can fit it: skip the captures, the ILPs and the stage search
             return Scored(option=option, plan=None, fits=False, peak_bytes=floor,
                           reason=f"cannot fit: its parameters and optimizer state alone need {fmt_bytes(floor)} per "
                                  f"device even split over all {cluster.world_size} devices")
+    if option.mesh is not None:
         return _score_intra_op(option, cluster, global_batch=global_batch, micro_batch=micro_batch, cost=cost, limit=limit,
                                optimizer=optimizer, precision=precision, source=source, intra_op=intra_op)
     if option.pipeline:

@@ -184,6 +184,7 @@ def _stop_all(
     the exit codes."""
     for proc in procs:
         signal_group(proc.pid, signal.SIGTERM)
+        signal_group(proc.pid, signal.SIGCONT)  # a stopped rank acts on SIGTERM only once continued
     _collect(codes, events, len(procs), time.monotonic() + grace_s, until_signal=True)
     for proc in procs:  # also reaches children a rank left behind in its group
         signal_group(proc.pid, signal.SIGKILL)
