@@ -107,3 +107,22 @@ def run_plan(name: str, plan: Plan, steps: int) -> dict[str, Any]:
 def planned_collectives(plan: Plan) -> Counter[tuple[str, tuple[str, ...]]]:
     """The collectives of one step of the plan's program, by (kind, axes)."""
     return Counter((i.collective or "", i.axes) for i in plan.programs[0].instrs if i.op == "collective")
+
+
+def assert_pipeline_matches(results: Sequence[dict[str, Any]], dp: int, name: str, global_batch: int, steps: int, *,
+                            loss_rtol: float = 1e-5, param_atol: float = 5e-6) -> None:
+    """Pipeline ranks' results (``losses``: None off the last stage; ``params``: the stage's) against one plain
+    process: the last stage's losses averaged over the ``dp`` replicas, and every parameter on some stage."""
+    import pytest
+
+    ref_losses, ref_params = reference(name, global_batch, steps)
+    last = [r for r in results if r["losses"][0] is not None]
+    assert len(last) == dp
+    mean = [sum(r["losses"][k] for r in last) / dp for k in range(steps)]
+    assert mean == pytest.approx(ref_losses, rel=loss_rtol)
+    seen: set[str] = set()
+    for r in results:
+        for param, value in r["params"].items():
+            torch.testing.assert_close(value, ref_params[param], rtol=0, atol=param_atol)
+            seen.add(param)
+    assert seen == set(ref_params)  # every parameter lives on some stage

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import torch
-from planrun import OPT, data_of, model_parts, reference
+from planrun import OPT, assert_pipeline_matches, data_of, model_parts
 
 from plait.cluster import local_cluster
 from plait.cost import CostModel
@@ -54,18 +54,7 @@ CASES = [
 
 def assert_matches_one_process(results: list[dict[str, Any]], dp: int, name: str = "gpt-tiny") -> None:
     """The last stage's losses (mean over the replicas) and every stage's parameters against one process."""
-    ref_losses, ref_params = reference(name, GLOBAL_BATCH, STEPS)
-    last_stage = [r for r in results if r["losses"][0] is not None]
-    assert len(last_stage) == dp
-    # each replica's mean loss over its slice; their mean is the global batch's loss
-    mean = [sum(r["losses"][k] for r in last_stage) / dp for k in range(STEPS)]
-    assert mean == pytest.approx(ref_losses, rel=LOSS_RTOL)
-    seen: set[str] = set()
-    for r in results:
-        for name, p in r["params"].items():
-            torch.testing.assert_close(p, ref_params[name], rtol=0, atol=PARAM_ATOL)
-            seen.add(name)
-    assert seen == set(ref_params)  # every parameter lives on some stage
+    assert_pipeline_matches(results, dp, name, GLOBAL_BATCH, STEPS, loss_rtol=LOSS_RTOL, param_atol=PARAM_ATOL)
 
 
 @pytest.mark.parametrize(("stage_layers", "pp", "dp", "schedule"), CASES, ids=lambda v: str(v))
