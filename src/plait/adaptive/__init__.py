@@ -4,7 +4,8 @@
 bias-corrected averages over steps and the noise scale; ``gradnorms``: the squared norms a step already
 has (local before synchronisation, synchronised after), combined over ranks and shards with one small
 all-reduce; ``efficiency``: efficiency and AdaScale gain of a batch size; ``scaling``: learning-rate rules
-and scale-invariant progress. See docs/adaptive.md.
+and scale-invariant progress; ``tracker``: the training loop's side (norms combined once per step, the learning-rate
+factor around ``optimizer.step()``, progress and checkpoints). See docs/adaptive.md.
 """
 
 from plait.adaptive.efficiency import (
@@ -13,19 +14,23 @@ from plait.adaptive.efficiency import (
     noise_scale_gain,
     statistical_efficiency,
 )
-from plait.adaptive.gradnorms import GradNormProbe, all_reduce_sum, combine_norms, squared_norm
+from plait.adaptive.gradnorms import GradNormProbe, all_reduce_sum, combine_norms, placed_grads, squared_norm
 from plait.adaptive.noise import GradStats, NormSample, estimate, expected_sqnorm
 from plait.adaptive.scaling import LR_SCALING_RULES, Progress, lr_factor, resolve_lr_scaling
 from plait.adaptive.smoothing import DEFAULT_SMOOTHING, ExpAverage, GradNoiseScale
+from plait.adaptive.tracker import AdaptiveStats, AdaptiveTracker, ProbeLayout, scaled_lr
 
 __all__ = [
     "DEFAULT_SMOOTHING",
     "LR_SCALING_RULES",
+    "AdaptiveStats",
+    "AdaptiveTracker",
     "ExpAverage",
     "GradNoiseScale",
     "GradNormProbe",
     "GradStats",
     "NormSample",
+    "ProbeLayout",
     "Progress",
     "adascale_gain",
     "all_reduce_sum",
@@ -35,7 +40,9 @@ __all__ = [
     "lr_factor",
     "noise_scale_efficiency",
     "noise_scale_gain",
+    "placed_grads",
     "resolve_lr_scaling",
+    "scaled_lr",
     "squared_norm",
     "statistical_efficiency",
 ]

@@ -51,6 +51,66 @@ def _sum_of_squares(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.nn.utils.get_total_norm(tensors, 2.0).double().square()
 
 
+Part = tuple[torch.Tensor, float]  # (a norm, the weight of its square)
+
+
+def _norm_of(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of plain tensors as a 0-dim tensor (float32 accumulation for half precision; one fused
+    ``foreach`` kernel for a list of float32/float64 tensors)."""
+    if len(tensors) == 1 or any(t.dtype in LOW_PRECISION for t in tensors):
+        norms = [torch.linalg.vector_norm(t, dtype=torch.float32 if t.dtype in LOW_PRECISION else None) for t in tensors]
+        return norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
+    return torch.nn.utils.get_total_norm(tensors, 2.0)
+
+
+def norm_parts(tensors: Iterable[torch.Tensor], *, scale: float = 1.0) -> list[Part]:
+    """The norms of ``tensors``' entries on this rank, each with the weight of its square (``scale ** 2``, divided
+    by the ranks holding the same DTensor elements): their weighted squares add up to ``squared_norm``'s value.
+    No arithmetic beyond the norm kernels, so that a step's parts are squared and summed in one go."""
+    items = list(tensors)
+    if len(items) == 1 and not isinstance(items[0], DTensor):  # a flat buffer: the hot path, one kernel
+        flat = items[0].detach()
+        return [(torch.linalg.vector_norm(flat, dtype=torch.float32 if flat.dtype in LOW_PRECISION else None),
+                 scale * scale)]
+    by_copies: dict[int, list[torch.Tensor]] = {}
+    with torch.no_grad():
+        for t in items:
+            copies = 1
+            if isinstance(t, DTensor):
+                copies = _copies(t)
+                t = t.to_local()
+            by_copies.setdefault(copies, []).append(t)
+        parts: list[Part] = []
+        for copies, group in by_copies.items():
+            weight = scale * scale / copies
+            if len(group) > 1 and all(t.dtype in (torch.float32, torch.float64) for t in group):
+                parts += [(norm, weight) for norm in torch._foreach_norm(group)]  # one dispatch for many tensors
+            else:
+                parts.append((_norm_of(group), weight))
+        return parts
+
+
+def sum_of_parts(parts: list[Part], *, device: torch.device | None = None) -> torch.Tensor:
+    """``sum(weight * norm ** 2)`` over ``parts`` as a float64 0-dim tensor: a few kernels whatever their number."""
+    by_weight: dict[float, list[torch.Tensor]] = {}
+    for norm, weight in parts:
+        by_weight.setdefault(weight, []).append(norm)
+    total: torch.Tensor | None = None
+    with torch.no_grad():
+        for weight, norms in by_weight.items():
+            if len(norms) == 1:
+                part = norms[0].double().square()
+            else:
+                same = len({n.dtype for n in norms}) == 1
+                stacked = torch.stack(norms if same else [n.double() for n in norms])
+                part = torch.linalg.vector_norm(stacked, dtype=torch.float64).square()
+            part = part * weight if weight != 1.0 else part
+            total = part if total is None else total + part.to(total.device)
+    if total is None:
+        return torch.zeros((), dtype=torch.float64, device=device)
+    return total
+
+
 def squared_norm(tensors: Iterable[torch.Tensor], *, device: torch.device | None = None,
                  count_replicas_once: bool = True) -> torch.Tensor:
     """Sum of squares of this rank's entries of ``tensors`` as a float64 0-dim tensor on their device (no host sync).
@@ -76,6 +136,20 @@ def squared_norm(tensors: Iterable[torch.Tensor], *, device: torch.device | None
     if total is None:
         return torch.zeros((), dtype=torch.float64, device=device)
     return total
+
+
+def placed_grads(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """The parameters' gradients with their parameters' placements: a gradient still pending a ``Partial`` sum
+    on a model axis is reduced into a temporary (a collective over that axis; the gradient is left as it is)."""
+    out = []
+    for param in params:
+        grad = param.grad
+        if grad is None:
+            continue
+        if isinstance(param, DTensor) and isinstance(grad, DTensor) and grad.placements != param.placements:
+            grad = grad.redistribute(param.device_mesh, param.placements)
+        out.append(grad)
+    return out
 
 
 def all_reduce_sum(group: dist.ProcessGroup | None = None) -> ReduceFn:
@@ -117,30 +191,36 @@ class GradNormProbe:
 
     def __init__(self, *, device: torch.device | None = None) -> None:
         self.device = device
-        self._local: torch.Tensor | None = None
-        self._synced: torch.Tensor | None = None
+        self._local: list[Part] | None = None  # norms taken this step, squared and summed once in ``shares``
+        self._synced: list[Part] | None = None  # (None until added to: a rank may add an empty share)
 
     def add_local(self, tensors: Iterable[torch.Tensor], *, scale: float = 1.0) -> None:
         """Add the squared norm of local gradient pieces, times ``scale ** 2`` (e.g. ``num_micro`` for ``grad / num_micro``)."""
-        self._local = self._add(self._local, squared_norm(tensors, device=self.device), scale)
+        self._local = (self._local or []) + norm_parts(tensors, scale=scale)
 
     def add_synced(self, tensors: Iterable[torch.Tensor], *, scale: float = 1.0) -> None:
         """Add the squared norm of this rank's pieces of the synchronised gradient, times ``scale ** 2``."""
-        self._synced = self._add(self._synced, squared_norm(tensors, device=self.device), scale)
+        self._synced = (self._synced or []) + norm_parts(tensors, scale=scale)
 
-    @staticmethod
-    def _add(total: torch.Tensor | None, part: torch.Tensor, scale: float) -> torch.Tensor:
-        part = part * (scale * scale) if scale != 1.0 else part
-        return part if total is None else total + part.to(total.device)
+    def _take(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._local is None or self._synced is None:
+            raise PlaitError("the probe needs add_local (before the gradients are synchronised) and add_synced (after) "
+                             "in every step before its norms are combined")
+        local = sum_of_parts(self._local, device=self.device)
+        synced = sum_of_parts(self._synced, device=self.device)
+        self.reset()
+        return local, synced
+
+    def shares(self) -> torch.Tensor:
+        """This rank's ``[local, synchronised]`` shares as one float64 tensor on the device (to sum over the ranks
+        asynchronously, then divide as ``combine_norms`` does); resets."""
+        local, synced = self._take()
+        return torch.stack([local, synced.to(local.device)])
 
     def combine(self, *, num_local: int, synced_copies: int = 1, group: dist.ProcessGroup | None = None,
                 reduce: ReduceFn | None = None) -> torch.Tensor:
         """``[mean local squared norm, synchronised squared norm]`` on the device (see ``combine_norms``); resets."""
-        if self._local is None or self._synced is None:
-            raise PlaitError("the probe needs add_local (before the gradients are synchronised) and add_synced (after) "
-                             "in every step before combine")
-        local, synced = self._local, self._synced
-        self.reset()
+        local, synced = self._take()
         return combine_norms(local, synced, num_local=num_local, synced_copies=synced_copies, group=group, reduce=reduce)
 
     def sample(self, *, small_batch: float, big_batch: float, num_local: int, synced_copies: int = 1,

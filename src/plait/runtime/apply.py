@@ -1,5 +1,10 @@
 """Apply a Plan to a model, field by field: recomputation, model-axis placements (DTensor), data-parallel
-placements (plait's wait-free buckets, FSDP2 or HSDP) and the precision policy. Nothing here decides."""
+placements (plait's wait-free buckets, FSDP2 or HSDP) and the precision policy. Nothing here decides.
+
+For adaptive training an ``AppliedPlan`` also says how its gradients give the noise-scale estimator its two
+norms (``probe_layout``) and installs the probe where they are (``attach_probe``): the WFBP bucket buffers
+before and after their all-reduce; FSDP2's reduce-scatter input of every micro-batch and the sharded
+gradients; without data parallelism, the first accumulated micro-batch's gradients and the step's."""
 
 from __future__ import annotations
 
@@ -9,10 +14,19 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
+# FSDP2's reduce-scatter communication and its gradient divide factors are private in torch 2.13 (plait pins
+# torch below 2.14); adaptive training wraps the first to norm its input and asks the second for the pre-division
+from torch.distributed.fsdp._fully_shard._fsdp_collectives import (
+    DefaultReduceScatter,
+    _get_gradient_divide_factors,
+)
+
+from plait.adaptive import GradNormProbe, ProbeLayout, placed_grads
 from plait.errors import PlaitError
 from plait.plan.ir import BatchSpec, Plan
 from plait.plan.layout import shard_axis_of
@@ -49,6 +63,8 @@ class AppliedPlan:
     sharded_with_replicas: bool = False  # FSDP2 with a replicated data-parallel axis (HSDP)
     autocast_dtype: torch.dtype | None = None
     model_parallel: bool = False  # parameters are DTensors on model axes (gradients reduced before the step)
+    fsdp_mesh: DeviceMesh | None = None  # FSDP2's data-parallel mesh ((replicate, shard) for HSDP), when sharded
+    probe: GradNormProbe | None = None  # adaptive training: collects the step's gradient norms (attach_probe)
 
     def accumulate(self) -> AbstractContextManager[None]:
         """Context for a micro-batch that is not the last of a step: defer what communication can wait.
@@ -70,9 +86,37 @@ class AppliedPlan:
         return torch.autocast(self.mesh.device_type, dtype=self.autocast_dtype)
 
     def before_optimizer_step(self) -> None:
-        """Bring every gradient to its parameter's placements (model-axis reductions the backward left pending)."""
+        """Bring every gradient to its parameter's placements (model-axis reductions the backward left pending);
+        with a probe outside WFBP, norm the synchronised gradients."""
         if self.model_parallel:
             reduce_grads_to_placements(self.model)
+        if self.probe is not None and self.replicate is None:
+            self.probe.add_synced(_grads(self.model))
+
+    def probe_layout(self) -> ProbeLayout | str:
+        """How this plan's gradients give the noise-scale estimator its two norms, or why they cannot."""
+        b = self.batch
+        if self.replicate is not None:  # each replica's bucket buffers before the all-reduce; after, each its share
+            return ProbeLayout(small_batch=b.global_size // self.dp_size, big_batch=b.global_size,
+                               num_local=self.dp_size, synced_copies=1)
+        if self.fsdp_mesh is not None:
+            if self.model_parallel:
+                return ("FSDP2 with tensor parallelism: the reduce-scatter input mixes tensor-sharded and replicated "
+                        "gradients, which plait does not norm apart yet")
+            return ProbeLayout(small_batch=b.micro_size, big_batch=b.global_size, num_local=self.dp_size * b.num_micro,
+                               synced_copies=1)
+        if b.num_micro < 2:
+            return ("one data-parallel replica without gradient accumulation has one gradient per step; plan two or "
+                    "more micro-batches (num_micro) to estimate the noise scale")
+        return ProbeLayout(small_batch=b.micro_size, big_batch=b.global_size, num_local=1, synced_copies=1)
+
+    def attach_probe(self, probe: GradNormProbe) -> None:
+        """Install ``probe`` where this plan's gradients are normed (call only when ``probe_layout`` gives a layout)."""
+        self.probe = probe
+        if self.replicate is not None:
+            self.replicate.probe = probe
+        elif self.fsdp_mesh is not None:
+            _normed_reduce_scatter(self.model, self.fsdp_mesh, probe, self.batch.num_micro)
 
     def trained_parameters(self) -> list[nn.Parameter]:
         """The parameters the optimizer updates (all of the model's, sharded or not)."""
@@ -89,7 +133,15 @@ class AppliedPlan:
                 loss = loss_fn(self.model, to_device(mb, self.device))
                 (loss / self.batch.num_micro).backward()
             total += loss.detach().float() / self.batch.num_micro
+            if j == 0 and not last and self.probe is not None and self.replicate is None and self.fsdp_mesh is None:
+                self._norm_first_micro_batch(self.probe)
         return total
+
+    def _norm_first_micro_batch(self, probe: GradNormProbe) -> None:
+        """The local gradient without data parallelism: the first micro-batch's (``grad / num_micro`` so far).
+        Pending ``Partial`` sums on model axes are normed reduced, and left as they are."""
+        grads = placed_grads(self.model.parameters()) if self.model_parallel else _grads(self.model)
+        probe.add_local(grads, scale=float(self.batch.num_micro))
 
     def full_model_state(self) -> dict[str, torch.Tensor]:
         """The whole model's state dict on rank 0 (CPU tensors); {} on other ranks. Collective."""
@@ -109,6 +161,36 @@ class AppliedPlan:
             self.replicate.zero_grad()
         else:
             optimizer.zero_grad(set_to_none=True)
+
+
+def _grads(model: nn.Module) -> list[torch.Tensor]:
+    """The model's gradients (those that exist)."""
+    return [p.grad for p in model.parameters() if p.grad is not None]
+
+
+class _NormedReduceScatter(DefaultReduceScatter):
+    """FSDP2's default reduce-scatter that first adds its input (this rank's flat local gradient of one unit and
+    micro-batch, ``grad / num_micro``, pre-divided for fp16) to a gradient-norm probe."""
+
+    def __init__(self, probe: GradNormProbe, num_micro: int, replicate_group: dist.ProcessGroup | None) -> None:
+        super().__init__()
+        self.probe, self.num_micro, self.replicate_group = probe, num_micro, replicate_group
+
+    def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: dist.ProcessGroup,
+                 op: Any, async_op: bool = False) -> dist.Work:
+        """Norm the input, then reduce-scatter it as FSDP2 does."""
+        pre, _, _, _ = _get_gradient_divide_factors(group, self.replicate_group, input_tensor.dtype, input_tensor.device.type)
+        self.probe.add_local([input_tensor], scale=self.num_micro * (pre or 1.0))
+        return super().__call__(output_tensor, input_tensor, group, op, async_op)
+
+
+def _normed_reduce_scatter(model: nn.Module, fsdp_mesh: DeviceMesh, probe: GradNormProbe, num_micro: int) -> None:
+    """Give every FSDP2 unit of ``model`` the reduce-scatter that norms its input."""
+    replicate_group = fsdp_mesh.get_group(0) if fsdp_mesh.ndim == 2 else None
+    comm = _NormedReduceScatter(probe, num_micro, replicate_group)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_custom_reduce_scatter(comm)
 
 
 @contextmanager
@@ -148,7 +230,7 @@ def apply_plan(model: nn.Module, plan: Plan, ctx: DistContext) -> AppliedPlan:
         applied.model_parallel = True
     shard_axis = shard_axis_of(plan)
     if shard_axis is not None:
-        _apply_fsdp(model, plan, mesh, shard_axis)
+        applied.fsdp_mesh = _apply_fsdp(model, plan, mesh, shard_axis)
         applied.sharded_with_replicas = len(dp_axes) > 1
     else:
         if plan.precision.mixed:
@@ -176,9 +258,10 @@ def _apply_buckets(model: nn.Module, plan: Plan, mesh: DeviceMesh, dp_axes: tupl
     return WaitFreeReplicate(model, buckets, group=group, broadcast_from=0, reduce_dtype=TORCH_DTYPES[plan.precision.reduce_dtype])
 
 
-def _apply_fsdp(model: nn.Module, plan: Plan, mesh: DeviceMesh, shard_axis: str) -> None:
+def _apply_fsdp(model: nn.Module, plan: Plan, mesh: DeviceMesh, shard_axis: str) -> DeviceMesh:
     """FSDP2 ``fully_shard`` on each shard unit (innermost first), then the root; a replicated data-parallel
-    axis next to the shard axis gives HSDP. Mixed precision goes to FSDP2's MixedPrecisionPolicy."""
+    axis next to the shard axis gives HSDP. Mixed precision goes to FSDP2's MixedPrecisionPolicy. The
+    data-parallel mesh FSDP2 runs on."""
     replicated = tuple(a for a in plan.data_parallel_axes if a != shard_axis)
     dp_mesh = mesh[(*replicated, shard_axis)] if replicated else mesh[shard_axis]
     p = plan.precision
@@ -194,6 +277,7 @@ def _apply_fsdp(model: nn.Module, plan: Plan, mesh: DeviceMesh, shard_axis: str)
                                     "re-run `plait plan`") from None
         fully_shard(module, mesh=dp_mesh, reshard_after_forward=unit.reshard_after_forward, mp_policy=policy)
     fully_shard(model, mesh=dp_mesh, reshard_after_forward=root_reshard, mp_policy=policy)
+    return dp_mesh
 
 
 def dtype_of(name: str) -> torch.dtype:

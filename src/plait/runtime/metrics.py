@@ -1,4 +1,9 @@
-"""Per-step metrics on rank 0: a console line, a rich progress bar and one JSON object per line in a file."""
+"""Per-step metrics on rank 0: a console line, a rich progress bar and one JSON object per line in a file.
+
+With adaptive training each record also holds the step's global batch, the gradient noise scale, the
+statistical efficiency, the AdaScale gain, the learning-rate factor and the progress in scale-invariant
+iterations, and the progress bar shows the batch and the noise scale. Without it the records are as before.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from plait.adaptive import AdaptiveStats
 from plait.fileio import atomic_write
 
 METRICS_FILE = "metrics.jsonl"
@@ -35,12 +41,29 @@ class StepMetrics:
     step_s: float
     samples_per_s: float
     time: float  # wall clock (seconds since the epoch) at the end of the step
+    # adaptive training only (None otherwise, and left out of the file)
+    batch_size: int | None = None  # global batch of the step
+    noise_scale: float | None = None  # smoothed gradient noise scale known at the step (one step behind)
+    efficiency: float | None = None  # statistical efficiency of the batch against the initial one
+    gain: float | None = None  # AdaScale gain: initial-batch steps the step is worth
+    lr_factor: float | None = None  # factor the learning rate was multiplied by
+    progress: float | None = None  # scale-invariant iterations done
+
+    def record(self) -> dict[str, float | int]:
+        """The JSON object of the metrics file (adaptive fields only when set)."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
 def read_metrics(path: str | os.PathLike[str]) -> list[StepMetrics]:
     """Every step recorded in a metrics file."""
     lines = Path(path).read_text().splitlines()
     return [StepMetrics(**json.loads(line)) for line in lines if line.strip()]
+
+
+def describe_stats(stats: AdaptiveStats) -> str:
+    """Batch, noise scale, efficiency and gain in a few words (console line, progress bar)."""
+    return (f"batch {stats.batch_size}  noise scale {stats.noise_scale:.4g}  efficiency {stats.efficiency:.3f}  "
+            f"gain {stats.gain:.3f}")
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:
@@ -64,6 +87,7 @@ class MetricsLog:
         log_every: int = 1,
         progress: bool = True,
         title: str = "train",
+        adaptive: bool = False,
     ) -> None:
         self.active = active
         self.log_every = max(1, log_every)
@@ -77,11 +101,12 @@ class MetricsLog:
             self.file = open(self.path, "a")  # noqa: SIM115 - open for the log's life, closed by close()
         self.progress: Progress | None = None
         if active and progress:
+            stats = (TextColumn("{task.fields[stats]}"),) if adaptive else ()
             self.progress = Progress(
                 TextColumn(f"[bold]{title}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[loss]}"),
-                TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, transient=False,
+                *stats, TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, transient=False,
             )
-            self.task = self.progress.add_task(title, total=total_steps, completed=start_step, loss="")
+            self.task = self.progress.add_task(title, total=total_steps, completed=start_step, loss="", stats="")
 
     def __enter__(self) -> MetricsLog:
         if self.progress is not None:
@@ -108,16 +133,21 @@ class MetricsLog:
         if self.active:
             self.console.print(text, markup=False)
 
-    def log(self, step: int, loss: float, step_s: float, samples: int) -> StepMetrics:
+    def log(self, step: int, loss: float, step_s: float, samples: int, stats: AdaptiveStats | None = None) -> StepMetrics:
         """Record one step; prints it when ``due`` and always appends it to the JSONL file (flushed)."""
-        m = StepMetrics(step=step, loss=loss, step_s=step_s, samples_per_s=samples / step_s if step_s > 0 else 0.0, time=time.time())
+        extra = asdict(stats) if stats is not None else {}
+        m = StepMetrics(step=step, loss=loss, step_s=step_s, samples_per_s=samples / step_s if step_s > 0 else 0.0,
+                        time=time.time(), **extra)
         if not self.active:
             return m
         if self.file is not None:
-            self.file.write(json.dumps(asdict(m)) + "\n")
+            self.file.write(json.dumps(m.record()) + "\n")
             self.file.flush()
+        described = describe_stats(stats) if stats is not None else ""
         if self.due(step):
-            self.print(f"step {step}/{self.total_steps}  loss {loss:.4f}  {step_s * 1e3:.1f} ms  {m.samples_per_s:.1f} samples/s")
+            self.print(f"step {step}/{self.total_steps}  loss {loss:.4f}  {step_s * 1e3:.1f} ms  {m.samples_per_s:.1f} samples/s"
+                       + (f"  {described}" if described else ""))
         if self.progress is not None:
-            self.progress.update(self.task, completed=step, loss=f"loss {loss:.4f}")
+            short = f"batch {stats.batch_size}  noise scale {stats.noise_scale:.4g}" if stats is not None else ""
+            self.progress.update(self.task, completed=step, loss=f"loss {loss:.4f}", stats=short)
         return m

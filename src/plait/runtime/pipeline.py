@@ -14,12 +14,19 @@ With ``tp > 1`` (or a ``StageSharding``) each stage's ranks also form a tensor-p
 ``(pp, dp, tp)`` with axes ``("pp", "dp", "tp")`` (rank ``(p * dp + j) * tp + k``), the stages' layers get DTensor
 placements on ``tp`` and the boundary tensors cross as local pieces (``plait.runtime.pipeline_tp``). After the
 schedule, gradients that DTensor left as pending sums over ``tp`` are reduced, then the ``dp`` average runs.
+
+A ``GradNormProbe`` on the rank (adaptive training) norms the stage's gradients just before that average (the
+flat buffer it already makes, or, with ``tp``, the DTensor gradients, shares counted once) and, after it,
+this replica's ``1/dp`` share of them (a slice of the flat buffer, or every ``dp``-th DTensor gradient).
+With one replica (``dp == 1``) there is no average; ``norm_first_micro_batch`` then norms each stage's
+gradients after its first weight-gradient pass of the step (one micro-batch's) and the whole step's after
+the schedule.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,6 +36,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 from torch.distributed.tensor import DTensor
 
+from plait.adaptive.gradnorms import GradNormProbe, placed_grads
 from plait.errors import PlaitError
 from plait.runtime.pipeline_buffers import LazyRecvStage
 from plait.runtime.pipeline_lists import Pass, list_runner
@@ -84,12 +92,16 @@ class PipelineRank:
     dp_group: Any
     mesh: DeviceMesh | None = None  # (pp, dp, tp) with axes ("pp", "dp", "tp")
     tensor_parallel: bool = False  # the stages' parameters are DTensors on the tp axis
+    probe: GradNormProbe | None = None  # adaptive training: norms before and after the dp average
+    first_micro: bool = False  # the probe's local norm is each stage's first micro-batch gradient (dp == 1)
+    _normed: set[int] = field(default_factory=set, init=False, repr=False)  # stages whose first micro-batch was normed this step
 
     def step(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
         """Forward and backward of this replica's slice of the global ``batch`` (gradients accumulate into
         the stage parameters and are averaged over the stage's ranks); the mean loss on the last stage."""
         inputs, targets = (t.chunk(self.dp)[self.replica] for t in batch[:2])
         losses: list[torch.Tensor] = []
+        self._normed.clear()
         if self.first and self.last:
             self.schedule.step(inputs, target=targets, losses=losses, return_outputs=False)
         elif self.first:
@@ -103,22 +115,66 @@ class PipelineRank:
                 reduce_grads_to_placements(stage.submod)
         if self.dp > 1:
             self._average_over_dp()
+        elif self.probe is not None and self.first_micro:
+            self.probe.add_synced(placed_grads(self.params.values()))
         return torch.stack(losses).mean().detach() if losses else None
+
+    def norm_first_micro_batch(self, probe: GradNormProbe) -> None:
+        """Norm each stage's gradients after its first weight-gradient pass of a step, and the step's after it."""
+        self.probe, self.first_micro = probe, True
+        for stage in self.stages:
+            self._wrap_backward(stage)
+
+    def _wrap_backward(self, stage: PipelineStage) -> None:
+        """Make the stage's full-backward and weight-gradient passes call ``_after_weight_grads`` (the schedule calls
+        them through the stage object, so instance attributes take effect)."""
+        full, weight = stage.backward_one_chunk, stage.backward_weight_one_chunk
+
+        def backward_one_chunk(bwd_chunk_id: int, loss: Any = None, full_backward: bool = True,
+                               last_backward: bool = False) -> Any:
+            out = full(bwd_chunk_id, loss=loss, full_backward=full_backward, last_backward=last_backward)
+            if full_backward:
+                self._after_weight_grads(stage)
+            return out
+
+        def backward_weight_one_chunk(bwd_chunk_id: int, last_backward: bool = False) -> Any:
+            out = weight(bwd_chunk_id, last_backward=last_backward)
+            self._after_weight_grads(stage)
+            return out
+
+        stage.backward_one_chunk = backward_one_chunk  # type: ignore[method-assign]
+        stage.backward_weight_one_chunk = backward_weight_one_chunk  # type: ignore[method-assign]
+
+    def _after_weight_grads(self, stage: PipelineStage) -> None:
+        """After a stage's first weight-gradient pass in a step its gradients are one micro-batch's: norm them."""
+        if self.probe is None or stage.stage_index in self._normed:
+            return
+        self._normed.add(stage.stage_index)
+        self.probe.add_local(placed_grads(stage.submod.parameters()))
 
     def _average_over_dp(self) -> None:
         """One all-reduce per dtype over the stage's gradients (their local pieces), flattened together."""
-        grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad  # to_local shares the memory
-                 for p in self.params.values() if p.grad is not None]
+        placed = [p.grad for p in self.params.values() if p.grad is not None]
+        grads = [g.to_local() if isinstance(g, DTensor) else g for g in placed]  # to_local shares the memory
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
         for g in grads:
             by_dtype.setdefault(g.dtype, []).append(g)
+        flat_probe = None if self.tensor_parallel else self.probe  # norms the flat buffers; with tp, the DTensors
+        if self.probe is not None and self.tensor_parallel:
+            self.probe.add_local(placed)
         with torch.no_grad():
             for group in by_dtype.values():
                 flat = torch.cat([g.reshape(-1) for g in group])
+                if flat_probe is not None:
+                    flat_probe.add_local([flat])
                 dist.all_reduce(flat, group=self.dp_group)
                 flat.div_(self.dp)
+                if flat_probe is not None:  # every replica holds the average: each norms its slice
+                    flat_probe.add_synced([torch.tensor_split(flat, self.dp)[self.replica]])
                 for g, piece in zip(group, flat.split([g.numel() for g in group]), strict=True):
                     g.copy_(piece.view_as(g))
+        if self.probe is not None and self.tensor_parallel:
+            self.probe.add_synced(placed[self.replica :: self.dp])
 
 
 def build_pipeline_rank(model: nn.Module, stage_layers: Sequence[Sequence[str]], *, pp: int, dp: int, schedule: str,

@@ -5,6 +5,9 @@ parameters; full state for checkpoints is gathered from every stage onto rank 0.
 Nothing here decides: the stages, their ranks and the schedule are the plan's. The runtime runs stages of
 one size (the plan's mesh is ``pp x dp``, or ``pp x dp x tp`` once stages shard their layers); under interleaved
 1F1B each pipeline rank runs several of them (model chunks ``s, s + pp, ...``).
+
+For adaptive training the stages' gradients are normed around their data-parallel average (``attach_probe``):
+each rank adds its stage's shares, which add up over the stages (and ``tp``) to whole-model norms.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from plait.adaptive import GradNormProbe, ProbeLayout
 from plait.plan.ir import Plan
 from plait.runtime.apply import dtype_of
 from plait.runtime.checks import PlanMismatchError, check_optimizer_of, check_plan_model
@@ -47,8 +51,30 @@ class AppliedPipeline:
     ctx: DistContext
     layers: tuple[str, ...]  # this rank's stages' layers
     last_stage_ranks: int  # ranks that hold the loss (the last stage's)
+    global_batch: int = 0  # samples per optimizer step over every replica of the pipeline
+    num_micro: int = 1  # micro-batches per replica and step
     autocast_dtype: torch.dtype | None = None  # mixed precision: the stages compute in this dtype
     replicate: None = None  # the Trainer's WFBP traces: none in a pipeline
+
+    def probe_layout(self) -> ProbeLayout | str:
+        """How the stages' gradients give the noise-scale estimator its two norms, or why they cannot."""
+        dp, num_micro = self.rank.dp, self.num_micro
+        if dp > 1:  # each replica's gradient before the average, and its share of the average after it
+            return ProbeLayout(small_batch=self.global_batch // dp, big_batch=self.global_batch, num_local=dp,
+                               synced_copies=1)
+        if num_micro < 2:
+            return ("a pipeline with one replica and one micro-batch has one gradient per step; plan two or more "
+                    "micro-batches or replicas to estimate the noise scale")
+        return ProbeLayout(small_batch=self.global_batch // num_micro, big_batch=self.global_batch, num_local=1,
+                           synced_copies=1)
+
+    def attach_probe(self, probe: GradNormProbe) -> None:
+        """Norm the stages' gradients before and after their data-parallel average (with one replica: after the
+        first micro-batch's weight gradients and after the step)."""
+        if self.rank.dp > 1:
+            self.rank.probe = probe
+        else:
+            self.rank.norm_first_micro_batch(probe)
 
     def trained_parameters(self) -> list[nn.Parameter]:
         """The parameters this rank's stages hold (its optimizer's)."""
@@ -127,7 +153,8 @@ def apply_pipeline_plan(model: nn.Module, plan: Plan, ctx: DistContext, loss_fn:
                                schedule=plan.schedule.kind, num_micro=plan.schedule.num_microbatches, loss=loss_fn,
                                device=ctx.device, passes=passes)
     return AppliedPipeline(model=model, rank=rank, ctx=ctx, layers=tuple(n for s in plan.stages_of(ctx.rank) for n in s.layers),
-                           last_stage_ranks=len(plan.stages[-1].ranks),
+                           last_stage_ranks=len(plan.stages[-1].ranks), global_batch=plan.batch.global_size,
+                           num_micro=plan.schedule.num_microbatches,
                            autocast_dtype=dtype_of(plan.precision.compute_dtype) if plan.precision.mixed else None)
 
 

@@ -1,4 +1,9 @@
-"""The Trainer: seeded build, plan application, the plan's optimizer over micro-batches, metrics, checkpoints, resume."""
+"""The Trainer: seeded build, plan application, the plan's optimizer over micro-batches, metrics, checkpoints, resume.
+
+With ``TrainConfig(adaptive=True)`` it also estimates the gradient noise scale from the norms its plan's
+gradients already pass through (``plait.adaptive``; docs/adaptive.md), scales the learning rate by the
+configured rule and counts progress in scale-invariant iterations; checkpoints carry that state.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from plait.adaptive import (
+    DEFAULT_SMOOTHING,
+    LR_SCALING_RULES,
+    AdaptiveStats,
+    AdaptiveTracker,
+    GradNormProbe,
+    ProbeLayout,
+    resolve_lr_scaling,
+)
 from plait.errors import PlaitError
 from plait.plan.ir import Plan
 from plait.runtime import state as rstate
@@ -50,10 +64,20 @@ class TrainConfig:
     log_every: int = 1
     progress: bool = True
     title: str = "train"
+    adaptive: bool = False  # estimate the gradient noise scale, scale the learning rate, count progress
+    lr_scaling: str = "auto"  # adaptive: a rule of plait.adaptive.LR_SCALING_RULES ("auto": the plan's, else by optimizer)
+    init_batch_size: int | None = None  # adaptive: the batch M0 the learning rate is tuned for (None: the plan's)
+    gns_smoothing: float = DEFAULT_SMOOTHING  # adaptive: the noise-scale averages keep this much per M0 samples
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.checkpoint_every < 0:
             raise PlaitError(f"steps ({self.steps}) and checkpoint_every ({self.checkpoint_every}) must not be negative")
+        if self.lr_scaling not in LR_SCALING_RULES:
+            raise PlaitError(f"lr_scaling {self.lr_scaling!r} is not a rule; use one of {', '.join(LR_SCALING_RULES)}")
+        if self.init_batch_size is not None and self.init_batch_size < 1:
+            raise PlaitError(f"init_batch_size is {self.init_batch_size}; give a positive number of samples (or None)")
+        if not 0.0 <= self.gns_smoothing < 1.0:
+            raise PlaitError(f"gns_smoothing is {self.gns_smoothing}; it must be in [0, 1)")
         if self.checkpoint_every and self.out_dir is None:
             raise PlaitError("checkpoint_every needs out_dir (or `plait run --out DIR`) to know where to write")
         if self.resume and self.out_dir is None:
@@ -76,6 +100,8 @@ class TrainResult:
     step_times: tuple[float, ...]  # seconds per step (averaged over the steps between two logged ones)
     final_state: dict[str, torch.Tensor] = field(repr=False)  # full model state dict on rank 0, {} elsewhere
     traces: tuple[StepTrace, ...] = ()  # WFBP timings (replicate plans)
+    adaptive: tuple[AdaptiveStats, ...] = ()  # adaptive training: what each step run used (batch, noise scale, ...)
+    adaptive_state: dict[str, Any] | None = None  # adaptive training: the final estimator and progress state
 
 
 class Trainer:
@@ -105,6 +131,9 @@ class Trainer:
         self.before_step = before_step
         self.applied: Applied | None = None
         self.optimizer: torch.optim.Optimizer | None = None
+        self.tracker: AdaptiveTracker | None = None  # adaptive training's statistics (None when off)
+        self.tracker_note = ""  # why adaptive training has no noise-scale estimate on this plan, if it has none
+        self._last_stats: AdaptiveStats | None = None  # what the last step used (adaptive training)
         self._active: DistContext | None = None
 
     def fit(self) -> TrainResult:
@@ -132,7 +161,26 @@ class Trainer:
         rstate.seed_rank(cfg.seed, step=0, rank=ctx.rank)  # per-rank randomness (dropout) from here on
         optimizer = self._optimizer(applied.trained_parameters())
         self.applied, self.optimizer = applied, optimizer
+        self.tracker = self._tracker(applied, optimizer, ctx) if cfg.adaptive else None
         return applied, optimizer
+
+    def _tracker(self, applied: Applied, optimizer: torch.optim.Optimizer, ctx: DistContext) -> AdaptiveTracker:
+        """Adaptive training's statistics, with a probe installed where the plan's gradients are normed (if any)."""
+        cfg, batch = self.config, self.plan.batch
+        rule = cfg.lr_scaling
+        if rule == "auto" and batch.lr_scaling not in ("none", "auto"):
+            rule = batch.lr_scaling  # a rule the plan names
+        rule = resolve_lr_scaling(rule, optimizer_name(optimizer) or self.plan.optimizer)
+        layout = applied.probe_layout()
+        probe: GradNormProbe | None = None
+        if isinstance(layout, ProbeLayout):
+            probe = GradNormProbe(device=ctx.device)
+            applied.attach_probe(probe)
+        else:
+            self.tracker_note = f"adaptive: no noise-scale estimate on this plan: {layout}"
+        return AdaptiveTracker(init_batch_size=cfg.init_batch_size or batch.global_size, batch_size=batch.global_size,
+                               rule=rule, smoothing=cfg.gns_smoothing, probe=probe,
+                               layout=layout if isinstance(layout, ProbeLayout) else None)
 
     def _optimizer(self, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
         """The plan's optimizer with the config's settings, or what ``optimizer_fn`` builds if it agrees with the plan."""
@@ -161,7 +209,13 @@ class Trainer:
         step = int(state["step"])
         applied.load_full_state(optimizer, state)
         saved_world = rstate.restore_rng(state.get("rng"), ctx, seed=self.config.seed, step=step)
-        return step, f"resume: continuing after step {step} (checkpoint of a {saved_world}-rank run)"
+        note = f"resume: continuing after step {step} (checkpoint of a {saved_world}-rank run)"
+        if self.tracker is not None:
+            if "adaptive" in state:
+                self.tracker.load_state_dict(state["adaptive"])
+            else:
+                note += "; it holds no adaptive statistics, so the noise scale starts afresh"
+        return step, note
 
     # ---- the loop ----------------------------------------------------------------------------
 
@@ -171,13 +225,15 @@ class Trainer:
         start, note = self._resume(ctx, applied, optimizer) if cfg.resume else (0, "")
         with MetricsLog(
             active=ctx.is_main, total_steps=cfg.steps, start_step=start, out_dir=cfg.out_dir,
-            log_every=cfg.log_every, progress=cfg.progress, title=cfg.title,
+            log_every=cfg.log_every, progress=cfg.progress, title=cfg.title, adaptive=self.tracker is not None,
         ) as log:
-            if note:
-                log.print(note)
+            for line in (note, self.tracker_note):
+                if line:
+                    log.print(line)
             window = _LossWindow()
             for step in range(start, cfg.steps):
-                window.add(self._step(step, ctx, applied, optimizer))
+                loss = self._step(step, ctx, applied, optimizer)
+                window.add(loss, self._last_stats)
                 done = step + 1
                 checkpoint = cfg.checkpoint_every > 0 and done % cfg.checkpoint_every == 0
                 if checkpoint or log.due(done):  # reduce the losses only here: reading them waits for the device
@@ -185,13 +241,16 @@ class Trainer:
                 if checkpoint:
                     self.save(done)
                     window.restart()
+        if self.tracker is not None:
+            self.tracker.flush()
         final = applied.full_model_state()
         if cfg.out_dir is not None:
             path = Path(cfg.out_dir) / FINAL_FILE
             rstate.run_on_main(lambda: rstate.save_tensors_atomic(final, path), ctx, what=f"writing {path}")
         traces = tuple(applied.replicate.traces) if applied.replicate is not None else ()
         return TrainResult(start_step=start, losses=tuple(window.losses), step_times=tuple(window.times), final_state=final,
-                           traces=traces)
+                           traces=traces, adaptive=tuple(window.stats) if self.tracker is not None else (),
+                           adaptive_state=self.tracker.state_dict() if self.tracker is not None else None)
 
     def _step(self, step: int, ctx: DistContext, applied: Applied, optimizer: torch.optim.Optimizer) -> torch.Tensor:
         """One optimizer step over this rank's micro-batches; this rank's loss, left on the device."""
@@ -200,7 +259,11 @@ class Trainer:
         applied.before_optimizer_step()
         if self.before_step is not None:
             self.before_step(step, applied.model)
-        optimizer.step()
+        if self.tracker is None:
+            optimizer.step()
+        else:
+            self.tracker.after_backward()
+            self._last_stats = self.tracker.optimizer_step(optimizer)
         return total
 
     def save(self, step: int) -> None:
@@ -211,12 +274,17 @@ class Trainer:
         model_sd, optim_sd = self.applied.full_state(self.optimizer)
         rng = rstate.gather_rng(ctx)
         cfg = self.config
+        adaptive: dict[str, Any] = {}
+        if self.tracker is not None:
+            self.tracker.flush()  # the statistics include the step just taken
+            adaptive["adaptive"] = self.tracker.state_dict()
 
         def write() -> Path:
             assert cfg.out_dir is not None
             payload = {
                 "step": step, "model": model_sd, "optimizer": optim_sd, "rng": rng, "world_size": ctx.world_size,
                 "mesh": dict(zip(self.plan.mesh.axes, self.plan.mesh.shape, strict=True)), "config": asdict(cfg),
+                **adaptive,
             }
             return save_checkpoint(checkpoint_dir(cfg.out_dir), step, payload, keep=cfg.keep_checkpoints)
 
@@ -228,17 +296,20 @@ class _LossWindow:
 
     def __init__(self) -> None:
         self.pending: list[torch.Tensor] = []
+        self.pending_stats: list[AdaptiveStats | None] = []
         self.losses: list[float] = []  # every step's loss, averaged over ranks
         self.times: list[float] = []  # every step's time: its window's time over its number of steps
+        self.stats: list[AdaptiveStats] = []  # adaptive training: what every step used
         self.restart()
 
     def restart(self) -> None:
         """Start timing the next window (after a checkpoint, whose writing is not a step's time)."""
         self.started = time.perf_counter()
 
-    def add(self, loss: torch.Tensor) -> None:
-        """One more step's loss on this rank."""
+    def add(self, loss: torch.Tensor, stats: AdaptiveStats | None = None) -> None:
+        """One more step's loss on this rank (and, with adaptive training, its statistics)."""
         self.pending.append(loss)
+        self.pending_stats.append(stats)
 
     def close(self, last_step: int, world_size: int, log: MetricsLog, samples: int) -> None:
         """Average the pending losses over ranks (one all-reduce, one copy to the host), log them and restart.
@@ -250,9 +321,12 @@ class _LossWindow:
         dist.all_reduce(total)
         means = [value / world_size for value in total.tolist()]  # waits for the device, so the time below is whole
         step_s = (time.perf_counter() - self.started) / len(means)
-        for step, loss in enumerate(means, start=last_step - len(means) + 1):
-            log.log(step, loss, step_s, samples)
+        first = last_step - len(means) + 1
+        for step, (loss, stats) in enumerate(zip(means, self.pending_stats, strict=True), start=first):
+            log.log(step, loss, step_s, stats.batch_size if stats is not None else samples, stats)
         self.losses += means
         self.times += [step_s] * len(means)
+        self.stats += [s for s in self.pending_stats if s is not None]
         self.pending.clear()
+        self.pending_stats.clear()
         self.restart()

@@ -13,6 +13,11 @@ bucket (no copies). A gradient that arrives with other placements (a ``Partial``
 weight used on sharded activations) is reduced over the model axes to the parameter's placements
 first: inside autograd's in-place accumulation into the view, or, when the gradient was set to None,
 by the hook, which then copies it into the view.
+
+With a ``GradNormProbe`` attached (adaptive training), each bucket's buffer is normed just before its
+all-reduce (the rank's local gradient), and after the last all-reduce finished each replica norms its
+share of the synchronised buffers (bucket ``i`` on the replica ``i % size``, so each is normed once over
+the group): one norm kernel per flat buffer, no copies. Without a probe, nothing extra runs.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from plait.adaptive.gradnorms import GradNormProbe
 from plait.errors import PlaitError
 
 MAX_TRACES = 256
@@ -67,6 +73,10 @@ class _Bucket:
         self.sent = self.buffer  # what the all-reduce works on (a narrower copy under a reduce dtype)
         self.launch_s = 0.0
         self.done_s = 0.0
+        # what a gradient-norm probe norms: the flat buffer, or the DTensor gradients when some hold local
+        # shards of model-axis DTensors (their shares of replicated elements are counted once over the axis)
+        plain = not any(isinstance(p, DTensor) for p in params)
+        self.norm_pieces: list[torch.Tensor] = [self.buffer] if plain else list(self.grads)
 
     def mark_done(self, _future: object) -> None:
         """Record when the bucket's all-reduce finished (called by the communication thread)."""
@@ -119,6 +129,7 @@ class WaitFreeReplicate:
         self.group = group
         self.reduce_dtype = reduce_dtype  # all-reduce in this dtype (e.g. bf16 for fp32 gradients), else the buffer's
         self.size = dist.get_world_size(group)
+        self.group_rank = dist.get_rank(group)
         self.buckets = _build_buckets(model, buckets)
         self._sync = True
         self._in_backward = False
@@ -126,6 +137,7 @@ class WaitFreeReplicate:
         self._first_grad_s = 0.0
         self.traces: collections.deque[StepTrace] = collections.deque(maxlen=MAX_TRACES)
         self.num_launches = 0
+        self.probe: GradNormProbe | None = None  # adaptive training: norms before and after the all-reduce
         if broadcast_from is not None:
             self.broadcast(broadcast_from)
         for bucket in self.buckets:
@@ -195,6 +207,8 @@ class WaitFreeReplicate:
                 return
             if force:
                 bucket.attach_grads()  # unused parameters contribute zeros
+            if self.probe is not None:
+                self.probe.add_local(bucket.norm_pieces)
             bucket.buffer.div_(self.size)
             bucket.launch_s = time.perf_counter()
             bucket.sent = bucket.buffer if self.reduce_dtype in (None, bucket.buffer.dtype) else bucket.buffer.to(self.reduce_dtype)
@@ -213,6 +227,9 @@ class WaitFreeReplicate:
                     bucket.work.wait()
                     if bucket.sent is not bucket.buffer:  # reduced in a narrower dtype: back into the gradients
                         bucket.buffer.copy_(bucket.sent)
+                if self.probe is not None:  # each synchronised bucket is normed by one replica of the group
+                    self.probe.add_synced([piece for bucket in self.buckets if bucket.index % self.size == self.group_rank
+                                           for piece in bucket.norm_pieces])
                 self.traces.append(self._trace(end_s))
         finally:
             for bucket in self.buckets:
