@@ -1,6 +1,10 @@
 """Apply a Plan to a model, field by field: recomputation, model-axis placements (DTensor), data-parallel
 placements (plait's wait-free buckets, FSDP2 or HSDP) and the precision policy. Nothing here decides.
 
+Data-parallel parameters whose SyncSpecs are not all the plain ``allreduce`` (a parameter server, SFB, a compressed
+all-reduce, or ``none``) are synchronised by ``plait.runtime.sync.ModelSync`` on the data-parallel group instead of
+the wait-free buckets (docs/sync.md).
+
 For adaptive training an ``AppliedPlan`` also says how its gradients give the noise-scale estimator its two
 norms (``probe_layout``) and installs the probe where they are (``attach_probe``): the WFBP bucket buffers
 before and after their all-reduce; FSDP2's reduce-scatter input of every micro-batch and the sharded
@@ -28,13 +32,15 @@ from torch.distributed.fsdp._fully_shard._fsdp_collectives import (
 
 from plait.adaptive import GradNormProbe, ProbeLayout, placed_grads
 from plait.errors import PlaitError
-from plait.plan.ir import BatchSpec, Plan
+from plait.plan.ir import BatchSpec, Plan, SyncSpec
 from plait.plan.layout import shard_axis_of
 from plait.runtime import state as rstate
 from plait.runtime.checks import PlanMismatchError, check_plan, check_plan_model
 from plait.runtime.context import DistContext
 from plait.runtime.data import local_micro_batches, to_device
 from plait.runtime.recompute import apply_recompute
+from plait.runtime.sync import ModelSync, build_model_sync, plan_synchronizers
+from plait.runtime.sync.ps_server import OptimizerFn
 from plait.runtime.tensor_parallel import (
     Pin,
     distribute_parameters,
@@ -46,7 +52,7 @@ from plait.runtime.wfbp import WaitFreeReplicate
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 Loss = Callable[[nn.Module, tuple[torch.Tensor, ...]], torch.Tensor]
 
-__all__ = ["AppliedPlan", "PlanMismatchError", "apply_plan", "build_mesh", "check_plan"]
+__all__ = ["AppliedPlan", "PlanMismatchError", "apply_plan", "build_mesh", "check_plan", "uses_runtime_sync"]
 
 
 @dataclass(kw_only=True)
@@ -65,6 +71,7 @@ class AppliedPlan:
     model_parallel: bool = False  # parameters are DTensors on model axes (gradients reduced before the step)
     fsdp_mesh: DeviceMesh | None = None  # FSDP2's data-parallel mesh ((replicate, shard) for HSDP), when sharded
     probe: GradNormProbe | None = None  # adaptive training: collects the step's gradient norms (attach_probe)
+    sync: ModelSync | None = None  # runtime.sync's synchronizers (PS, SFB, compressed all-reduce), in place of WFBP
 
     def accumulate(self) -> AbstractContextManager[None]:
         """Context for a micro-batch that is not the last of a step: defer what communication can wait.
@@ -75,6 +82,8 @@ class AppliedPlan:
         """
         if self.replicate is not None:
             return self.replicate.no_sync()
+        if self.sync is not None:
+            return self.sync.no_sync()
         if self.sharded_with_replicas:
             return _fsdp_without_all_reduce(self.model)
         return nullcontext()
@@ -87,7 +96,10 @@ class AppliedPlan:
 
     def before_optimizer_step(self) -> None:
         """Bring every gradient to its parameter's placements (model-axis reductions the backward left pending);
-        with a probe outside WFBP, norm the synchronised gradients."""
+        with a probe outside WFBP, norm the synchronised gradients. With ``runtime.sync``: all-reduce waits, SFB
+        rebuilds, parameter servers push, apply and pull (their parameters are then already updated)."""
+        if self.sync is not None:
+            self.sync.finish()
         if self.model_parallel:
             reduce_grads_to_placements(self.model)
         if self.probe is not None and self.replicate is None:
@@ -96,6 +108,9 @@ class AppliedPlan:
     def probe_layout(self) -> ProbeLayout | str:
         """How this plan's gradients give the noise-scale estimator its two norms, or why they cannot."""
         b = self.batch
+        if self.sync is not None:
+            return ("the plan synchronises gradients with plait.runtime.sync (parameter server, SFB or compressed "
+                    "all-reduce), whose gradients plait does not norm yet")
         if self.replicate is not None:  # each replica's bucket buffers before the all-reduce; after, each its share
             return ProbeLayout(small_batch=b.global_size // self.dp_size, big_batch=b.global_size,
                                num_local=self.dp_size, synced_copies=1)
@@ -119,7 +134,10 @@ class AppliedPlan:
             _normed_reduce_scatter(self.model, self.fsdp_mesh, probe, self.batch.num_micro)
 
     def trained_parameters(self) -> list[nn.Parameter]:
-        """The parameters the optimizer updates (all of the model's, sharded or not)."""
+        """The parameters the optimizer updates (all of the model's, sharded or not; with ``runtime.sync`` all but
+        those the parameter servers update)."""
+        if self.sync is not None:
+            return self.sync.local_parameters()
         return list(self.model.parameters())
 
     def forward_backward(self, global_batch: Sequence[torch.Tensor], loss_fn: Loss) -> torch.Tensor:
@@ -159,6 +177,8 @@ class AppliedPlan:
         """Clear gradients before a step (replicated parameters keep them as views of the bucket buffers)."""
         if self.replicate is not None:
             self.replicate.zero_grad()
+        elif self.sync is not None:  # the servers' parameters are not in the optimizer but get gradients too
+            self.model.zero_grad(set_to_none=True)
         else:
             optimizer.zero_grad(set_to_none=True)
 
@@ -212,10 +232,24 @@ def _submesh(mesh: DeviceMesh, axes: tuple[str, ...]) -> DeviceMesh:
     return mesh[axes[0]] if len(axes) == 1 else mesh[axes]
 
 
-def apply_plan(model: nn.Module, plan: Plan, ctx: DistContext) -> AppliedPlan:
-    """Move ``model`` to this rank's device and make it parallel exactly as the plan's fields say."""
+def uses_runtime_sync(plan: Plan) -> bool:
+    """Whether the plan's data-parallel gradients go through ``plait.runtime.sync`` rather than the wait-free
+    buckets or FSDP2: a replicated plan over more than one rank with a SyncSpec that is not the plain ``allreduce``."""
+    if plan.dp_degree <= 1 or shard_axis_of(plan) is not None:
+        return False
+    return any(p.sync.kind != "allreduce" or p.sync.compress is not None for p in plan.params)
+
+
+def apply_plan(model: nn.Module, plan: Plan, ctx: DistContext, *, optimizer_fn: OptimizerFn | None = None) -> AppliedPlan:
+    """Move ``model`` to this rank's device and make it parallel exactly as the plan's fields say.
+
+    ``optimizer_fn(params)`` builds the optimizer of the parameter servers' shards, for plans with ``ps`` SyncSpecs.
+    """
     check_plan(plan, ctx)
     check_plan_model(plan, model)
+    runtime_sync = uses_runtime_sync(plan)
+    if runtime_sync:  # before any communication: a plan the synchronizers cannot run fails here, on every rank
+        _check_runtime_sync(model, plan, has_optimizer=optimizer_fn is not None)
     model.to(ctx.device)
     mesh = build_mesh(plan, ctx)
     dp_axes = plan.data_parallel_axes
@@ -235,9 +269,46 @@ def apply_plan(model: nn.Module, plan: Plan, ctx: DistContext) -> AppliedPlan:
     else:
         if plan.precision.mixed:
             applied.autocast_dtype = TORCH_DTYPES[plan.precision.compute_dtype]
-        if plan.dp_degree > 1:
+        if runtime_sync:
+            applied.sync = build_model_sync(model, _sync_specs(model, plan), group=_dp_group(mesh, dp_axes), optimizer_fn=optimizer_fn,
+                                            seed=0, broadcast_from=0)
+        elif plan.dp_degree > 1:
             applied.replicate = _apply_buckets(model, plan, mesh, dp_axes)
     return applied
+
+
+def _check_runtime_sync(model: nn.Module, plan: Plan, *, has_optimizer: bool) -> None:
+    """Refuse, naming the parameter and what to do, a plan ``plait.runtime.sync`` cannot run; needs no process group."""
+    if any(plan.mesh.axis_size(a) > 1 for a in plan.model_axes):
+        raise PlanMismatchError("the plan shards parameters on model axes and synchronises them by parameter server, "
+                                "SFB or compression, which plait.runtime.sync does for plain (non-DTensor) parameters "
+                                "only; plan the sync strategy on a replicated data-parallel plan")
+    dp = set(plan.data_parallel_axes)
+    for p in plan.params:
+        if p.sync.kind != "none" and p.sync.axes and set(p.sync.axes) != dp:
+            raise PlanMismatchError(f"parameter {p.name!r}: its SyncSpec spans axes {list(p.sync.axes)} but the plan's "
+                                    f"data-parallel axes are {sorted(dp)}; re-run `plait plan --sync`")
+    if not has_optimizer and any(p.sync.kind == "ps" for p in plan.params):
+        name = next(p.name for p in plan.params if p.sync.kind == "ps")
+        raise PlaitError(f"parameter {name!r} is served by a parameter server, whose shards need an optimizer: pass "
+                         "apply_plan(..., optimizer_fn=...) (the Trainer does)")
+    try:
+        plan_synchronizers(model, _sync_specs(model, plan), has_optimizer=has_optimizer)
+    except PlaitError as e:
+        raise PlanMismatchError(f"the plan's SyncSpecs do not fit the model: {e}; re-run `plait plan --sync` for "
+                                "this model") from None
+
+
+def _sync_specs(model: nn.Module, plan: Plan) -> dict[str, SyncSpec]:
+    """The plan's SyncSpec of every parameter the model trains (frozen ones need none)."""
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {p.name: p.sync for p in plan.params if p.name in trained}
+
+
+def _dp_group(mesh: DeviceMesh, dp_axes: tuple[str, ...]) -> dist.ProcessGroup:
+    """The process group over the data-parallel axes (flattened when there are several)."""
+    dp_mesh = _submesh(mesh, dp_axes)
+    return dp_mesh.get_group() if dp_mesh.ndim == 1 else dp_mesh._flatten().get_group()
 
 
 def _apply_model_axes(model: nn.Module, plan: Plan, mesh: DeviceMesh, axes: tuple[str, ...]) -> None:
@@ -252,8 +323,7 @@ def _apply_buckets(model: nn.Module, plan: Plan, mesh: DeviceMesh, dp_axes: tupl
     if not plan.buckets:
         raise PlanMismatchError("the plan replicates parameters over data-parallel axes but has no gradient buckets; "
                                 "re-run `plait plan` to fill them")
-    dp_mesh = _submesh(mesh, dp_axes)
-    group = dp_mesh.get_group() if dp_mesh.ndim == 1 else dp_mesh._flatten().get_group()
+    group = _dp_group(mesh, dp_axes)
     buckets = [b.params for b in sorted(plan.buckets, key=lambda b: b.index)]
     return WaitFreeReplicate(model, buckets, group=group, broadcast_from=0, reduce_dtype=TORCH_DTYPES[plan.precision.reduce_dtype])
 

@@ -3,6 +3,9 @@
 With adaptive training each record also holds the step's global batch, the gradient noise scale, the
 statistical efficiency, the AdaScale gain, the learning-rate factor and the progress in scale-invariant
 iterations, and the progress bar shows the batch and the noise scale. Without it the records are as before.
+
+Plans synchronised by ``plait.runtime.sync`` add the bytes rank 0 sent and received in the step, under the flat
+keys of ``ModelSync.step_bytes()`` (``sync.sent_bytes``, ``sync.recv_bytes``, ``sync.<name>.sent_bytes``, ...).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
@@ -48,16 +52,26 @@ class StepMetrics:
     gain: float | None = None  # AdaScale gain: initial-batch steps the step is worth
     lr_factor: float | None = None  # factor the learning rate was multiplied by
     progress: float | None = None  # scale-invariant iterations done
+    # runtime.sync only: rank 0's bytes of the step, keyed as ModelSync.step_bytes() ("sync.sent_bytes", ...)
+    sync_bytes: dict[str, int] | None = None
 
     def record(self) -> dict[str, float | int]:
-        """The JSON object of the metrics file (adaptive fields only when set)."""
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        """The JSON object of the metrics file (adaptive fields only when set; byte counts as flat ``sync.*`` keys)."""
+        out = {k: v for k, v in asdict(self).items() if v is not None and k != "sync_bytes"}
+        return {**out, **(self.sync_bytes or {})}
 
 
 def read_metrics(path: str | os.PathLike[str]) -> list[StepMetrics]:
     """Every step recorded in a metrics file."""
     lines = Path(path).read_text().splitlines()
-    return [StepMetrics(**json.loads(line)) for line in lines if line.strip()]
+    return [_from_record(json.loads(line)) for line in lines if line.strip()]
+
+
+def _from_record(record: dict[str, float | int]) -> StepMetrics:
+    """A metrics-file object back as StepMetrics (``sync.*`` keys into ``sync_bytes``)."""
+    sync = {k: int(v) for k, v in record.items() if k.startswith("sync.")}
+    rest = {k: v for k, v in record.items() if not k.startswith("sync.")}
+    return StepMetrics(**rest, sync_bytes=sync or None)  # type: ignore[arg-type]
 
 
 def describe_stats(stats: AdaptiveStats) -> str:
@@ -133,11 +147,12 @@ class MetricsLog:
         if self.active:
             self.console.print(text, markup=False)
 
-    def log(self, step: int, loss: float, step_s: float, samples: int, stats: AdaptiveStats | None = None) -> StepMetrics:
+    def log(self, step: int, loss: float, step_s: float, samples: int, stats: AdaptiveStats | None = None, *,
+            sync_bytes: Mapping[str, int] | None = None) -> StepMetrics:
         """Record one step; prints it when ``due`` and always appends it to the JSONL file (flushed)."""
         extra = asdict(stats) if stats is not None else {}
         m = StepMetrics(step=step, loss=loss, step_s=step_s, samples_per_s=samples / step_s if step_s > 0 else 0.0,
-                        time=time.time(), **extra)
+                        time=time.time(), sync_bytes=dict(sync_bytes) if sync_bytes is not None else None, **extra)
         if not self.active:
             return m
         if self.file is not None:

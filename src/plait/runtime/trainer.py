@@ -3,6 +3,11 @@
 With ``TrainConfig(adaptive=True)`` it also estimates the gradient noise scale from the norms its plan's
 gradients already pass through (``plait.adaptive``; docs/adaptive.md), scales the learning rate by the
 configured rule and counts progress in scale-invariant iterations; checkpoints carry that state.
+
+Plans whose SyncSpecs name a parameter server, SFB or a compressed all-reduce run through ``plait.runtime.sync``
+(``AppliedPlan.sync``): each metrics line records the step's bytes, and the synchronizers close (collective)
+before the final state is gathered. Checkpoints (and resuming) of parameter-server plans, and adaptive training of
+parameter-server or SFB plans, are refused until their state can be gathered and their gradients normed.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from plait.adaptive import (
 from plait.errors import PlaitError
 from plait.plan.ir import Plan
 from plait.runtime import state as rstate
-from plait.runtime.apply import AppliedPlan, PlanMismatchError, apply_plan
+from plait.runtime.apply import AppliedPlan, PlanMismatchError, apply_plan, uses_runtime_sync
 from plait.runtime.checkpoint import checkpoint_dir, latest_checkpoint, load_checkpoint, save_checkpoint
 from plait.runtime.context import DistContext, init_distributed, teardown
 from plait.runtime.data import Batch, DataSource
@@ -135,6 +140,7 @@ class Trainer:
         self.tracker_note = ""  # why adaptive training has no noise-scale estimate on this plan, if it has none
         self._last_stats: AdaptiveStats | None = None  # what the last step used (adaptive training)
         self._active: DistContext | None = None
+        _check_sync_support(plan, config)
 
     def fit(self) -> TrainResult:
         """Run the remaining steps (all, or those after the latest checkpoint when resuming)."""
@@ -157,7 +163,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # the same initial parameters on every rank
         model = self.model_fn()
         applied: Applied = (apply_pipeline_plan(model, self.plan, ctx, self.loss_fn) if self.plan.is_pipeline
-                            else apply_plan(model, self.plan, ctx))
+                            else apply_plan(model, self.plan, ctx, optimizer_fn=self._optimizer))
         rstate.seed_rank(cfg.seed, step=0, rank=ctx.rank)  # per-rank randomness (dropout) from here on
         optimizer = self._optimizer(applied.trained_parameters())
         self.applied, self.optimizer = applied, optimizer
@@ -185,6 +191,9 @@ class Trainer:
     def _optimizer(self, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
         """The plan's optimizer with the config's settings, or what ``optimizer_fn`` builds if it agrees with the plan."""
         cfg, planned = self.config, self.plan.optimizer
+        params = list(params)
+        if not params:  # parameter servers update every parameter: nothing is left for a local optimizer to step
+            return torch.optim.SGD([nn.Parameter(torch.zeros(0))], lr=0.0)
         if self.optimizer_fn is None:
             return build_optimizer(planned, params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
                                    momentum=cfg.momentum)
@@ -231,9 +240,10 @@ class Trainer:
                 if line:
                     log.print(line)
             window = _LossWindow()
+            sync = applied.sync if isinstance(applied, AppliedPlan) else None
             for step in range(start, cfg.steps):
                 loss = self._step(step, ctx, applied, optimizer)
-                window.add(loss, self._last_stats)
+                window.add(loss, self._last_stats, sync.step_bytes() if sync is not None else None)
                 done = step + 1
                 checkpoint = cfg.checkpoint_every > 0 and done % cfg.checkpoint_every == 0
                 if checkpoint or log.due(done):  # reduce the losses only here: reading them waits for the device
@@ -243,6 +253,8 @@ class Trainer:
                     window.restart()
         if self.tracker is not None:
             self.tracker.flush()
+        if isinstance(applied, AppliedPlan) and applied.sync is not None:
+            applied.sync.close()  # collective: every replica gets the servers' final shards, threads stop
         final = applied.full_model_state()
         if cfg.out_dir is not None:
             path = Path(cfg.out_dir) / FINAL_FILE
@@ -271,6 +283,7 @@ class Trainer:
         ctx = self._active
         if ctx is None or self.applied is None or self.optimizer is None:
             raise PlaitError("Trainer.save() works only while fit() runs (it is called every checkpoint_every steps)")
+        _check_checkpointable(self.plan)
         model_sd, optim_sd = self.applied.full_state(self.optimizer)
         rng = rstate.gather_rng(ctx)
         cfg = self.config
@@ -291,12 +304,43 @@ class Trainer:
         rstate.run_on_main(write, ctx, what=f"writing the checkpoint of step {step}")  # also the ranks' barrier
 
 
+def _ps_param(plan: Plan) -> str | None:
+    """The first parameter a parameter server updates, if any."""
+    return next((p.name for p in plan.params if p.sync.kind == "ps"), None)
+
+
+def _check_checkpointable(plan: Plan) -> None:
+    """Refuse to checkpoint a parameter-server plan: the servers' optimizer state is not gathered yet."""
+    ps = _ps_param(plan)
+    if ps is not None:
+        raise PlaitError(f"parameter {ps!r} is updated by a parameter server, whose optimizer state plait does not "
+                         "gather into a checkpoint yet; train without checkpoint_every or resume, or plan a strategy "
+                         "without servers (`plait plan --sync allreduce`, or with compress=bf16)")
+
+
+def _check_sync_support(plan: Plan, config: TrainConfig) -> None:
+    """Refuse, before any communication, what the Trainer cannot do yet with the plan's SyncSpecs."""
+    special = [p.name for p in plan.params if p.sync.kind in ("ps", "sfb") or p.sync.compress is not None]
+    if plan.is_pipeline and special:
+        raise PlanMismatchError(f"parameter {special[0]!r}: the pipeline runtime synchronises its data-parallel "
+                                "gradients with the plain all-reduce only; re-plan without --sync")
+    if config.checkpoint_every or config.resume:
+        _check_checkpointable(plan)
+    served = [p for p in plan.params if p.sync.kind in ("ps", "sfb")]
+    if config.adaptive and served and uses_runtime_sync(plan):
+        raise PlaitError(f"adaptive training is not supported yet with parameter {served[0].name!r} synchronised by "
+                         f"{served[0].sync.kind!r}: parameter servers step their own optimizer (the learning-rate "
+                         "scale would miss them) and SFB's rebuilt gradients are not normed; train with adaptive=False "
+                         "or plan an all-reduce strategy (`plait plan --sync allreduce`)")
+
+
 class _LossWindow:
     """The steps since the last logged one: losses kept on the device, then reduced over ranks in one go."""
 
     def __init__(self) -> None:
         self.pending: list[torch.Tensor] = []
         self.pending_stats: list[AdaptiveStats | None] = []
+        self.pending_bytes: list[dict[str, int] | None] = []
         self.losses: list[float] = []  # every step's loss, averaged over ranks
         self.times: list[float] = []  # every step's time: its window's time over its number of steps
         self.stats: list[AdaptiveStats] = []  # adaptive training: what every step used
@@ -306,10 +350,12 @@ class _LossWindow:
         """Start timing the next window (after a checkpoint, whose writing is not a step's time)."""
         self.started = time.perf_counter()
 
-    def add(self, loss: torch.Tensor, stats: AdaptiveStats | None = None) -> None:
-        """One more step's loss on this rank (and, with adaptive training, its statistics)."""
+    def add(self, loss: torch.Tensor, stats: AdaptiveStats | None = None, sync_bytes: dict[str, int] | None = None) -> None:
+        """One more step's loss on this rank (with adaptive training, its statistics; with ``runtime.sync``, the
+        bytes this rank sent and received)."""
         self.pending.append(loss)
         self.pending_stats.append(stats)
+        self.pending_bytes.append(sync_bytes)
 
     def close(self, last_step: int, world_size: int, log: MetricsLog, samples: int) -> None:
         """Average the pending losses over ranks (one all-reduce, one copy to the host), log them and restart.
@@ -322,11 +368,13 @@ class _LossWindow:
         means = [value / world_size for value in total.tolist()]  # waits for the device, so the time below is whole
         step_s = (time.perf_counter() - self.started) / len(means)
         first = last_step - len(means) + 1
-        for step, (loss, stats) in enumerate(zip(means, self.pending_stats, strict=True), start=first):
-            log.log(step, loss, step_s, stats.batch_size if stats is not None else samples, stats)
+        for step, (loss, stats, sent) in enumerate(zip(means, self.pending_stats, self.pending_bytes, strict=True),
+                                                   start=first):
+            log.log(step, loss, step_s, stats.batch_size if stats is not None else samples, stats, sync_bytes=sent)
         self.losses += means
         self.times += [step_s] * len(means)
         self.stats += [s for s in self.pending_stats if s is not None]
         self.pending.clear()
         self.pending_stats.clear()
+        self.pending_bytes.clear()
         self.restart()
