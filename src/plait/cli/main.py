@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "profile": ("plait.cli.profile_cmd", "profile", "Measure this machine and write a profile for the cost model."),
     "cluster": ("plait.cli.cluster_cmd", "cluster", "Show a cluster preset or file."),
     "sched": ("plait.cli.sched_cmd", "sched", "Cluster scheduling: trace-driven simulation of policies."),
+    "report": ("plait.cli.report_cmd", "report", "Draw a run's metrics (loss, step time, adaptive batch) as PNGs."),
 }
 
 

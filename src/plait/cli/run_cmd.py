@@ -2,9 +2,26 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from plait.errors import PlaitError
+from plait.runtime.envvars import ADAPTIVE_ENV, INIT_BATCH_ENV, LR_SCALING_ENV
+
+# plait.adaptive.LR_SCALING_RULES, spelled out so that `plait run --help` does not import torch (a test compares)
+LR_SCALING_CHOICES = ("none", "linear", "sqrt", "adascale", "adamscale", "auto")
+
+
+def adaptive_env(adaptive: bool, lr_scaling: str | None, init_batch_size: int | None) -> dict[str, str]:
+    """The ranks' adaptive-training variables (PLAIT_ADAPTIVE=0 when off, so an inherited 1 does not leak in)."""
+    if not adaptive and (lr_scaling is not None or init_batch_size is not None):
+        raise PlaitError("--lr-scaling and --init-batch-size only apply with --adaptive; add --adaptive")
+    if init_batch_size is not None and init_batch_size < 1:
+        raise PlaitError(f"--init-batch-size must be a positive number of samples, got {init_batch_size}")
+    # every variable set (empty: not given), so none exported in the shell leaks into the ranks
+    return {ADAPTIVE_ENV: "1" if adaptive else "0", LR_SCALING_ENV: lr_scaling or "",
+            INIT_BATCH_ENV: str(init_batch_size) if init_batch_size is not None else ""}
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -27,6 +44,12 @@ from plait.errors import PlaitError
 @click.option("--timeout", "timeout_s", type=float, default=None, help="Stop this node's ranks after this many seconds.")
 @click.option("--dist-timeout", "dist_timeout_s", type=float, default=None,
               help="Seconds a rendezvous or collective may wait before it raises (PLAIT_DIST_TIMEOUT_S; ranks default to 300).")
+@click.option("--adaptive", is_flag=True,
+              help="Adaptive training: noise scale, learning-rate scaling, progress (PLAIT_ADAPTIVE=1; docs/adaptive.md).")
+@click.option("--lr-scaling", "lr_scaling", type=click.Choice(LR_SCALING_CHOICES), default=None,
+              help="With --adaptive: the learning-rate rule (PLAIT_LR_SCALING; default auto).")
+@click.option("--init-batch-size", "init_batch_size", type=int, default=None,
+              help="With --adaptive: the batch M0 the learning rate is tuned for (PLAIT_INIT_BATCH_SIZE; default: the plan's).")
 def run(
     script: str,
     script_args: tuple[str, ...],
@@ -42,6 +65,9 @@ def run(
     out_dir: str | None,
     timeout_s: float | None,
     dist_timeout_s: float | None,
+    adaptive: bool,
+    lr_scaling: str | None,
+    init_batch_size: int | None,
 ) -> None:
     """Run SCRIPT (a Python file, or a module with -m) on N ranks of this node (gloo on the CPU, or NCCL on
     local GPUs); arguments after -- go to SCRIPT.
@@ -52,6 +78,9 @@ def run(
 
     Across nodes, run the same command on every node with --nnodes, its own --node-rank and node 0's
     --master-addr (static rendezvous, as torchrun's); a plan's mesh fills the ranks row-major, node by node.
+
+    --adaptive (with --lr-scaling, --init-batch-size) sets PLAIT_ADAPTIVE=1 (PLAIT_LR_SCALING,
+    PLAIT_INIT_BATCH_SIZE) for the ranks; a script's TrainConfig.from_env(...) picks them up.
     """
     from plait.runtime.launch import launch, raise_on_failure
     from plait.runtime.nodes import node_spec
@@ -60,8 +89,10 @@ def run(
         raise PlaitError("give --nproc N (or --plan PLAN.json, whose mesh fixes the number of ranks)")
     if resume and out_dir is None:
         raise PlaitError("--resume needs --out DIR: the folder whose checkpoints/ the run continues from")
+    env = {k: v for k, v in os.environ.items() if k not in (LR_SCALING_ENV, INIT_BATCH_ENV)}
+    env.update(adaptive_env(adaptive, lr_scaling, init_batch_size))
     node = node_spec(nnodes=nnodes, node_rank=node_rank, master_addr=master_addr, master_port=master_port, ifname=ifname)
     result = launch(script, nproc=nproc, module=module, script_args=script_args, plan=plan_path, resume=resume,
-                    out_dir=out_dir, node=node, dist_timeout_s=dist_timeout_s, timeout_s=timeout_s)
+                    out_dir=out_dir, node=node, dist_timeout_s=dist_timeout_s, timeout_s=timeout_s, env=env)
     raise_on_failure(result)
     click.echo(f"plait run: all {len(result.ranks)} ranks{node.where()} finished in {result.elapsed_s:.1f} s", err=True)

@@ -39,7 +39,7 @@ from plait.runtime.apply import AppliedPlan, PlanMismatchError, apply_plan, uses
 from plait.runtime.checkpoint import checkpoint_dir, latest_checkpoint, load_checkpoint, save_checkpoint
 from plait.runtime.context import DistContext, init_distributed, teardown
 from plait.runtime.data import Batch, DataSource
-from plait.runtime.envvars import OUT_ENV, RESUME_ENV, env_flag
+from plait.runtime.envvars import OUT_ENV, RESUME_ENV, adaptive_config_from_env, env_flag
 from plait.runtime.metrics import MetricsLog
 from plait.runtime.optim import build_optimizer, optimizer_name
 from plait.runtime.pipeline_apply import AppliedPipeline, apply_pipeline_plan
@@ -90,9 +90,12 @@ class TrainConfig:
 
     @classmethod
     def from_env(cls, **kwargs: Any) -> TrainConfig:
-        """A config whose ``out_dir`` and ``resume`` default to what ``plait run --out/--resume`` set."""
+        """A config whose ``out_dir``, ``resume`` and adaptive settings default to what ``plait run --out/--resume/
+        --adaptive/--lr-scaling/--init-batch-size`` set."""
         kwargs.setdefault("out_dir", os.environ.get(OUT_ENV) or None)
         kwargs.setdefault("resume", env_flag(RESUME_ENV))
+        for key, value in adaptive_config_from_env().items():
+            kwargs.setdefault(key, value)
         return cls(**kwargs)
 
 
