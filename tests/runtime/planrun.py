@@ -126,3 +126,17 @@ def assert_pipeline_matches(results: Sequence[dict[str, Any]], dp: int, name: st
             torch.testing.assert_close(value, ref_params[param], rtol=0, atol=param_atol)
             seen.add(param)
     assert seen == set(ref_params)  # every parameter lives on some stage
+
+
+def train_pipeline_steps(rank: Any, name: str, global_batch: int, steps: int) -> dict[str, Any]:
+    """``steps`` AdamW steps of a pipeline rank (anything with ``params`` and ``step(batch)``) on ``name``'s
+    global batches: each step's loss (None off the last stage) and the rank's final parameters."""
+    opt = torch.optim.AdamW(list(rank.params.values()), **OPT)  # type: ignore[arg-type]
+    data = data_of(name, global_batch)
+    losses = []
+    for step in range(steps):
+        opt.zero_grad()
+        got = rank.step(data(step))
+        opt.step()
+        losses.append(None if got is None else float(got))
+    return {"losses": losses, "params": {n: p.detach().clone() for n, p in rank.params.items()}}

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import torch
-from planrun import OPT, assert_pipeline_matches, data_of, model_parts
+from planrun import assert_pipeline_matches, model_parts, train_pipeline_steps
 
 from plait.cluster import local_cluster
 from plait.cost import CostModel
@@ -29,15 +29,7 @@ def train_rank(stage_layers: list[list[str]], pp: int, dp: int, schedule: str, m
     torch.manual_seed(0)
     model = build()
     rank = build_pipeline_rank(model, stage_layers, pp=pp, dp=dp, schedule=schedule, num_micro=micro, loss=loss)
-    opt = torch.optim.AdamW(list(rank.params.values()), **OPT)
-    data = data_of(name, GLOBAL_BATCH)
-    losses = []
-    for step in range(STEPS):
-        opt.zero_grad()
-        got = rank.step(data(step))
-        opt.step()
-        losses.append(None if got is None else float(got))
-    out = {"losses": losses, "params": {n: p.detach().clone() for n, p in rank.params.items()}}
+    out = train_pipeline_steps(rank, name, GLOBAL_BATCH, STEPS)
     teardown()
     return out
 

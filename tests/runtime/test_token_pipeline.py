@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import torch
-from planrun import OPT, assert_pipeline_matches, data_of, model_parts
+from planrun import assert_pipeline_matches, model_parts, train_pipeline_steps
 
 from plait.errors import PlaitError
 from plait.runtime import init_distributed, run_ranks, teardown
@@ -26,15 +26,7 @@ def train_rank(stage_layers: list[list[str]], dp: int, slicing: list[tuple[int, 
         torch.manual_seed(0)
         model = build()
         rank = build_token_pipeline_rank(model, stage_layers, dp=dp, slicing=slicing, loss=loss)
-        opt = torch.optim.AdamW(list(rank.params.values()), **OPT)  # type: ignore[arg-type]
-        data = data_of("gpt-tiny", global_batch)
-        losses = []
-        for step in range(STEPS):
-            opt.zero_grad()
-            got = rank.step(data(step))
-            opt.step()
-            losses.append(None if got is None else float(got))
-        return {"losses": losses, "params": {n: p.detach().clone() for n, p in rank.params.items()}}
+        return train_pipeline_steps(rank, "gpt-tiny", global_batch, STEPS)
     finally:
         teardown()
 

@@ -32,7 +32,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
-import scipy.optimize
 
 if TYPE_CHECKING:
     from plait.cost.model import CostModel
@@ -241,6 +240,8 @@ def _minimize(d: _Data, start: FloatArray, lower: FloatArray, upper: FloatArray)
 
     def to_z(v: FloatArray) -> FloatArray:
         return np.where(logs[free], np.log(v[free]), v[free])
+
+    import scipy.optimize  # here: every rank imports this package, only a fit needs scipy's optimizer (0.3 s)
 
     with np.errstate(all="ignore"):
         result = scipy.optimize.minimize(fun, to_z(start), jac=True, method="SLSQP",

@@ -83,13 +83,20 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, h = x.shape
-        head = h // self.num_heads
-        qkv = self.qkv(x).view(b, t, self.num_heads, 3 * head)
-        q, k, v = (z.transpose(1, 2) for z in qkv.split(head, dim=3))
+        q, k, v = attention_heads(self.qkv, self.num_heads, x)
         p = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
-        return self.proj(y.transpose(1, 2).reshape(b, t, h))
+        return self.proj(y.transpose(1, 2).reshape(x.shape))
+
+
+def attention_heads(qkv: nn.Module, num_heads: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Queries, keys and values of ``x`` (batch, tokens, hidden) through the fused ``qkv`` projection, each
+    (batch, heads, tokens, head size)."""
+    b, t, h = x.shape
+    head = h // num_heads
+    fused = qkv(x).view(b, t, num_heads, 3 * head)
+    q, k, v = (z.transpose(1, 2) for z in fused.split(head, dim=3))
+    return q, k, v
 
 
 class MLP(nn.Module):

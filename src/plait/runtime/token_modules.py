@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from plait.errors import PlaitError
-from plait.models.gpt import Attention, Embedding
+from plait.models.gpt import Attention, Embedding, attention_heads
 from plait.runtime.token_state import SliceState
 
 
@@ -39,10 +39,8 @@ class SlicedAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Causal self-attention of ``x``; inside a cell, over the cached prefix and ``x``."""
-        b, t, h = x.shape
-        head = h // self.num_heads
-        qkv = self.qkv(x).view(b, t, self.num_heads, 3 * head)
-        q, k, v = (z.transpose(1, 2) for z in qkv.split(head, dim=3))
+        t = x.shape[1]
+        q, k, v = attention_heads(self.qkv, self.num_heads, x)
         p = self.dropout if self.training else 0.0
         offset = 0
         if self.state.active is not None:
@@ -53,7 +51,7 @@ class SlicedAttention(nn.Module):
             mask = self.state.memo(("causal", t, offset, q.dtype, x.device),
                                    lambda: offset_causal_mask(t, offset, q.dtype, x.device))
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
-        return self.proj(y.transpose(1, 2).reshape(b, t, h))
+        return self.proj(y.transpose(1, 2).reshape(x.shape))
 
 
 class SlicedEmbedding(nn.Module):
