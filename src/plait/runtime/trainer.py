@@ -32,6 +32,7 @@ from plait.adaptive import (
     ProbeLayout,
     resolve_lr_scaling,
 )
+from plait.data.samples import SampleStream
 from plait.errors import PlaitError
 from plait.plan.ir import Plan
 from plait.runtime import state as rstate
@@ -116,7 +117,9 @@ class Trainer:
     """Trains ``model_fn()`` with a Plan on the ranks of the current job.
 
     ``data(step)`` must return the *global* batch of ``step`` (the same on every rank); each rank takes
-    its slice per ``plan.batch``. ``loss_fn(model, batch)`` returns the mean loss of a micro-batch. The
+    its slice per ``plan.batch``. ``data`` may instead be a ``SampleStream`` (``plait.data.samples``): each step
+    takes the next global batch of samples from it, and checkpoints keep its position, so a resumed, resized or
+    re-batched run continues on the very next sample. ``loss_fn(model, batch)`` returns the mean loss of a micro-batch. The
     optimizer is ``plan.optimizer`` with the config's settings; ``optimizer_fn(params)`` overrides it, but
     a torch AdamW, Adam or SGD it builds must be the plan's (else ``PlanMismatchError``).
     """
@@ -126,7 +129,7 @@ class Trainer:
         *,
         model_fn: Callable[[], nn.Module],
         loss_fn: LossFn,
-        data: DataSource,
+        data: DataSource | SampleStream,
         plan: Plan,
         config: TrainConfig,
         ctx: DistContext | None = None,
@@ -151,8 +154,8 @@ class Trainer:
         ctx = self._active = self.ctx or init_distributed()
         try:
             result = self._fit(ctx)
-            if own:  # leave together: a rank tearing gloo down early can abort a slower rank's threads
-                dist.barrier()
+            # leave together, whoever tears down: a rank leaving gloo early can abort a slower rank's threads
+            dist.barrier()
             return result
         finally:
             self._active = None
@@ -222,6 +225,12 @@ class Trainer:
         applied.load_full_state(optimizer, state)
         saved_world = rstate.restore_rng(state.get("rng"), ctx, seed=self.config.seed, step=step)
         note = f"resume: continuing after step {step} (checkpoint of a {saved_world}-rank run)"
+        if isinstance(self.data, SampleStream):
+            if "data" not in state:
+                raise PlaitError(f"the checkpoint {found} holds no sample-stream position (its run read data by step "
+                                 "number); resume it with the same step-indexed data source, or start a new run")
+            self.data.load_state_dict(state["data"])
+            note += f", at sample {self.data.position} (epoch {self.data.epoch})"
         if self.tracker is not None:
             if "adaptive" in state:
                 self.tracker.load_state_dict(state["adaptive"])
@@ -270,7 +279,7 @@ class Trainer:
     def _step(self, step: int, ctx: DistContext, applied: Applied, optimizer: torch.optim.Optimizer) -> torch.Tensor:
         """One optimizer step over this rank's micro-batches; this rank's loss, left on the device."""
         applied.zero_grad(optimizer)
-        total = applied.forward_backward(self.data(step), self.loss_fn)
+        total = applied.forward_backward(self._global_batch(step), self.loss_fn)
         applied.before_optimizer_step()
         if self.before_step is not None:
             self.before_step(step, applied.model)
@@ -281,6 +290,12 @@ class Trainer:
             self._last_stats = self.tracker.optimizer_step(optimizer)
         return total
 
+    def _global_batch(self, step: int) -> Batch:
+        """The global batch of ``step``: from the step-indexed source, or the next samples of the stream."""
+        if isinstance(self.data, SampleStream):
+            return self.data.next_batch(self.plan.batch.global_size)
+        return tuple(self.data(step))
+
     def save(self, step: int) -> None:
         """Write the checkpoint of ``step`` (collective: every rank calls it; rank 0 writes)."""
         ctx = self._active
@@ -290,17 +305,19 @@ class Trainer:
         model_sd, optim_sd = self.applied.full_state(self.optimizer)
         rng = rstate.gather_rng(ctx)
         cfg = self.config
-        adaptive: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
+        if isinstance(self.data, SampleStream):
+            extra["data"] = self.data.state_dict()  # the next sample to read, whatever the next batch size
         if self.tracker is not None:
             self.tracker.flush()  # the statistics include the step just taken
-            adaptive["adaptive"] = self.tracker.state_dict()
+            extra["adaptive"] = self.tracker.state_dict()
 
         def write() -> Path:
             assert cfg.out_dir is not None
             payload = {
                 "step": step, "model": model_sd, "optimizer": optim_sd, "rng": rng, "world_size": ctx.world_size,
                 "mesh": dict(zip(self.plan.mesh.axes, self.plan.mesh.shape, strict=True)), "config": asdict(cfg),
-                **adaptive,
+                **extra,
             }
             return save_checkpoint(checkpoint_dir(cfg.out_dir), step, payload, keep=cfg.keep_checkpoints)
 
