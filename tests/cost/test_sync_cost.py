@@ -129,42 +129,50 @@ def test_fp16_allreduce_halves_the_ring_bytes() -> None:
     cost = CostModel(cluster())
     steps = allreduce_steps("b", [(1000, 1000)], compress="fp16")
     collective = [s for s in steps if s.kind == "collective"]
-    assert [s.nbytes for s in collective] == [2_000_000]
+    # the runtime's own ring over point-to-point messages: a reduce-scatter, then an all-gather, of the half bytes
+    assert [(s.collective, s.nbytes) for s in collective] == [("reduce_scatter", 2_000_000), ("all_gather", 2_000_000)]
     assert all(s.stream == "comm" for s in steps)  # the communication thread casts
     casts = sum(max(s.bytes_moved / 2000e9, s.num_kernels * 10 * US) for s in steps if s.kind == "compute")
-    ar = min(ring("all_reduce", 2e6, N), 4 * 10 * US + 2 * 2e6 / (100 * GB))
-    assert chain_time(steps, cost, range(N)) == pytest.approx(casts + ar, rel=1e-12)
+    ring_s = ring("reduce_scatter", 2e6, N) + ring("all_gather", 2e6, N)
+    assert ring_s == pytest.approx(ring("all_reduce", 2e6, N))  # on one level of links: the ring all-reduce
+    assert chain_time(steps, cost, range(N)) == pytest.approx(casts + ring_s, rel=1e-12)
 
 
 def test_powersgd_steps_count_factors_and_matmuls() -> None:
     n, m, r = 512, 256, 4
     steps = allreduce_steps("b", [(n, m), (n,)], compress="powersgd", rank=r)
-    reduces = [s.nbytes for s in steps if s.kind == "collective"]
-    assert reduces == [4 * n * r, 4 * m * r, 4 * n]  # P, Q, then the vector uncompressed
+    reduces = [s.nbytes for s in steps if s.collective == "reduce_scatter"]
+    assert reduces == [4 * n * r, 4 * m * r, 4 * n]  # P, Q, then the vector uncompressed, each by the runtime's ring
+    assert reduces == [s.nbytes for s in steps if s.collective == "all_gather"]
     assert sum(s.flops for s in steps) == 3 * 2 * n * m * r + 4 * n * r * r
     assert allreduce_sent_bytes([(n, m), (n,)], N, compress="powersgd", rank=r) == 1.5 * sum(reduces)
 
 
-def test_ps_time_at_staleness_zero_is_pack_push_step_pull_unpack() -> None:
+def test_ps_time_at_staleness_zero_is_pack_push_sum_step_answer_pull_unpack() -> None:
     cost = CostModel(cluster())
     loads = server_loads([((1000, 100), 1, 0, (0,)), ((500, 100), 1, 0, (1,))], N)  # 400 kB and 200 kB
-    t, busiest = 600_000, 3 * 400_000  # rank 0 answers 3 workers its 400 kB
+    t, busiest, hot = 600_000, 3 * 400_000, 400_000  # rank 0 answers 3 workers its 400 kB
     assert loads.busiest == busiest
     exchange = ring("all_to_all", N * busiest / (N - 1), N)  # = 3 latencies + 1.2 MB at 100 GB/s
     assert exchange == pytest.approx(3 * 10 * US + busiest / (100 * GB))
-    copy = max(2 * t / 2000e9, 10 * US)
-    expected = 2 * copy + 2 * exchange + cost.optimizer_time(100_000, num_tensors=1)
+
+    def work(nbytes: float, kernels: int) -> float:
+        return max(nbytes / 2000e9, kernels * 10 * US)
+
+    pack, unpack = work(2 * t, N), work(2 * t, 2)  # one message per server; one copy per shard
+    server = work((3 * N + 1) * hot, N + 1) + work(2 * N * hot, N)  # sum of the N pushes; N answers' snapshots
+    expected = pack + 2 * exchange + server + cost.optimizer_time(100_000, num_tensors=1) + unpack
     assert chain_time(ps_steps(loads), cost, range(N)) == pytest.approx(expected, rel=1e-12)
 
 
-def test_ps_staleness_takes_the_server_step_off_the_critical_path_where_comm_overlaps() -> None:
+def test_ps_staleness_takes_the_server_sum_and_step_off_the_critical_path_where_comm_overlaps() -> None:
     loads = server_loads([((4096, 4096), 4, 0, ())], N)
     gpu = CostModel(cluster())
     sync0, sync1 = (chain_time(ps_steps(loads, staleness=s), gpu, range(N)) for s in (0, 1))
-    step = gpu.optimizer_time(4096 * 1024, num_tensors=1)
-    pull = [s for s in ps_steps(loads) if s.name == "ps pull"][0]
-    pull_s = gpu.collective_time("all_to_all", pull.nbytes, range(N))
-    assert sync0 - sync1 == pytest.approx(step + pull_s - max(step, pull_s), rel=1e-9)
+    steps = {s.name: s for s in ps_steps(loads)}
+    off = gpu.optimizer_time(4096 * 1024, num_tensors=1) + chain_time([steps["ps server sum"]], gpu, range(N))
+    pull_s = gpu.collective_time("all_to_all", steps["ps pull"].nbytes, range(N))
+    assert sync0 - sync1 == pytest.approx(off + pull_s - max(off, pull_s), rel=1e-9)
     cpu = CostModel(cluster("cpu"))  # CPU ranks do not overlap: the same time
     assert chain_time(ps_steps(loads, staleness=1), cpu, range(N)) == pytest.approx(chain_time(ps_steps(loads), cpu, range(N)))
 

@@ -6,15 +6,21 @@ the instructions the lowering makes from it, so a cost entry and the simulated s
 
 - **All-reduce** of a bucket: a scaling pass and a ring all-reduce of its bytes; ``fp16``/``bf16`` cast to half
   the bytes and back; PowerSGD all-reduces rank-r factors P (n x r) and Q (m x r) of every matrix worth it
-  (r(n + m) < n·m) plus the rest uncompressed, and pays the matmuls (three of 2nmr FLOPs) and the QR.
+  (r(n + m) < n·m) plus the rest uncompressed, and pays the matmuls (three of 2nmr FLOPs) and the QR. A
+  compressed bucket runs through ``plait.runtime.sync``'s own ring over point-to-point messages (a ring
+  reduce-scatter, then a ring all-gather), so its all-reduces are priced as a reduce-scatter plus an
+  all-gather of the payload, not as the backend's all-reduce (which the wait-free buckets call).
 - **Parameter server** (co-located servers): the push and the pull are each an all-to-all exchange whose
   busiest rank moves ``max_r max((n-1)·L_r, T - L_r)`` bytes one way (L_r: bytes rank r serves, T: all
-  served bytes), so the most loaded server bounds the time; between them the busiest server steps its
-  optimizer over its shards. With staleness s = 0 this is exact (bulk-synchronous: push, step, pull). For
+  served bytes), so the most loaded server bounds the time; between them the busiest server sums the n pushes
+  of its shards (a clone, n - 1 adds and a division: (3n + 1)·L bytes of traffic), steps its optimizer over
+  them and copies a snapshot of them for each of the n answers (2n·L); the workers pack one message per
+  server and copy every answered shard back (one kernel per shard). With staleness s = 0 this is exact
+  (bulk-synchronous: push, sum, step, answer, pull). For
   s > 0 the model assumes identical workers (no straggler, whose wait SSP would hide) and the runtime's
-  ``finish()``, which waits for its own answers: the transfers stay on the critical path, and only the
-  server's step leaves it (a server answers before it applies the clock), overlapping the pull on devices
-  that overlap compute and communication.
+  ``finish()``, which waits for its own answers: the transfers and the answers' snapshots stay on the critical
+  path, and only the server's sum and step leave it (a server answers before it applies the clock),
+  overlapping the pull on devices that overlap compute and communication.
 - **SFB**: one all-gather of every worker's K x (M + N) factors of all SFB layers, then per layer the rebuild
   matmul dY_all^T X_all (2·M·N·P·K FLOPs) and the bias's column sums.
 
@@ -176,13 +182,27 @@ def _plain_steps(label: str, nbytes: int, reduce_ratio: float, stream: StepStrea
                      nbytes=int(nbytes * reduce_ratio))]
 
 
+def ring_steps(label: str, nbytes: int) -> list[SyncStep]:
+    """``plait.runtime.sync``'s ring all-reduce of ``nbytes`` over point-to-point messages: a ring reduce-scatter
+    then a ring all-gather (each rank sends (n-1)/n of the bytes in each), on the communication thread."""
+    return [SyncStep(name=f"ring reduce_scatter {label}", kind="collective", stream="comm",
+                     collective="reduce_scatter", nbytes=nbytes),
+            SyncStep(name=f"ring all_gather {label}", kind="collective", stream="comm", collective="all_gather",
+                     nbytes=nbytes)]
+
+
+def _ring_plain_steps(label: str, nbytes: int) -> list[SyncStep]:
+    """The uncompressed rest of a compressed bucket: scale on the communication thread, then the runtime's ring."""
+    return [SyncStep(name=f"scale {label}", kind="compute", stream="comm", bytes_moved=2.0 * nbytes, num_kernels=1),
+            *ring_steps(label, nbytes)]
+
+
 def _cast_steps(label: str, numel: int, elem_bytes: int, compress: str) -> list[SyncStep]:
     """Scale and cast to half precision, all-reduce the half-size buffer, cast back (on the communication thread)."""
     full = numel * elem_bytes
     return [SyncStep(name=f"cast {label} to {compress}", kind="compute", stream="comm", bytes_moved=1.5 * full + 2.0 * full,
                      num_kernels=2, alloc_bytes=numel * 2),
-            SyncStep(name=f"all_reduce {label} ({compress})", kind="collective", stream="comm", collective="all_reduce",
-                     nbytes=numel * 2),
+            *ring_steps(f"{label} ({compress})", numel * 2),
             SyncStep(name=f"cast {label} back", kind="compute", stream="comm", bytes_moved=1.5 * full, num_kernels=1,
                      free_bytes=numel * 2)]
 
@@ -197,14 +217,12 @@ def _powersgd_steps(label: str, mats: Sequence[tuple[int, int, int]], elem_bytes
     return [
         SyncStep(name=f"powersgd P {label}", kind="compute", stream="comm", flops=nmr, bytes_moved=eb * 3.0 * nm,
                  num_kernels=2 * k),
-        SyncStep(name=f"all_reduce P {label}", kind="collective", stream="comm", collective="all_reduce",
-                 nbytes=eb * sum(n * r for n, _, r in mats)),
+        *ring_steps(f"P {label}", eb * sum(n * r for n, _, r in mats)),
         SyncStep(name=f"powersgd qr {label}", kind="compute", stream="comm", flops=sum(4.0 * n * r * r for n, _, r in mats),
                  bytes_moved=eb * 2.0 * sum(n * r for n, _, r in mats), num_kernels=k),
         SyncStep(name=f"powersgd Q {label}", kind="compute", stream="comm", flops=nmr, bytes_moved=eb * 1.0 * nm,
                  num_kernels=k),
-        SyncStep(name=f"all_reduce Q {label}", kind="collective", stream="comm", collective="all_reduce",
-                 nbytes=eb * sum(m * r for _, m, r in mats)),
+        *ring_steps(f"Q {label}", eb * sum(m * r for _, m, r in mats)),
         SyncStep(name=f"powersgd rebuild {label}", kind="compute", stream="comm", flops=nmr,
                  bytes_moved=eb * (3.0 if error_feedback else 1.0) * nm, num_kernels=(2 if error_feedback else 1) * k),
     ]
@@ -227,7 +245,7 @@ def allreduce_steps(label: str, shapes: Sequence[Sequence[int]], *, compress: st
         else:
             rest += numel_of(s)
     steps = _powersgd_steps(label, mats, elem_bytes, error_feedback) if mats else []
-    return steps + (_plain_steps(f"{label} rest", rest * elem_bytes, 1.0, "comm") if rest else [])
+    return steps + (_ring_plain_steps(f"{label} rest", rest * elem_bytes) if rest else [])
 
 
 # ---- SFB -----------------------------------------------------------------------------------------------
@@ -320,19 +338,26 @@ def server_loads(params: Sequence[tuple[Sequence[int], int, int, Sequence[int]]]
 
 
 def ps_steps(loads: ServerLoads, *, staleness: int = 0, label: str = "ps") -> list[SyncStep]:
-    """Pack the pushes, push (all-to-all), the busiest server's optimizer step, pull (all-to-all), unpack; with
-    s > 0 the pull does not wait for the server's step."""
+    """Pack one message per server, push (all-to-all), the busiest server's sum of the n pushes and optimizer step,
+    its n answers' snapshots, pull (all-to-all), copy every shard back; with s > 0 the answer does not wait for
+    the server's sum and step."""
     n = len(loads.bytes)
     if n < 2 or loads.total == 0:
         return []
     exchange = -(-n * loads.busiest // (n - 1))  # the all-to-all whose busiest rank moves `busiest` bytes
     t = loads.total
+    hot = max(loads.bytes)  # the busiest server's bytes: it sums, steps and answers these
     push = SyncStep(name=f"{label} push", kind="collective", stream="comm", collective="all_to_all", nbytes=exchange)
     pull = SyncStep(name=f"{label} pull", kind="collective", stream="comm", collective="all_to_all", nbytes=exchange)
+    reduce = SyncStep(name=f"{label} server sum", kind="compute", bytes_moved=(3.0 * n + 1.0) * hot, num_kernels=n + 1)
     step = SyncStep(name=f"{label} server step", kind="optimizer", numel=max(loads.numel), num_kernels=max(loads.shards))
-    pack = SyncStep(name=f"{label} pack", kind="compute", bytes_moved=2.0 * t, num_kernels=1, alloc_bytes=2 * t)
+    answer = SyncStep(name=f"{label} server answers", kind="compute", bytes_moved=2.0 * n * hot, num_kernels=n)
+    pack = SyncStep(name=f"{label} pack", kind="compute", bytes_moved=2.0 * t, num_kernels=n, alloc_bytes=2 * t)
+    copies = max(1, sum(loads.shards))
     if staleness == 0:
-        unpack = SyncStep(name=f"{label} unpack", kind="compute", bytes_moved=2.0 * t, num_kernels=1, free_bytes=2 * t)
-        return [pack, push, step, pull, unpack]
-    unpack = SyncStep(name=f"{label} unpack", kind="compute", bytes_moved=2.0 * t, num_kernels=1, free_bytes=2 * t, after=2)
-    return [pack, push, pull, replace(step, after=1), unpack]
+        unpack = SyncStep(name=f"{label} unpack", kind="compute", bytes_moved=2.0 * t, num_kernels=copies,
+                          free_bytes=2 * t)
+        return [pack, push, reduce, step, answer, pull, unpack]
+    unpack = SyncStep(name=f"{label} unpack", kind="compute", bytes_moved=2.0 * t, num_kernels=copies, free_bytes=2 * t,
+                      after=3)
+    return [pack, push, answer, pull, replace(reduce, after=1), step, unpack]

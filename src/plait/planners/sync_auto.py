@@ -4,9 +4,10 @@ The parameters are taken largest first (a Linear's bias after the weights). For 
 kind it may take, all-reduce, the parameter server (on the least-loaded server so far) and SFB (a Linear weight
 with known rows; its bias follows it), by the cost entries of ``plait.cost.sync_cost`` applied to everything
 chosen so far plus this parameter, and keeps the cheapest. The time it minimises is the sum of the entries: one
-fused all-reduce of the all-reduced bytes, the SFB exchange and rebuild, the parameter server's push, step and
-pull, and the local optimizer step over the parameters the servers do not update. The entries do not see that
-the wait-free all-reduce overlaps the backward pass while the server and SFB run after it;
+fused all-reduce of the all-reduced bytes, the SFB exchange and rebuild, the parameter server's push, the busiest
+server's sum, step and answers, and the pull, and the local optimizer step over the parameters the servers do not
+update. The entries do not see that the wait-free all-reduce overlaps the backward pass while the server and SFB
+run after it;
 ``sync_lowering.apply_sync`` therefore also simulates the all-reduce plan and keeps the faster of the two.
 """
 

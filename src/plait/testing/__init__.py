@@ -1,5 +1,7 @@
-"""Helpers for plait's tests and benchmarks: an emulated multi-node cluster on one machine."""
+"""Helpers for plait's tests and benchmarks: an emulated multi-node cluster on one machine, its profile and a cost
+model of it."""
 
+from plait.testing.emulated_profile import SharedMachineCost, profile_emulated, shared_machine_cost
 from plait.testing.netns import (
     EmulatedCluster,
     EmuNode,
@@ -18,8 +20,11 @@ __all__ = [
     "LinkShape",
     "NamespacesUnavailable",
     "NetnsError",
+    "SharedMachineCost",
     "emulated_cluster",
     "list_namespaces",
+    "profile_emulated",
     "remove_leftovers",
+    "shared_machine_cost",
     "tcp_throughput",
 ]
