@@ -18,7 +18,7 @@ other processes falls on all of them alike:
 
 Predictions, all from the same CostModel: ``formula`` is the DP's ``sum + (K - 1) * max`` of the cells plus the
 slowest stage's AdamW step, every rank computing at the cost model's own level (all 4 ranks busy at once);
-``simulated`` runs per-stage programs (each cell's forward, its boundary sent on, then each backward in reverse
+``simulated`` runs per-stage programs (plait's token lowering, ``lower_token_pipeline``: each cell's forward, its boundary sent on, then each backward in reverse
 order, then the optimizer) through plait's simulator, where CPU ranks share the cores and a rank that waits uses
 none (``plait.sim.shared_cores``); ``sim + others' load`` is the same with the cores other processes kept busy
 during the run (``/proc/stat``, rounded) counted as that many more ranks computing: a correction after the fact,
@@ -58,10 +58,11 @@ from plait.cluster import local_cluster  # noqa: E402
 from plait.cost import CostModel  # noqa: E402
 from plait.graph import ModelGraph, capture  # noqa: E402
 from plait.models import GPT, GPTConfig, lm_batch, lm_loss  # noqa: E402
-from plait.plan import BatchSpec, Instr, MeshSpec, Plan, RankProgram  # noqa: E402
+from plait.plan import BatchSpec, MeshSpec, Plan, RankProgram  # noqa: E402
 from plait.plan.placement import REPLICATE  # noqa: E402
-from plait.planners.token_cost import SliceCost, TokenWork, token_work  # noqa: E402
+from plait.planners.token_cost import TokenWork, runtime_slice_cost, slowest_of, token_work  # noqa: E402
 from plait.planners.token_slicing import SlicingResult, pipeline_time, slice_tokens  # noqa: E402
+from plait.planners.token_slicing_lowering import TokenStageWork, lower_token_pipeline  # noqa: E402
 from plait.runtime import init_distributed, run_ranks, teardown  # noqa: E402
 from plait.runtime.pipeline import build_pipeline_rank  # noqa: E402
 from plait.runtime.token_pipeline import build_token_pipeline_rank  # noqa: E402
@@ -126,23 +127,13 @@ def stage_params(graph: ModelGraph, stages: list[list[str]]) -> list[tuple[int, 
 def stage_cost(work: TokenWork, cost: CostModel, last: bool) -> Any:
     """A stage's ``t(l, c)`` as the token runtime's kernels run it: the first slice (``c = 0``) through SDPA's causal
     kernel, which skips masked tiles (``SliceCost(causal_skip=True)``), later slices with an explicit mask, which
-    computes every query-key pair of ``l x (c + l)`` (``causal_skip=False``)."""
-    skip = SliceCost(work=work, cost=cost, causal_skip=True, last_stage=last)
-    full = SliceCost(work=work, cost=cost, causal_skip=False, last_stage=last)
-
-    def time_of(micro: int, tokens: np.ndarray, context: np.ndarray) -> np.ndarray:
-        return np.where(np.asarray(context) == 0, skip(micro, tokens, context), full(micro, tokens, context))
-
-    return time_of
+    computes every query-key pair of ``l x (c + l)`` (``causal_skip=False``): ``runtime_slice_cost``."""
+    return runtime_slice_cost(work, cost, last_stage=last)
 
 
 def slowest_stage(costs: list[Any]) -> Any:
     """The DP's cell cost: the slowest stage's time of a slice (the pipeline moves at its pace)."""
-
-    def slowest(micro: int, tokens: np.ndarray, context: np.ndarray) -> np.ndarray:
-        return np.max([c(micro, tokens, context) for c in costs], axis=0)
-
-    return slowest
+    return slowest_of(costs)
 
 
 def formula_s(slowest: Any, cuts: list[int], num_stages: int) -> float:
@@ -162,47 +153,12 @@ def runs(cuts: list[int]) -> str:
     return ",".join(f"{k}x{n}" if k > 1 else str(n) for k, n in groups)
 
 
-def cell_compute(work: TokenWork, tokens: int, context: int) -> tuple[Instr, Instr]:
-    """A cell's forward and backward on a stage, as ``SliceCost`` prices them (backward: twice the forward's
-    bytes and kernels)."""
-    pairs = tokens * (tokens + 1) / 2 if context == 0 else tokens * (tokens + context)  # as ``stage_cost``
-
-    def amount(poly: tuple[float, float, float]) -> float:
-        return poly[0] + poly[1] * tokens + poly[2] * pairs
-
-    moved = amount(work.fwd_bytes)
-    fwd = Instr(op="compute", stream="compute", name=f"F c{context}", flops=amount(work.fwd_flops), bytes_moved=moved,
-                num_kernels=work.num_kernels)
-    bwd = Instr(op="compute", stream="compute", name=f"B c{context}", flops=amount(work.bwd_flops),
-                bytes_moved=2 * moved, num_kernels=2 * work.num_kernels)
-    return fwd, bwd
-
-
-def stage_program(k: int, works: list[TokenWork], params: tuple[int, int], cuts: list[int]) -> RankProgram:
-    """Stage ``k``: every cell forward (receive, compute, send on), every cell backward in reverse order (receive the
-    gradient, compute, send it back), then AdamW: what the token pipeline runs."""
-    last = len(works) - 1
-    starts = [sum(cuts[:j]) for j in range(len(cuts))]
-    fwd: list[Instr] = []
-    bwd: list[Instr] = []
-    for j, (tokens, start) in enumerate(zip(cuts, starts, strict=True)):
-        f, b = cell_compute(works[k], tokens, start)
-        act_in, act_out = tokens * works[k - 1].boundary_bytes if k else 0, tokens * works[k].boundary_bytes
-        if k:
-            fwd.append(Instr(op="recv", stream="comm", name=f"act {k - 1}>{k} c{j}", nbytes=int(act_in), group=(k - 1, k)))
-        fwd.append(f)
-        if k < last:
-            fwd.append(Instr(op="send", stream="comm", name=f"act {k}>{k + 1} c{j}", nbytes=int(act_out), group=(k, k + 1)))
-        cell_bwd = [b]
-        if k < last:
-            cell_bwd.insert(0, Instr(op="recv", stream="comm", name=f"grad {k + 1}>{k} c{j}", nbytes=int(act_out),
-                                     group=(k + 1, k)))
-        if k:
-            cell_bwd.append(Instr(op="send", stream="comm", name=f"grad {k}>{k - 1} c{j}", nbytes=int(act_in),
-                                  group=(k, k - 1)))
-        bwd = cell_bwd + bwd
-    opt = Instr(op="optimizer", stream="compute", name="adamw", numel=params[0], num_kernels=params[1])
-    return RankProgram(ranks=(k,), instrs=(*fwd, *bwd, opt))
+def stage_programs(works: list[TokenWork], params: list[tuple[int, int]], cuts: list[int]) -> tuple[RankProgram, ...]:
+    """Every stage: every cell forward (receive, compute, send on), every cell backward in reverse order (receive the
+    gradient, compute, send it back), then AdamW: what the token pipeline runs, from plait's token lowering."""
+    stages = [TokenStageWork(work=w) for w in works]
+    return lower_token_pipeline(stages, cuts, [(k,) for k in range(len(works))],
+                                optimizer_numel=[n for n, _ in params], optimizer_tensors=[t for _, t in params])
 
 
 class OthersLoad:
@@ -225,7 +181,7 @@ def simulated_step(works: list[TokenWork], params: list[tuple[int, int]], cuts: 
                    graph: ModelGraph, extra: int = 0) -> float:
     """The step plait's simulator predicts for the stage programs of slicing ``cuts`` on ``cost`` (with ``extra``
     busy processes beside the ranks)."""
-    programs = tuple(stage_program(k, works, params[k], cuts) for k in range(len(works)))
+    programs = stage_programs(works, params, cuts)
     plan = Plan(model=graph, cluster=cost.cluster, mesh=MeshSpec(shape=(len(works),), axes=("pp",)),
                 batch=BatchSpec(global_size=1, micro_size=1, placements=(REPLICATE,)), params=(), programs=programs)
     return simulate(plan, cast(CostModel, OthersLoad(cost, extra)) if extra else cost).prediction.step_s

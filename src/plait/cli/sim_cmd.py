@@ -55,13 +55,28 @@ def summary_table(plan: Plan, result: SimResult) -> Table:
 @click.argument("plan_file", type=click.Path(dir_okay=False))
 @click.option("--timeline", type=click.Path(dir_okay=False), help="Write the per-rank timeline PNG here.")
 @click.option("--profile", type=click.Path(dir_okay=False), help="A measured profile JSON for the cost model.")
-def sim(plan_file: str, timeline: str | None, profile: str | None) -> None:
-    """Simulate PLAN_FILE (from `plait plan --out`): step time, overlap, peak memory, timeline image."""
+@click.option("--passes", "max_passes", type=click.IntRange(min=0), default=None,
+              help="Print each pipeline rank's passes in order with their start times, at most this many per rank "
+                   "(F3 / B3: micro-batch 3; F3.s1: its token slice 1). Default: 32 for token-sliced plans, none else.")
+def sim(plan_file: str, timeline: str | None, profile: str | None, max_passes: int | None) -> None:
+    """Simulate PLAN_FILE (from `plait plan --out`): step time, overlap, peak memory, timeline image (the pipeline
+    passes labelled on it, F3.s1 for token slice 1 of micro-batch 3)."""
     from plait.cost import CostModel
     from plait.sim import draw_timeline, simulate
+    from plait.sim.timeline import pass_rows
 
     plan = load_plan(plan_file)
     result = simulate(plan, CostModel(plan.cluster, profile))
-    console_for_tables().print(summary_table(plan, result))
+    console = console_for_tables()
+    console.print(summary_table(plan, result))
+    limit = max_passes if max_passes is not None else 32 if plan.schedule.is_token_sliced else 0
+    rows = pass_rows(result, max_passes=limit) if limit else []
+    if rows:
+        table = Table(title="passes per rank (start times)", show_header=False)
+        table.add_column("ranks", style="bold")
+        table.add_column("passes")
+        for ranks, text in rows:
+            table.add_row(ranks, text)
+        console.print(table)
     if timeline:
         click.echo(f"timeline written to {draw_timeline(result, timeline)}")

@@ -270,11 +270,32 @@ class StageSpec:
 @dataclass(frozen=True, kw_only=True)
 class ScheduleSpec:
     """The step schedule: ``spmd`` (every rank runs the whole model) or a pipeline schedule (``gpipe``,
-    ``1f1b``, ``interleaved-1f1b``) over ``num_microbatches`` micro-batches per step."""
+    ``1f1b``, ``interleaved-1f1b``, ``zero-bubble``) over ``num_microbatches`` micro-batches per step.
+
+    ``token_slices`` (TeraPipe's token-level pipelining): the lengths, in tokens, of the slices every micro-batch's
+    sequence is cut into, in pipeline order; ``None`` or empty: unsliced. A sliced schedule runs every (micro-batch,
+    slice) cell forward in order, then every cell backward in reverse order (``kind`` is ``gpipe``).
+    ``unsliced_step_s``: with token slices, the predicted step of the same stages pipelined by micro-batches only
+    (the fastest other schedule), for the record of by how much slicing won; left out of the JSON when unset.
+    """
 
     kind: str = "spmd"
     num_microbatches: int = 1
     token_slices: tuple[int, ...] | None = None
+    unsliced_step_s: float | None = None
+
+    @property
+    def is_token_sliced(self) -> bool:
+        """True when micro-batches are cut into more than nothing: a token-level pipeline."""
+        return bool(self.token_slices)
+
+    def to_json(self) -> dict[str, object]:
+        """The JSON form: the original keys always, ``unsliced_step_s`` only when set (older plans still load)."""
+        out: dict[str, object] = {"kind": self.kind, "num_microbatches": self.num_microbatches,
+                                  "token_slices": None if self.token_slices is None else list(self.token_slices)}
+        if self.unsliced_step_s is not None:
+            out["unsliced_step_s"] = self.unsliced_step_s
+        return out
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -302,6 +323,26 @@ class Instr:
     pass_kind: PassKind | None = None
     micro: int | None = None
     stage: int | None = None
+    # a token-sliced pipeline's pass runs slice ``token_slice`` (of ``ScheduleSpec.token_slices``) of its micro-batch
+    token_slice: int | None = None
+
+    def to_json(self) -> dict[str, object]:
+        """The JSON form: every field, ``token_slice`` only when set (plans written before it load unchanged)."""
+        out: dict[str, object] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name != "token_slice" or value is not None:
+                out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    @property
+    def pass_label(self) -> str:
+        """The pass this instruction runs, e.g. ``F3`` (forward of micro-batch 3) or ``B3.s1`` (backward of its slice
+        1); empty when it runs none."""
+        if self.pass_kind is None:
+            return ""
+        micro = "" if self.micro is None else str(self.micro)
+        return f"{self.pass_kind}{micro}" + ("" if self.token_slice is None else f".s{self.token_slice}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -142,7 +142,34 @@ def pipeline_text(plan: Plan) -> str:
     bubble = f", bubble {plan.predicted.bubble_fraction:.0%} of the step" if plan.predicted else ""
     n, pp = plan.schedule.num_microbatches, plan.num_pipeline_ranks
     chunks = f" x {len(plan.stages) // pp} model chunks" if len(plan.stages) > pp else ""
-    return f"{pp} stages{chunks} ({per}), {plan.schedule.kind}, {n} micro-batch{'es' if n != 1 else ''}{bubble}"
+    text = f"{pp} stages{chunks} ({per}), {plan.schedule.kind}, {n} micro-batch{'es' if n != 1 else ''}{bubble}"
+    tokens = token_slicing_text(plan)
+    return f"{text}; {tokens}" if tokens else text
+
+
+def token_slicing_text(plan: Plan) -> str:
+    """``token slicing: 6 slices of [4x224,2x192] tokens per micro-batch, predicted 1.44x faster than micro-batch-only
+    pipelining``; empty for an unsliced plan."""
+    cuts = plan.schedule.token_slices
+    if not cuts:
+        return ""
+    text = f"token slicing: {len(cuts)} slices of [{run_lengths(cuts)}] tokens per micro-batch"
+    base, p = plan.schedule.unsliced_step_s, plan.predicted
+    if base and p and p.step_s > 0:
+        text += (f", predicted {base / p.step_s:.2f}x faster than micro-batch-only pipelining "
+                 f"({fmt_seconds(p.step_s)} vs {fmt_seconds(base)})")
+    return text
+
+
+def run_lengths(values: tuple[int, ...] | list[int]) -> str:
+    """``4x224,2x192``: equal neighbours counted."""
+    groups: list[list[int]] = []
+    for v in values:
+        if groups and groups[-1][1] == v:
+            groups[-1][0] += 1
+        else:
+            groups.append([1, v])
+    return ",".join(f"{k}x{v}" if k > 1 else str(v) for k, v in groups)
 
 
 def stages_table(plan: Plan) -> Table:

@@ -70,6 +70,9 @@ class PipelineOptions:
     compute_dtype: str | None = None  # None: the tensor-parallel layers' compute dtype, else the graph's
     simulate_top: int = 3  # the DP's best pipelines checked in the simulator (0: trust the DP's closed form)
     chunks: tuple[int, ...] = (2,)  # model chunks per rank the chosen pipeline is also offered with (interleaved 1F1B)
+    # offer the chosen stages token-sliced too (TeraPipe; causal transformers only, ``plait.planners.pipeline_tokens``);
+    # None: unless switched off around the planning (``pipeline_tokens.token_slicing(False)``, `--no-token-slicing`)
+    token_slicing: bool | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -40,6 +40,7 @@ from plait.planners.intra_op.source import ModelSource
 from plait.planners.intra_op.strategies import UnsupportedOpError
 from plait.planners.pipeline import PipelineChoice, PipelineOptions, plan_pipeline
 from plait.planners.stage_configs import ShardedLayers, shard_layers, tensor_parallel_sizes
+from plait.planners.stage_dp import StageError
 from plait.sim import simulate
 
 FP32 = PrecisionPolicy()
@@ -132,8 +133,10 @@ def pipeline_mesh(stages: tuple[StageSpec, ...], choice: PipelineChoice, global_
 
 def build_pipeline_plan(graph: ModelGraph, cluster: Cluster, choice: PipelineChoice, *, global_batch: int, cost: CostModel,
                         schedule: str = "1f1b", optimizer: str = "adamw",
-                        precision: PrecisionPolicy = FP32) -> Plan:
-    """The Plan of ``choice`` under ``schedule`` (``1f1b`` or ``gpipe``), with the simulator's prediction."""
+                        precision: PrecisionPolicy = FP32, programs: tuple[RankProgram, ...] | None = None,
+                        token_slices: tuple[int, ...] | None = None) -> Plan:
+    """The Plan of ``choice`` under ``schedule`` (``1f1b`` or ``gpipe``), with the simulator's prediction; ``programs``
+    replaces the schedule's lowering (a token pipeline's, with its ``token_slices``)."""
     stages = pipeline_stages(graph, choice)
     mesh, batch = pipeline_mesh(stages, choice, global_batch)
     recompute = {name for s in stages if s.recompute for name in s.layers}
@@ -141,8 +144,8 @@ def build_pipeline_plan(graph: ModelGraph, cluster: Cluster, choice: PipelineCho
         model=graph, cluster=cluster, mesh=mesh, batch=batch, params=pipeline_params(graph, choice, stages),
         activations=pipeline_pins(choice, stages), precision=precision,
         layers=tuple(LayerPlan(name=layer.name, recompute=layer.name in recompute) for layer in graph.layers),
-        schedule=ScheduleSpec(kind=schedule, num_microbatches=choice.num_micro), stages=stages,
-        programs=_programs(choice, schedule), optimizer=optimizer,
+        schedule=ScheduleSpec(kind=schedule, num_microbatches=choice.num_micro, token_slices=token_slices), stages=stages,
+        programs=programs if programs is not None else _programs(choice, schedule), optimizer=optimizer,
     )
     return replace(plan, predicted=simulate(plan, cost).prediction)
 
@@ -204,10 +207,56 @@ def plan_pipeline_full(graph: ModelGraph, cluster: Cluster, *, global_batch: int
                                  optimizer=options.optimizer, precision=precision) for c, s in _schedules(choice, schedule)]
     plan = fastest_that_fits(plans, limit)
     t3 = time.perf_counter()
-    provenance = provenance_of("plait.planners.pipeline", search_s=t3 - t0,
-                               passes={"tensor_parallel_ilp": t1 - t0, "stage_dp": t2 - t1, "lower_and_simulate": t3 - t2},
+    tokens = _token_plan(graph, cluster, choice, plan, global_batch=global_batch, cost=cost, options=options,
+                         schedule=schedule, precision=precision, source=source, limit=limit)
+    plan = tokens or plan
+    t4 = time.perf_counter()
+    provenance = provenance_of("plait.planners.pipeline", search_s=t4 - t0,
+                               passes={"tensor_parallel_ilp": t1 - t0, "stage_dp": t2 - t1, "lower_and_simulate": t3 - t2,
+                                       "token_slicing": t4 - t3},
                                options={"global_batch": str(global_batch), "schedule": plan.schedule.kind,
                                         "micro_batches": ",".join(str(m) for m in options.micro_batches) or "auto",
                                         "tp_sizes": ",".join(str(t) for t in (1, *sorted(sharded))),
-                                        "same_size": str(options.same_size), "memory_fraction": str(options.memory_fraction)})
+                                        "same_size": str(options.same_size), "memory_fraction": str(options.memory_fraction),
+                                        "token_slicing": str(_token_slicing_on(options))})
     return replace(plan, provenance=provenance)
+
+
+def _token_slicing_on(options: PipelineOptions) -> bool:
+    """Whether the search offers token slicing: as the options say, else as the planning's context does."""
+    from plait.planners.pipeline_tokens import token_slicing_enabled
+
+    return token_slicing_enabled() if options.token_slicing is None else options.token_slicing
+
+
+def _token_plan(graph: ModelGraph, cluster: Cluster, choice: PipelineChoice, best: Plan, *, global_batch: int,
+                cost: CostModel, options: PipelineOptions, schedule: str | None, precision: PrecisionPolicy,
+                source: ModelSource | None, limit: float) -> Plan | None:
+    """The chosen stages token-sliced (``plait.planners.pipeline_tokens``) when that is on, applies, fits and is
+    predicted faster than ``best``; its schedule records ``best``'s step (None otherwise). Stages with tensor
+    parallelism are searched again without it (the token runtime has none) and those are sliced."""
+    from plait.planners.pipeline_tokens import MIN_BUBBLE, token_variant
+
+    if schedule not in (None, "gpipe") or not _token_slicing_on(options) or best.predicted is None:
+        return None
+    if best.predicted.bubble_fraction < MIN_BUBBLE:  # slicing removes bubble; too little to win back its overheads
+        return None
+    if any(c.tp > 1 for c in choice.configs):  # the token runtime has no tensor parallelism: the best stages without
+        try:
+            choice = plan_pipeline(graph, cluster, global_batch=global_batch, cost=cost,
+                                   options=replace(options, tp_sizes=(1,), simulate_top=1, chunks=()))
+        except StageError:
+            return None
+
+    def build(programs: tuple[RankProgram, ...], cuts: tuple[int, ...]) -> Plan:
+        return build_pipeline_plan(graph, cluster, choice, global_batch=global_batch, cost=cost,
+                                   schedule="gpipe", optimizer=options.optimizer, precision=precision,
+                                   programs=programs, token_slices=cuts)
+
+    found = token_variant(graph, choice, source=source, cost=cost, dtype=precision.compute_dtype, build=build)
+    sliced = found.plan
+    if sliced is None or sliced.predicted is None or max(sliced.predicted.peak_memory_bytes) > limit:
+        return None
+    if sliced.predicted.step_s >= best.predicted.step_s:
+        return None
+    return replace(sliced, schedule=replace(sliced.schedule, unsliced_step_s=best.predicted.step_s))

@@ -253,3 +253,27 @@ def profiled_cost(no_context: Mapping[tuple[int, int], float], fit: ContextFit, 
         return num_layers * per_layer + edge
 
     return cost
+
+
+def runtime_slice_cost(work: TokenWork, cost: CostModel, *, last_stage: bool = False, dtype: str | None = None,
+                       causal_skip: bool = False) -> SliceCostFn:
+    """A stage's ``t(l, c)`` as plait's token runtime runs its attention: the first slice (``c = 0``) through the
+    causal kernel, which skips masked tiles, later slices attending to the cached keys and values through an
+    explicit mask, which computes every pair of ``l x (c + l)`` (or, with ``causal_skip``, a fused kernel that skips
+    masked tiles there too). ``plait.planners.token_slicing_lowering`` prices a cell the same way."""
+    skip = SliceCost(work=work, cost=cost, causal_skip=True, last_stage=last_stage, dtype=dtype)
+    full = skip if causal_skip else SliceCost(work=work, cost=cost, causal_skip=False, last_stage=last_stage, dtype=dtype)
+
+    def time_of(micro: int, tokens: np.ndarray, context: np.ndarray) -> np.ndarray:
+        return np.where(np.asarray(context) == 0, skip(micro, tokens, context), full(micro, tokens, context))
+
+    return time_of
+
+
+def slowest_of(costs: Sequence[SliceCostFn]) -> SliceCostFn:
+    """The DP's cell cost of a pipeline: the slowest stage's time of a slice (the pipeline moves at its pace)."""
+
+    def slowest(micro: int, tokens: np.ndarray, context: np.ndarray) -> np.ndarray:
+        return np.max([c(micro, tokens, context) for c in costs], axis=0)
+
+    return slowest

@@ -28,7 +28,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from plait.adaptive import GradNormProbe, ProbeLayout
-from plait.plan.ir import Plan
+from plait.errors import PlaitError
+from plait.plan.ir import BatchSpec, Plan
 from plait.runtime.apply import dtype_of
 from plait.runtime.checks import PlanMismatchError, check_optimizer_of, check_plan_model
 from plait.runtime.context import DistContext
@@ -67,6 +68,20 @@ class AppliedPipeline:
                     "micro-batches or replicas to estimate the noise scale")
         return ProbeLayout(small_batch=self.global_batch // num_micro, big_batch=self.global_batch, num_local=1,
                            synced_copies=1)
+
+    def set_batch(self, spec: BatchSpec) -> None:
+        """Train with another global batch from the next step on (adaptive batch): the same number of micro-batches
+        per replica, each of ``spec.micro_size`` samples. The schedule infers its stages' shapes again at the next
+        step (torch's re-initialisation, collective over the pipeline: every rank changes at the same step)."""
+        if spec.num_micro != self.num_micro or spec.global_size != spec.micro_size * spec.num_micro * self.rank.dp:
+            raise PlaitError(f"a pipeline runs {self.num_micro} micro-batches per replica (its schedule's programs); "
+                             f"batch {spec.global_size} = {spec.micro_size} x {spec.num_micro} x {self.rank.dp} replicas "
+                             "cannot be applied in place")
+        self.global_batch = spec.global_size
+        for flag in ("_stage_forward_initialized", "_stage_backward_initialized", "_stages_forward_initialized",
+                     "_stages_backward_initialized"):
+            if hasattr(self.rank.schedule, flag):
+                setattr(self.rank.schedule, flag, False)
 
     def attach_probe(self, probe: GradNormProbe) -> None:
         """Norm the stages' gradients before and after their data-parallel average (with one replica: after the
@@ -185,6 +200,10 @@ def check_pipeline_plan(plan: Plan, ctx: DistContext) -> None:
     if [s.ranks for s in plan.stages] != expected:
         raise PlanMismatchError("stage s must hold ranks (s % pp) * size .. (s % pp + 1) * size - 1 (the pp x dp mesh, "
                                 "model chunks round-robin); re-run `plait plan`")
+    if plan.schedule.token_slices:
+        raise PlanMismatchError(f"the plan pipelines token slices {list(plan.schedule.token_slices)} of each sequence "
+                                "(TeraPipe), which the Trainer does not run yet (plait.runtime.token_pipeline runs them "
+                                "outside it); re-plan without them: `plait plan MODEL --cluster C --no-token-slicing`")
     if plan.schedule.kind not in (*SCHEDULES, *LIST_SCHEDULES):
         raise PlanMismatchError(f"schedule {plan.schedule.kind!r}: a pipeline plan runs one of "
                                 f"{', '.join((*SCHEDULES, *LIST_SCHEDULES))}")

@@ -115,6 +115,7 @@ def simulate(plan: Plan, cost: CostModel) -> SimResult:
                 end=ends[k],
                 alloc_bytes=ins.alloc_bytes,
                 free_bytes=ins.free_bytes,
+                label=ins.pass_label,
             )
             for k, ins in enumerate(program.instrs)
         )

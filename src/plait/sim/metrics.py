@@ -58,8 +58,9 @@ def activations_of(trace: ProgramTrace) -> int:
 
 
 def _first_forward(name: str) -> bool:
-    """An SPMD program's ``fwd[0] ...`` or a pipeline's ``fwd v<stage> mb0``."""
-    return name.startswith("fwd[0]") or (name.startswith("fwd v") and name.endswith(" mb0"))
+    """An SPMD program's ``fwd[0] ...`` or a pipeline's ``fwd v<stage> mb0`` (every slice ``fwd v<stage> mb0 s<j>`` of
+    it in a token pipeline)."""
+    return name.startswith("fwd[0]") or (name.startswith("fwd v") and (name.endswith(" mb0") or " mb0 s" in name))
 
 
 def prediction_of(plan: Plan, traces: Sequence[ProgramTrace], resident: Sequence[int]) -> Prediction:

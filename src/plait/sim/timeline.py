@@ -33,6 +33,7 @@ def _kind(event: Event) -> str:
     return name if name in COLOURS else "other"
 
 
+LABEL_CHAR = 0.0035  # share of the step's width one character of a pass label needs on the drawn timeline
 HATCHES = ("", "//", "..", "xx")  # one per distinct set of mesh axes a collective spans, in order of appearance
 
 
@@ -78,6 +79,10 @@ def draw_timeline(result: SimResult, path: str | os.PathLike[str], *, title: str
                 mine = [(e.start * scale, e.duration * scale) for e in spans if span_label(e) == label]
                 ax.broken_barh(mine, (y, 0.8), facecolors=styles[label]["color"], hatch=styles[label]["hatch"],
                                edgecolor="white", linewidth=0.3)
+            for e in spans:  # the pass a span runs, where it is wide enough to read (F3, B3.s1: slice 1 of micro 3)
+                if e.label and e.duration >= step * 0.9 * len(e.label) * LABEL_CHAR:
+                    ax.text((e.start + e.duration / 2) * scale, y + 0.4, e.label, ha="center", va="center",
+                            fontsize=6, color="white", clip_on=True)
     ax.set_yticks([y for y, _ in labels], [text for _, text in labels])
     ax.set_xlabel(f"time ({unit})")
     ax.set_xlim(0, step * scale * 1.02)
@@ -96,3 +101,17 @@ def draw_timeline(result: SimResult, path: str | os.PathLike[str], *, title: str
     fig.savefig(target, dpi=120)
     plt.close(fig)
     return str(target)
+
+
+def pass_rows(result: SimResult, *, max_passes: int = 32) -> list[tuple[str, str]]:
+    """Per program: its ranks and the passes it runs in order with their start (``F0.s0@0.0ms B0.s0@41.2ms``; at most
+    ``max_passes``, then how many more); empty when no instruction names a pass."""
+    rows = []
+    for trace in result.traces:
+        passes = [e for e in trace.events if e.label]
+        if not passes:
+            continue
+        shown = " ".join(f"{e.label}@{e.start * 1e3:.1f}ms" for e in passes[:max_passes])
+        more = f" ... ({len(passes) - max_passes} more)" if len(passes) > max_passes else ""
+        rows.append((_rank_label(trace.ranks), shown + more))
+    return rows

@@ -21,6 +21,7 @@ class Event:
     alloc_bytes: int = 0
     free_bytes: int = 0
     axes: tuple[str, ...] = ()  # mesh axes a collective spans
+    label: str = ""  # the pipeline pass it runs (``F3``, ``B3.s1`` for slice 1 of micro-batch 3), else empty
 
     @property
     def duration(self) -> float:

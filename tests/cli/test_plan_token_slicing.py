@@ -1,0 +1,60 @@
+"""`plait plan` offers token slicing beside micro-batch pipelining and says by how much it wins; `plait sim` shows the
+slices' passes per rank; `--no-token-slicing` plans without them (issue 8)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from plait.cli.main import main
+from plait.plan import load_plan
+
+FACTORY = """
+import torch
+from plait.models import GPT, GPTConfig, lm_batch, lm_loss
+
+def long_gpt():
+    cfg = GPTConfig(vocab_size=512, seq_len=1024, num_layers=4, num_heads=4, hidden=256)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    return model, lm_batch(cfg, 1, device="meta"), lm_loss
+"""
+
+
+def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = 0
+    try:
+        main(argv)
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_plan_picks_token_slicing_and_sim_shows_the_slices(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "token_models.py").write_text(FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("COLUMNS", "250")
+    out = tmp_path / "plan.json"
+    args = ["plan", "token_models:long_gpt", "--cluster", "local:4", "--family", "pipeline", "--batch", "1"]
+    code, text, err = run([*args, "--out", str(out)], capsys)
+    assert code == 0, err
+    plan = load_plan(out)
+    cuts = plan.schedule.token_slices
+    assert cuts and len(cuts) > 1 and sum(cuts) == 1024
+    assert f"token slicing: {len(cuts)} slices" in err and "faster than micro-batch-only pipelining" in err
+    assert "--no-token-slicing" in err  # the Trainer does not run it: the way out
+    assert "faster than micro-batch-only" in text
+
+    code, text, err = run(["sim", str(out), "--passes", "3"], capsys)
+    assert code == 0, err
+    assert "token slicing" in text and "F0.s0@" in text and "F0.s1@" in text and "more)" in text
+
+    code, text, err = run([*args, "--no-token-slicing", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(text)["schedule"]["token_slices"] is None
+    sys.modules.pop("token_models", None)
