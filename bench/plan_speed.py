@@ -3,6 +3,7 @@ the pipeline planner (GPT-39B on 64 A100s, GPT-1T on 3,072), with the time of ev
 
     python bench/plan_speed.py --json out/plan_speed.json
     python bench/plan_speed.py --pipeline       # the pipeline rows only
+    python bench/plan_speed.py --replan         # elastic re-plan: GPT-13B from 64 to 48 A100s (--replan pipeline: one family)
 
 Rows: a 24-layer GPT (gpt2-medium) on 8 devices (dgx-a100:1) and the 96-layer GPT-175B config on a
 64-device 2-D mesh (dgx-a100:8, dp=8 x tp=8). For each: the time to capture the layer view and the joint
@@ -212,6 +213,68 @@ def pipeline_table(rows: list[PipelineRow]) -> str:
     return "\n".join(lines)
 
 
+@dataclass
+class ReplanRow:
+    """One timed re-plan of an elastic resize: the recorded request of a plan, planned for another device count."""
+
+    model: str
+    family: str
+    old_devices: int
+    new_devices: int
+    global_batch: int
+    seconds: float
+    passes: dict[str, float]
+    answer: str
+
+
+def measure_replan(model: str, cluster: str, batch: int, new_devices: int, family: str) -> ReplanRow:
+    """What ``plait run --elastic`` does on a resize: ``replan`` of the plan's request for ``new_devices`` devices."""
+    from plait.plan.ir import BatchSpec
+    from plait.plan.layout import layout_name
+    from plait.planners.request import PlanRequest, replan, with_request
+
+    request = PlanRequest(model=model, cluster=cluster, batch=batch, family=family)
+    old = request.load_cluster().world_size
+    # the running plan only lends its recorded request to the re-plan: a stand-in carries it
+    stand_in = _stand_in_plan(batch, old)
+    t0 = time.perf_counter()
+    try:
+        done = replan(with_request(stand_in, request), new_devices)
+    except Exception as exc:  # noqa: BLE001 - the row says why
+        return ReplanRow(model=model, family=family, old_devices=old, new_devices=new_devices, global_batch=batch,
+                         seconds=time.perf_counter() - t0, passes={}, answer=f"failed: {str(exc).splitlines()[0]}")
+    assert done.plan.provenance is not None and isinstance(done.plan.batch, BatchSpec)
+    return ReplanRow(model=model, family=family, old_devices=old, new_devices=new_devices, global_batch=batch,
+                     seconds=done.seconds, passes=dict(done.plan.provenance.passes), answer=layout_name(done.plan))
+
+
+def _stand_in_plan(batch: int, devices: int) -> plait.Plan:
+    """A small data-parallel plan with ``batch`` (only its provenance, which gets the request, matters)."""
+    from plait.cluster import local_cluster
+    from plait.planners import build_dp_plan
+
+    zm = zoo_model("mlp-tiny")
+    with torch.device("meta"):
+        module = zm.build()
+    graph = capture(module, zm.make_batch(2, device="meta"), name="mlp-tiny", loss_fn=zm.loss)
+    return build_dp_plan(graph, local_cluster(2), kind="replicate", global_batch=batch)
+
+
+def replan_rows(families: list[str]) -> list[ReplanRow]:
+    """GPT-13B (``gpt3-13b``, batch 512) re-planned from 64 A100s (dgx-a100:8) to 48 (dgx-a100:6)."""
+    return [measure_replan("gpt3-13b", "dgx-a100:8", 512, 48, f) for f in families]
+
+
+def replan_table(rows: list[ReplanRow]) -> str:
+    """The re-plan rows as a Markdown table."""
+    lines = ["| model | family | devices | batch | passes (s) | **re-plan s** | answer |", "|" + "---|" * 7]
+    for r in rows:
+        passes = ", ".join(f"{k} {v:.1f}" for k, v in r.passes.items())
+        lines.append(f"| {r.model} | {r.family} | {r.old_devices} -> {r.new_devices} | {r.global_batch} | {passes} | "
+                     f"**{r.seconds:.1f}** | {r.answer} |")
+    return "\n".join(lines)
+
+
 def table(rows: list[Row]) -> str:
     """The rows as a Markdown table."""
     head = ("| model | devices | mesh | joint nodes | capture s | ILP vars (binary) / rows | solve s | plan s | total s "
@@ -230,8 +293,19 @@ def main() -> None:
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--quick", action="store_true", help="the 24-layer GPT and GPT-39B only, without the whole search")
     p.add_argument("--pipeline", action="store_true", help="the pipeline rows only")
+    p.add_argument("--replan", nargs="?", const="all", default=None, metavar="FAMILIES",
+                   help="only the elastic re-plan rows: GPT-13B from 64 to 48 A100s, for these comma-separated plan "
+                        "families of the request (default all)")
     a = p.parse_args()
     torch.set_num_threads(1)
+    if a.replan is not None:
+        replanned = replan_rows(a.replan.split(","))
+        print(replan_table(replanned))
+        print("target: re-planning GPT-13B from 64 to 48 A100s < 5 s")
+        if a.json:
+            a.json.parent.mkdir(parents=True, exist_ok=True)
+            a.json.write_text(json.dumps({"replan_rows": [asdict(r) for r in replanned]}, indent=1) + "\n")
+        return
     rows: list[Row] = []
     if not a.pipeline:
         rows.append(measure("gpt2-medium", "dgx-a100:1", (1, 8), 8, search=not a.quick))

@@ -92,3 +92,12 @@ def test_uses_the_throughput_model_and_the_estimator_statistics() -> None:
     assert via_model == via_params
     assert via_model.throughput == pytest.approx(float(model.throughput(1, 4, via_model.local_bsz,
                                                                          via_model.accum_steps)))
+
+
+def test_min_accum_steps_keeps_one_replica_accumulating() -> None:
+    # zero noise with one replica picks M0 in one micro-batch; the Trainer's one replica asks for s >= 1 (its estimate)
+    limits = BatchLimits(max_batch_size=1024, min_local_bsz=8, max_local_bsz=256)
+    plain = choose_batch(LINEAR, GradParams(sqr=1.0, var=0.0), 64, 1, 1, limits)
+    assert (plain.global_batch, plain.accum_steps) == (64, 0)
+    kept = choose_batch(LINEAR, GradParams(sqr=1.0, var=0.0), 64, 1, 1, limits, min_accum_steps=1)
+    assert kept.accum_steps >= 1 and kept.global_batch == 64 and kept.local_bsz == 32

@@ -50,3 +50,18 @@ def test_demo_batch_splits_over_any_number_of_ranks(tmp_path: Path) -> None:
     plan = demo_cmd._plan(console_for_tables(120), job, load_cluster("local:3"), tmp_path)
     assert plan.world_size == 3 and plan.batch.global_size == 24
     assert (tmp_path / "plan.json").is_file() and (tmp_path / "timeline.png").is_file()
+
+
+@pytest.mark.slow
+def test_demo_adaptive_trains_with_the_goodput_batch_and_reports_it(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    result = run_plait("demo", "--adaptive", "--steps", "24", "--nproc", "2", "--no-profile", "--out", str(out),
+                       timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    text = result.stdout
+    for needle in ("adaptive batch: every 10 steps", "the batch over the run", "plait report"):
+        assert needle in text, needle
+    assert "matches reference" not in text  # the batch schedule is not the fixed reference's
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 25))
+    assert all(r["goodput"] > 0 and r["batch_size"] >= 16 for r in records)

@@ -19,7 +19,7 @@ from plait.runtime.metrics import METRICS_FILE, StepMetrics
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 BASIC = ["loss.png", "step_time.png"]
-ADAPTIVE = ["batch_size.png", "noise_scale.png", "efficiency.png", "gain.png"]
+ADAPTIVE = ["batch_size.png", "noise_scale.png", "efficiency.png", "gain.png", "goodput.png"]
 
 
 def write_metrics(run_dir: Path, steps: int, *, adaptive: bool) -> Path:
@@ -32,6 +32,8 @@ def write_metrics(run_dir: Path, steps: int, *, adaptive: bool) -> Path:
             extra = {"batch_size": 32 * (1 + step // 4), "noise_scale": math.nan if step == 1 else 100.0 + 10 * step,
                      "efficiency": 1.0 / (1 + step / 10), "gain": 1.0 + step / 20, "lr_factor": 1.0,
                      "progress": float(step)}
+            if step > 6:  # the goodput key of newer files; older records derive it (samples/s x efficiency)
+                extra["goodput"] = 320.0 * extra["efficiency"]
         m = StepMetrics(step=step, loss=3.0 / step, step_s=0.1 + 0.01 * step, samples_per_s=320.0, time=1e9 + step,
                         **extra)
         lines.append(json.dumps(m.record()))
@@ -58,7 +60,7 @@ def test_report_of_fixed_batch_run_draws_loss_and_step_time(tmp_path: Path) -> N
     assert_pngs(run, BASIC, result.stdout)
 
 
-def test_report_of_adaptive_run_draws_batch_noise_efficiency_gain(tmp_path: Path) -> None:
+def test_report_of_adaptive_run_draws_batch_noise_efficiency_gain_goodput(tmp_path: Path) -> None:
     run = tmp_path / "run"
     write_metrics(run, 12, adaptive=True)
     result = plait_in_process("report", str(run))

@@ -103,8 +103,9 @@ def test_plan_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     assert code == 2 and "unknown model 'gpt-9000'" in err and "gpt2-small" in err and "module.path:factory" in err
     code, _, err = run(["plan", "mlp-tiny", "--cluster", "nowhere:3"], capsys)
     assert code == 2 and "unknown cluster preset" in err
-    code, _, err = run(["plan", "mlp-tiny", "--cluster", CLUSTER, "--batch", "30"], capsys)
-    assert code == 2 and "multiple of 4" in err
+    # a batch that does not split over every rank rules out the data-parallel candidates only (dp=2 x tp=2 splits it)
+    code, _, err = run(["plan", "mlp-tiny", "--cluster", CLUSTER, "--batch", "30", "--family", "data-parallel"], capsys)
+    assert code == 2 and "does not split over 4 data-parallel ranks (a multiple of 4 would)" in err
     code, _, err = run(["plan", "gpt3-175b", "--cluster", CLUSTER, "--batch", "4"], capsys)
     assert code == 2 and "fits no plan" in err and "fsdp, unit = layer: needs" in err
 

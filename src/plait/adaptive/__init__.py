@@ -19,6 +19,7 @@ from plait.adaptive.efficiency import (
 from plait.adaptive.goodput import BatchChoice, BatchLimits, GoodputModel, GradParams, choose_batch
 from plait.adaptive.gradnorms import GradNormProbe, all_reduce_sum, combine_norms, placed_grads, squared_norm
 from plait.adaptive.noise import GradStats, NormSample, estimate, expected_sqnorm
+from plait.adaptive.precondition import AdamPreconditioner
 from plait.adaptive.scaling import LR_SCALING_RULES, Progress, lr_factor, resolve_lr_scaling
 from plait.adaptive.smoothing import DEFAULT_SMOOTHING, ExpAverage, GradNoiseScale
 from plait.adaptive.throughput import (
@@ -33,6 +34,7 @@ from plait.adaptive.throughput import (
 from plait.adaptive.tracker import AdaptiveStats, AdaptiveTracker, ProbeLayout, scaled_lr
 
 __all__ = [
+    "AdamPreconditioner",
     "DEFAULT_SMOOTHING",
     "LR_SCALING_RULES",
     "AdaptiveStats",

@@ -165,6 +165,7 @@ def choose_batch(
     limits: BatchLimits,
     *,
     max_accum_steps: int | None = None,
+    min_accum_steps: int = 0,
 ) -> BatchChoice:
     """The (global batch, micro-batch, accumulation) that maximises predicted goodput (Pollux Eq. 13).
 
@@ -172,7 +173,9 @@ def choose_batch(
     ``[0, max_accum_steps]`` (0 only without ``limits.accumulation``) whose global batch
     ``K * m * (s + 1)`` lies in ``[max(M0, K * min_local), max_batch_size]`` is evaluated at once. As in
     Pollux, one replica with a batch above ``M0`` accumulates (``s >= 1``) where accumulation is allowed:
-    its noise scale is estimated across micro-batches. Ties go to the smaller global batch, then the fewer micro-steps.
+    its noise scale is estimated across micro-batches. ``min_accum_steps`` forces at least that many (a Trainer with
+    one replica keeps ``s >= 1`` at every batch, so it never loses its estimate). Ties go to the smaller global batch,
+    then the fewer micro-steps.
     """
     perf = model.params if isinstance(model, ThroughputModel) else model
     k = int(num_replicas)
@@ -197,6 +200,7 @@ def choose_batch(
     ok = (batch >= lo_batch) & (batch <= limits.max_batch_size)
     if k == 1 and limits.accumulation:
         ok &= (s >= 1) | (batch <= m0)
+    ok &= s >= min_accum_steps
     if not np.any(ok):
         raise ValueError(f"no (micro-batch, accumulation) pair reaches a batch in [{lo_batch}, {limits.max_batch_size}]")
     thr = throughput(perf, num_nodes, k, m, s)

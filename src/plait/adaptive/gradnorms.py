@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from plait.adaptive.noise import NormSample
+from plait.adaptive.precondition import AdamPreconditioner
 from plait.errors import PlaitError
 
 ReduceFn = Callable[[torch.Tensor], torch.Tensor]  # sums a tensor over the ranks (in place or not) and returns it
@@ -193,14 +194,21 @@ class GradNormProbe:
         self.device = device
         self._local: list[Part] | None = None  # norms taken this step, squared and summed once in ``shares``
         self._synced: list[Part] | None = None  # (None until added to: a rank may add an empty share)
+        self.preconditioner: AdamPreconditioner | None = None  # norm Adam-preconditioned gradients (Pollux)
 
     def add_local(self, tensors: Iterable[torch.Tensor], *, scale: float = 1.0) -> None:
         """Add the squared norm of local gradient pieces, times ``scale ** 2`` (e.g. ``num_micro`` for ``grad / num_micro``)."""
-        self._local = (self._local or []) + norm_parts(tensors, scale=scale)
+        self._local = (self._local or []) + norm_parts(self._weighted(tensors), scale=scale)
 
     def add_synced(self, tensors: Iterable[torch.Tensor], *, scale: float = 1.0) -> None:
         """Add the squared norm of this rank's pieces of the synchronised gradient, times ``scale ** 2``."""
-        self._synced = (self._synced or []) + norm_parts(tensors, scale=scale)
+        self._synced = (self._synced or []) + norm_parts(self._weighted(tensors), scale=scale)
+
+    def _weighted(self, tensors: Iterable[torch.Tensor]) -> Iterable[torch.Tensor]:
+        pre = self.preconditioner
+        if pre is None or not pre.ready:
+            return tensors
+        return [pre.apply(t) for t in tensors]
 
     def _take(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._local is None or self._synced is None:

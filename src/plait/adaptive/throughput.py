@@ -426,6 +426,19 @@ class ThroughputModel:
         else:
             raise ValueError("a step with accumulation needs the time of its accumulation micro-steps")
 
+    def observations(self) -> dict[str, list[float]]:
+        """The measurements as plain data for a checkpoint: ``"nodes,replicas,micro"`` -> [steps, sum log step
+        time, accumulation steps, sum log accumulation time]."""
+        return {",".join(map(str, k)): list(v) for k, v in self._obs.items()}
+
+    def load_observations(self, saved: dict[str, list[float]]) -> None:
+        """Continue with the measurements ``observations`` returned (the fit is redone by the next ``refit``)."""
+        obs: dict[tuple[int, int, int], list[float]] = {}
+        for key, rec in saved.items():
+            n, k, m = (int(x) for x in key.split(","))
+            obs[(n, k, m)] = [float(x) for x in rec]
+        self._obs = obs
+
     def refit(self) -> PerfParams:
         """Weighted fit of measurements and prior pseudo-measurements; the prior itself with no measurements."""
         if not self._obs:

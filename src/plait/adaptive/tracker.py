@@ -132,8 +132,18 @@ class AdaptiveTracker:
         pending = None
         if self.probe is not None and self.layout is not None:
             pending = _Pending(self.probe.shares(), self.layout, self.group)
+        elif self.probe is not None:  # a batch without an estimate (set_batch): drop the step's norms
+            self.probe.reset()
         self.flush()
         self._pending = pending
+
+    def set_batch(self, batch_size: int, layout: ProbeLayout | None) -> None:
+        """Train with another global batch from the next step on (adaptive batch): the gain and learning-rate factor
+        follow it, and the norms are combined with the new batch's ``layout`` (None: this batch gives no estimate;
+        the probe's norms are then dropped). A step still in flight keeps the layout it was taken with."""
+        check_batches(batch_size)
+        self.batch_size = int(batch_size)
+        self.layout = layout if self.probe is not None else None
 
     def flush(self) -> None:
         """Fold the step still in flight into the statistics (before a checkpoint, and at the end of a run)."""
@@ -156,6 +166,8 @@ class AdaptiveTracker:
         gain, factor = self.gain(), self.lr_factor()
         with scaled_lr(optimizer, factor):
             optimizer.step()
+        if self.probe is not None and self.probe.preconditioner is not None:
+            self.probe.preconditioner.after_step(optimizer)
         self.progress.add(gain)
         return AdaptiveStats(batch_size=self.batch_size, noise_scale=self.gns.noise_scale,
                              efficiency=gain * self.init_batch_size / self.batch_size, gain=gain, lr_factor=factor,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -27,26 +28,53 @@ TOLERANCE = 1e-3
 @click.option("--nproc", type=click.IntRange(1, 16), default=4, show_default=True, help="Local ranks (the cluster is local:NPROC).")
 @click.option("--no-reference", is_flag=True, help="Skip the single-process reference run.")
 @click.option("--no-profile", is_flag=True, help="Do not measure this machine first when it has no profile yet.")
-def demo(out_dir: str, steps: int, nproc: int, no_reference: bool, no_profile: bool) -> None:
+@click.option("--adaptive", is_flag=True,
+              help="Adaptive batch: the Trainer chooses the batch that maximises goodput every 10 steps (no reference run).")
+def demo(out_dir: str, steps: int, nproc: int, no_reference: bool, no_profile: bool, adaptive: bool) -> None:
     """Plan, train and check a small GPT on NPROC local processes.
 
     Captures a small GPT, plans it for local:NPROC with a global batch of 8 per rank and prints the
     plan, trains it on NPROC real processes, trains the same job in one process as a reference, then
     prints predicted vs measured step time and writes the loss curve and the plan's timeline as PNG files.
+    With --adaptive the batch follows the goodput optimizer (noise scale and measured throughput) from a stream of
+    the corpus's samples, and the demo shows how it changed instead of comparing with a fixed-batch reference.
     """
     from plait.cluster import default_profile_path, load_cluster
 
     console = console_for_tables(120)
     out = _prepared_out(Path(out_dir))
     job = DemoJob.for_ranks(nproc, steps=steps)
+    if adaptive:
+        job = replace(job, adaptive=True)
     t_start = time.perf_counter()
     if not no_profile and not default_profile_path().is_file():
         _quick_profile(console, nproc)
     cluster = load_cluster(f"local:{nproc}")
     plan = _plan(console, job, cluster, out)
     plait_losses, plait_times = _train(console, job, out)
-    _compare(console, job, out, plan, plait_losses, plait_times, no_reference)
+    _compare(console, job, out, plan, plait_losses, plait_times, no_reference or adaptive)
+    if adaptive:
+        _adaptive_summary(console, out)
     console.print(f"demo finished in {time.perf_counter() - t_start:.0f} s; outputs in {out}/")
+
+
+def _adaptive_summary(console: Console, out: Path) -> None:
+    """How the batch changed over the run, with the noise scale, efficiency and goodput when it did."""
+    from plait.runtime.metrics import METRICS_FILE, read_metrics
+
+    records = read_metrics(out / METRICS_FILE)
+    table = Table(title="plait demo --adaptive: the batch over the run")
+    for col in ("steps", "global batch", "noise scale", "efficiency", "goodput (M0 samples/s)"):
+        table.add_column(col, justify="right")
+    start = 0
+    for i, r in enumerate(records):
+        if i + 1 == len(records) or records[i + 1].batch_size != r.batch_size:
+            span = records[start : i + 1]
+            table.add_row(f"{span[0].step}-{r.step}", str(r.batch_size), f"{r.noise_scale or 0:.4g}",
+                          f"{r.efficiency or 0:.3f}", f"{sum(x.goodput or 0 for x in span) / len(span):.1f}")
+            start = i + 1
+    console.print(table)
+    console.print(f"draw batch, noise scale, efficiency and goodput over the steps: plait report {out}")
 
 
 def _prepared_out(out: Path) -> Path:

@@ -1,5 +1,5 @@
 """``plait report``: draw a run's metrics (loss, step time and, for adaptive runs, batch, noise scale,
-efficiency and gain) over steps as PNGs in RUN_DIR/report/."""
+efficiency, gain and goodput) over steps as PNGs in RUN_DIR/report/."""
 
 from __future__ import annotations
 
@@ -40,6 +40,8 @@ SERIES = (
     Series("efficiency", "efficiency.png", "statistical efficiency against the initial batch", "efficiency",
            adaptive=True),
     Series("gain", "gain.png", "AdaScale gain (initial-batch steps per step)", "gain", adaptive=True),
+    Series("goodput", "goodput.png", "goodput (measured throughput x efficiency)", "initial-batch samples / s",
+           adaptive=True),
 )
 
 
@@ -67,6 +69,8 @@ def _points(records: Sequence[dict[str, Any]], series: Series) -> tuple[list[int
     xs, ys = [], []
     for r in records:
         value = r.get(series.field)
+        if value is None and series.field == "goodput" and r.get("efficiency") is not None:
+            value = r["samples_per_s"] * r["efficiency"]  # a metrics file written before goodput was recorded
         if value is not None and math.isfinite(value):
             xs.append(int(r["step"]))
             ys.append(float(value) * series.scale)

@@ -50,6 +50,12 @@ def adaptive_env(adaptive: bool, lr_scaling: str | None, init_batch_size: int | 
               help="With --adaptive: the learning-rate rule (PLAIT_LR_SCALING; default auto).")
 @click.option("--init-batch-size", "init_batch_size", type=int, default=None,
               help="With --adaptive: the batch M0 the learning rate is tuned for (PLAIT_INIT_BATCH_SIZE; default: the plan's).")
+@click.option("--elastic", is_flag=True,
+              help="Elastic run: the number of ranks may change while it runs, as the control file asks; needs --plan "
+                   "(written by `plait plan --out`) and --out (docs/elastic.md).")
+@click.option("--control", "control", type=click.Path(dir_okay=False), default=None,
+              help="With --elastic: the control file holding {\"nproc\": N} (default OUT/elastic.json); re-read every "
+                   "0.5 s and at once on SIGHUP to this process.")
 def run(
     script: str,
     script_args: tuple[str, ...],
@@ -68,6 +74,8 @@ def run(
     adaptive: bool,
     lr_scaling: str | None,
     init_batch_size: int | None,
+    elastic: bool,
+    control: str | None,
 ) -> None:
     """Run SCRIPT (a Python file, or a module with -m) on N ranks of this node (gloo on the CPU, or NCCL on
     local GPUs); arguments after -- go to SCRIPT.
@@ -81,6 +89,9 @@ def run(
 
     --adaptive (with --lr-scaling, --init-batch-size) sets PLAIT_ADAPTIVE=1 (PLAIT_LR_SCALING,
     PLAIT_INIT_BATCH_SIZE) for the ranks; a script's TrainConfig.from_env(...) picks them up.
+
+    --elastic: when the control file asks for another number of ranks, the job re-plans the plan's recorded request
+    for that many, the ranks checkpoint at a step boundary and restart there, resuming (docs/elastic.md).
     """
     from plait.runtime.launch import launch, raise_on_failure
     from plait.runtime.nodes import node_spec
@@ -91,8 +102,39 @@ def run(
         raise PlaitError("--resume needs --out DIR: the folder whose checkpoints/ the run continues from")
     env = {k: v for k, v in os.environ.items() if k not in (LR_SCALING_ENV, INIT_BATCH_ENV)}
     env.update(adaptive_env(adaptive, lr_scaling, init_batch_size))
+    if control is not None and not elastic:
+        raise PlaitError("--control only applies with --elastic; add --elastic")
+    if elastic:
+        _run_elastic(script, script_args, module, plan_path, out_dir, control, resume, nnodes, nproc, env,
+                     dist_timeout_s, timeout_s)
+        return
     node = node_spec(nnodes=nnodes, node_rank=node_rank, master_addr=master_addr, master_port=master_port, ifname=ifname)
     result = launch(script, nproc=nproc, module=module, script_args=script_args, plan=plan_path, resume=resume,
                     out_dir=out_dir, node=node, dist_timeout_s=dist_timeout_s, timeout_s=timeout_s, env=env)
     raise_on_failure(result)
     click.echo(f"plait run: all {len(result.ranks)} ranks{node.where()} finished in {result.elapsed_s:.1f} s", err=True)
+
+
+def _run_elastic(script: str, script_args: tuple[str, ...], module: bool, plan_path: str | None, out_dir: str | None,
+                 control: str | None, resume: bool, nnodes: int, nproc: int | None, env: dict[str, str],
+                 dist_timeout_s: float | None, timeout_s: float | None) -> None:
+    """``plait run --elastic``: run, and re-plan and restart at each new size the control file asks for."""
+    from plait.elastic import elastic_run
+    from plait.runtime.launch import raise_on_failure
+
+    if plan_path is None or out_dir is None:
+        raise PlaitError("--elastic needs --plan PLAN.json (re-planned at each resize) and --out DIR (its checkpoints "
+                         "carry the job across a resize)")
+    if nnodes != 1:
+        raise PlaitError("--elastic runs on one node for now; drop --nnodes (or run without --elastic)")
+    job = elastic_run(script, plan=plan_path, out_dir=out_dir, control=control, script_args=script_args, module=module,
+                      resume=resume, env=env, dist_timeout_s=dist_timeout_s, timeout_s=timeout_s)
+    if nproc is not None and nproc != job.nproc:
+        raise PlaitError(f"plan {plan_path} is for {job.nproc} ranks but --nproc is {nproc}; drop --nproc (the plan "
+                         "fixes the start size) or re-plan")
+    click.echo(f"plait run: elastic job on {job.nproc} ranks; write {{\"nproc\": N}} to {job.control} (then SIGHUP "
+               f"pid {os.getpid()}, or wait 0.5 s) to resize it", err=True)
+    ended = job.run()
+    raise_on_failure(ended.result)
+    resized = f" after {len(ended.resizes)} resize(s)" if ended.resizes else ""
+    click.echo(f"plait run: all {ended.nproc} ranks finished in {ended.result.elapsed_s:.1f} s{resized}", err=True)

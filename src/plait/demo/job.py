@@ -8,7 +8,7 @@ from functools import cached_property
 
 import torch
 
-from plait.data import CharTokenizer, TextBatches, generate_corpus
+from plait.data import CharTokenizer, SampleStream, TensorSamples, TextBatches, generate_corpus
 from plait.models.gpt import GPT, GPTConfig, lm_loss
 
 __all__ = ["BATCH_PER_RANK", "DemoJob", "lm_loss"]
@@ -31,6 +31,8 @@ class DemoJob:
     weight_decay: float = 0.01
     seed: int = 0
     corpus_chars: int = 200_000
+    adaptive: bool = False  # `plait demo --adaptive`: adaptive batch (goodput) from a sample stream of the corpus
+    adapt_batch_every: int = 10
 
     @classmethod
     def for_ranks(cls, nproc: int, *, steps: int) -> DemoJob:
@@ -69,6 +71,13 @@ class DemoJob:
     def data(self) -> TextBatches:
         """Step-indexed global batches of the corpus."""
         return TextBatches(self.tokenizer.encode(self.text), self.seq_len, self.global_batch, seed=self.seed)
+
+    def samples(self) -> SampleStream:
+        """The corpus as indexed samples (windows at half-window stride), in a seeded order: the adaptive demo's data."""
+        tokens = self.tokenizer.encode(self.text)
+        starts = torch.arange(0, len(tokens) - self.seq_len - 1, self.seq_len // 2)
+        windows = tokens[starts[:, None] + torch.arange(self.seq_len + 1)[None, :]]
+        return SampleStream(TensorSamples(windows[:, :-1].contiguous(), windows[:, 1:].contiguous()), seed=self.seed)
 
     def example_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A meta batch for capture."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 from plait.demo.job import DemoJob, lm_loss
 from plait.plan.io import load_plan
@@ -15,9 +16,14 @@ def main(argv: list[str]) -> None:
     """Train the demo job with the plan the launcher passed in the environment."""
     job = DemoJob.from_json(argv[0])
     plan = load_plan(os.environ[PLAN_ENV])
+    adaptive: dict[str, Any] = {}
+    if job.adaptive:  # the batch follows the goodput optimizer: AdamW's learning rate by sqrt(gain) (adamscale)
+        adaptive = {"adaptive": True, "adapt_batch_every": job.adapt_batch_every, "max_batch_size": 16 * job.global_batch,
+                    "lr_scaling": "adamscale"}
     config = TrainConfig.from_env(steps=job.steps, lr=job.lr, weight_decay=job.weight_decay, seed=job.seed,
-                                  title=f"demo on {plan.world_size} ranks")
-    Trainer(model_fn=job.build_model, loss_fn=lm_loss, data=job.data(), plan=plan, config=config).fit()
+                                  title=f"demo on {plan.world_size} ranks", **adaptive)
+    data = job.samples() if job.adaptive else job.data()
+    Trainer(model_fn=job.build_model, loss_fn=lm_loss, data=data, plan=plan, config=config).fit()
 
 
 if __name__ == "__main__":

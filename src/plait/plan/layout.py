@@ -40,3 +40,14 @@ def shard_axis_of(plan: Plan) -> str | None:
     if len(found) > 1:
         raise PlaitError(f"parameters are sharded over several data-parallel axes {sorted(found)}; shard over one")
     return found.pop() if found else None
+
+
+def layout_name(plan: Plan) -> str:
+    """A short name of a plan's layout for progress lines: ``replicate dp=4``, ``fsdp dp=2``, ``intra-op dp=1 x tp=2``,
+    ``pipeline pp=2 x dp=2``."""
+    mesh = " x ".join(f"{a}={n}" for a, n in zip(plan.mesh.axes, plan.mesh.shape, strict=True))
+    if plan.is_pipeline:
+        return f"pipeline {mesh}"
+    if plan.model_axes:
+        return f"intra-op {mesh}"
+    return f"{'fsdp' if shard_axis_of(plan) is not None else 'replicate'} {mesh}"

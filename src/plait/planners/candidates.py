@@ -124,6 +124,10 @@ def score(
                       reason="not applicable: the mesh is given (fsdp shards over its last axis and replicates over the others)")
     if option.kind == "hybrid" and cluster.num_nodes < 2:
         return Scored(option=option, plan=None, fits=False, peak_bytes=0, reason="not applicable: one node (hybrid replicates across nodes)")
+    if global_batch % cluster.world_size:  # the other families may still split it (a resized job's batch stays put)
+        return Scored(option=option, plan=None, fits=False, peak_bytes=0,
+                      reason=f"not applicable: global batch {global_batch} does not split over {cluster.world_size} "
+                             f"data-parallel ranks (a multiple of {cluster.world_size} would)")
     leanest: Plan | None = None
     for n in micro_options(global_batch, cluster.world_size, micro_batch):
         for recompute in (False, True):
@@ -157,6 +161,9 @@ def _score_intra_op(option: Option, cluster: Cluster, *, global_batch: int, micr
         return Scored(option=option, plan=None, fits=False, peak_bytes=0,
                       reason="not applicable: intra-op planning captures the model's op graph; give an nn.Module, not a ModelGraph")
     dp = option.mesh.dp_degree
+    if global_batch % dp:
+        return Scored(option=option, plan=None, fits=False, peak_bytes=0,
+                      reason=f"not applicable: global batch {global_batch} does not split over {dp} data-parallel ranks")
     counts = [max(1, global_batch // (dp * micro_batch))] if micro_batch else micro_options(global_batch, dp, None)
     found = score_mesh(option.mesh, source, cluster, global_batch=global_batch, micro_counts=counts, cost=cost, limit=limit,
                        optimizer=optimizer, precision=resolve_precision(precision, cluster), options=intra_op or IntraOpOptions())

@@ -12,6 +12,7 @@ gradients; without data parallelism, the first accumulated micro-batch's gradien
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -72,6 +73,8 @@ class AppliedPlan:
     fsdp_mesh: DeviceMesh | None = None  # FSDP2's data-parallel mesh ((replicate, shard) for HSDP), when sharded
     probe: GradNormProbe | None = None  # adaptive training: collects the step's gradient norms (attach_probe)
     sync: ModelSync | None = None  # runtime.sync's synchronizers (PS, SFB, compressed all-reduce), in place of WFBP
+    sync_micro_started: float = 0.0  # perf_counter() when the last step's synchronising micro-batch began
+    _normed_rs: _NormedReduceScatter | None = None  # FSDP2's norming reduce-scatter, when a probe is attached
 
     def accumulate(self) -> AbstractContextManager[None]:
         """Context for a micro-batch that is not the last of a step: defer what communication can wait.
@@ -131,7 +134,18 @@ class AppliedPlan:
         if self.replicate is not None:
             self.replicate.probe = probe
         elif self.fsdp_mesh is not None:
-            _normed_reduce_scatter(self.model, self.fsdp_mesh, probe, self.batch.num_micro)
+            self._normed_rs = _normed_reduce_scatter(self.model, self.fsdp_mesh, probe, self.batch.num_micro)
+
+    def set_batch(self, spec: BatchSpec) -> None:
+        """Train with another batch spec from the next step on (adaptive batch): the global batch, micro-batch and
+        number of micro-batches change; the placements and everything applied stay. ``spec`` must split over the
+        data-parallel replicas (global = micro x num_micro x dp)."""
+        if spec.micro_size < 1 or spec.num_micro < 1 or spec.global_size != spec.micro_size * spec.num_micro * self.dp_size:
+            raise PlaitError(f"batch global {spec.global_size} != micro {spec.micro_size} x num_micro {spec.num_micro} "
+                             f"x data-parallel degree {self.dp_size}; choose a batch that splits over the replicas")
+        self.batch = spec
+        if self._normed_rs is not None:
+            self._normed_rs.num_micro = spec.num_micro
 
     def trained_parameters(self) -> list[nn.Parameter]:
         """The parameters the optimizer updates (all of the model's, sharded or not; with ``runtime.sync`` all but
@@ -147,6 +161,8 @@ class AppliedPlan:
         total = torch.zeros((), device=self.device)
         for j, mb in enumerate(micro):
             last = j == len(micro) - 1
+            if last:
+                self.sync_micro_started = time.perf_counter()
             with nullcontext() if last else self.accumulate(), self.step_context():
                 loss = loss_fn(self.model, to_device(mb, self.device))
                 (loss / self.batch.num_micro).backward()
@@ -204,13 +220,15 @@ class _NormedReduceScatter(DefaultReduceScatter):
         return super().__call__(output_tensor, input_tensor, group, op, async_op)
 
 
-def _normed_reduce_scatter(model: nn.Module, fsdp_mesh: DeviceMesh, probe: GradNormProbe, num_micro: int) -> None:
+def _normed_reduce_scatter(model: nn.Module, fsdp_mesh: DeviceMesh, probe: GradNormProbe,
+                           num_micro: int) -> _NormedReduceScatter:
     """Give every FSDP2 unit of ``model`` the reduce-scatter that norms its input."""
     replicate_group = fsdp_mesh.get_group(0) if fsdp_mesh.ndim == 2 else None
     comm = _NormedReduceScatter(probe, num_micro, replicate_group)
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_custom_reduce_scatter(comm)
+    return comm
 
 
 @contextmanager

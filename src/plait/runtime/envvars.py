@@ -19,6 +19,8 @@ PLAN_ENV, RESUME_ENV, OUT_ENV = "PLAIT_PLAN", "PLAIT_RESUME", "PLAIT_OUT"
 DIST_TIMEOUT_ENV = "PLAIT_DIST_TIMEOUT_S"
 # Adaptive training (`plait run --adaptive [--lr-scaling R] [--init-batch-size N]`), read by TrainConfig.from_env.
 ADAPTIVE_ENV, LR_SCALING_ENV, INIT_BATCH_ENV = "PLAIT_ADAPTIVE", "PLAIT_LR_SCALING", "PLAIT_INIT_BATCH_SIZE"
+# Elastic runs (`plait run --elastic`): the folder where each rank says it listens for resize requests.
+ELASTIC_ENV = "PLAIT_ELASTIC_DIR"
 
 
 def env_flag(key: str) -> bool:

@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -178,9 +178,13 @@ def launch_argv(
     grace_s: float = DEFAULT_GRACE_S,
     stdout: IO[str] | None = None,
     stderr: IO[str] | None = None,
+    on_start: Callable[[dict[int, int]], None] | None = None,
+    clean_codes: Collection[int] = (0,),
 ) -> LaunchResult:
     """Run ``argv`` as this node's ``nproc`` ranks; if one fails, stop all and report it. Ctrl-C or SIGTERM to
-    this process (when called on the main thread) stops them all too, whenever it comes: exit code 130."""
+    this process (when called on the main thread) stops them all too, whenever it comes: exit code 130.
+    ``on_start`` is told every rank's pid ({rank: pid}) once all have started; exit codes in ``clean_codes``
+    are not failures (every rank of a successful launch exits with one of them; see ``RankExit.exit_code``)."""
     if nproc < 1:
         raise PlaitError(f"--nproc must be at least 1, got {nproc}")
     out, err = stdout or sys.stdout, stderr or sys.stderr
@@ -196,7 +200,10 @@ def launch_argv(
             for local in range(nproc):
                 child_env = rank_env(local, nproc, port, threads=threads, base=env, node=node)
                 ranks.append(_Rank(node.global_rank(local, nproc), argv, child_env, out, err, lock))
-            sup = supervise(ranks, timeout_s=timeout_s, grace_s=grace_s, on_failure=mute_others, stops=stops)
+            if on_start is not None:
+                on_start({r.rank: r.pid for r in ranks})
+            sup = supervise(ranks, timeout_s=timeout_s, grace_s=grace_s, on_failure=mute_others, stops=stops,
+                            clean_codes=clean_codes)
         except BaseException:  # a rank that could not start (or a bug): leave no rank running
             for started in ranks:
                 started.kill()

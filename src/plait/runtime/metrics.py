@@ -1,8 +1,10 @@
 """Per-step metrics on rank 0: a console line, a rich progress bar and one JSON object per line in a file.
 
 With adaptive training each record also holds the step's global batch, the gradient noise scale, the
-statistical efficiency, the AdaScale gain, the learning-rate factor and the progress in scale-invariant
-iterations, and the progress bar shows the batch and the noise scale. Without it the records are as before.
+statistical efficiency, the AdaScale gain, the learning-rate factor, the progress in scale-invariant
+iterations and the goodput (measured samples per second times efficiency: initial-batch samples of progress per
+second), and the progress bar shows the batch, the noise scale, the efficiency and the goodput. Without it the
+records are as before.
 
 Plans synchronised by ``plait.runtime.sync`` add the bytes rank 0 sent and received in the step, under the flat
 keys of ``ModelSync.step_bytes()`` (``sync.sent_bytes``, ``sync.recv_bytes``, ``sync.<name>.sent_bytes``, ...).
@@ -52,6 +54,7 @@ class StepMetrics:
     gain: float | None = None  # AdaScale gain: initial-batch steps the step is worth
     lr_factor: float | None = None  # factor the learning rate was multiplied by
     progress: float | None = None  # scale-invariant iterations done
+    goodput: float | None = None  # measured samples/s x efficiency: initial-batch samples of progress per second
     # runtime.sync only: rank 0's bytes of the step, keyed as ModelSync.step_bytes() ("sync.sent_bytes", ...)
     sync_bytes: dict[str, int] | None = None
 
@@ -150,19 +153,23 @@ class MetricsLog:
     def log(self, step: int, loss: float, step_s: float, samples: int, stats: AdaptiveStats | None = None, *,
             sync_bytes: Mapping[str, int] | None = None) -> StepMetrics:
         """Record one step; prints it when ``due`` and always appends it to the JSONL file (flushed)."""
-        extra = asdict(stats) if stats is not None else {}
-        m = StepMetrics(step=step, loss=loss, step_s=step_s, samples_per_s=samples / step_s if step_s > 0 else 0.0,
-                        time=time.time(), sync_bytes=dict(sync_bytes) if sync_bytes is not None else None, **extra)
+        extra: dict[str, float | None] = asdict(stats) if stats is not None else {}
+        rate = samples / step_s if step_s > 0 else 0.0
+        if stats is not None:
+            extra["goodput"] = rate * stats.efficiency
+        m = StepMetrics(step=step, loss=loss, step_s=step_s, samples_per_s=rate, time=time.time(),
+                        sync_bytes=dict(sync_bytes) if sync_bytes is not None else None, **extra)  # type: ignore[arg-type]
         if not self.active:
             return m
         if self.file is not None:
             self.file.write(json.dumps(m.record()) + "\n")
             self.file.flush()
-        described = describe_stats(stats) if stats is not None else ""
+        described = f"{describe_stats(stats)}  goodput {m.goodput:.1f}" if stats is not None else ""
         if self.due(step):
             self.print(f"step {step}/{self.total_steps}  loss {loss:.4f}  {step_s * 1e3:.1f} ms  {m.samples_per_s:.1f} samples/s"
                        + (f"  {described}" if described else ""))
         if self.progress is not None:
-            short = f"batch {stats.batch_size}  noise scale {stats.noise_scale:.4g}" if stats is not None else ""
+            short = (f"batch {stats.batch_size}  noise scale {stats.noise_scale:.4g}  efficiency {stats.efficiency:.2f}  "
+                     f"goodput {m.goodput:.1f}/s" if stats is not None else "")
             self.progress.update(self.task, completed=step, loss=f"loss {loss:.4f}", stats=short)
         return m

@@ -13,7 +13,7 @@ import queue
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any, Literal, Protocol, TypeAlias
@@ -119,17 +119,20 @@ def supervise(
     grace_s: float = DEFAULT_GRACE_S,
     on_failure: Callable[[int], None] | None = None,
     stops: StopSignals | None = None,
+    clean_codes: Collection[int] = (0,),
 ) -> Supervision:
     """Wait for every rank; on a failure, a timeout or Ctrl-C stop them all (SIGTERM, then SIGKILL after
-    ``grace_s``, or at once on another Ctrl-C). Pass the ``stops`` active while the ranks were started."""
+    ``grace_s``, or at once on another Ctrl-C). Pass the ``stops`` active while the ranks were started.
+    An exit code in ``clean_codes`` is not a failure (an elastic run's ranks leave for a resize with their own)."""
     if stops is None:
         with stop_signals() as own:
-            return supervise(procs, timeout_s=timeout_s, grace_s=grace_s, on_failure=on_failure, stops=own)
+            return supervise(procs, timeout_s=timeout_s, grace_s=grace_s, on_failure=on_failure, stops=own,
+                             clean_codes=clean_codes)
     start = time.monotonic()
     for proc in procs:
         threading.Thread(target=_report_exit, args=(proc, stops.events), daemon=True).start()
     deadline = None if timeout_s is None else start + timeout_s
-    outcome, failed, codes = _watch(procs, stops.events, deadline, on_failure)
+    outcome, failed, codes = _watch(procs, stops.events, deadline, on_failure, clean_codes)
     if outcome != "ok":
         _stop_all(procs, codes, stops.events, grace_s)
     return Supervision(
@@ -149,6 +152,7 @@ def _watch(
     events: queue.SimpleQueue[_Event],
     deadline: float | None,
     on_failure: Callable[[int], None] | None,
+    clean_codes: Collection[int] = (0,),
 ) -> tuple[Outcome, int | None, dict[int, int]]:
     """Wait for the first failure, the deadline or a stop signal; the outcome, failed rank, codes so far."""
     codes: dict[int, int] = {}
@@ -161,7 +165,7 @@ def _watch(
         if event is None:
             continue
         codes[event.rank] = event.code
-        if event.code != 0:
+        if event.code not in clean_codes:
             if on_failure is not None:
                 on_failure(event.rank)
             return "failed", event.rank, codes

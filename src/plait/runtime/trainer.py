@@ -2,7 +2,9 @@
 
 With ``TrainConfig(adaptive=True)`` it also estimates the gradient noise scale from the norms its plan's
 gradients already pass through (``plait.adaptive``; docs/adaptive.md), scales the learning rate by the
-configured rule and counts progress in scale-invariant iterations; checkpoints carry that state.
+configured rule and counts progress in scale-invariant iterations; checkpoints carry that state. With
+``adapt_batch_every=N`` (and a ``SampleStream``) it also chooses the batch that maximises predicted goodput every N
+steps and applies it in place (``plait.runtime.batch_adapt``).
 
 Plans whose SyncSpecs name a parameter server, SFB or a compressed all-reduce run through ``plait.runtime.sync``
 (``AppliedPlan.sync``): each metrics line records the step's bytes, and the synchronizers close (collective)
@@ -37,9 +39,11 @@ from plait.errors import PlaitError
 from plait.plan.ir import Plan
 from plait.runtime import state as rstate
 from plait.runtime.apply import AppliedPlan, PlanMismatchError, apply_plan, uses_runtime_sync
+from plait.runtime.batch_adapt import BatchAdapter, adam_preconditioner, check_adapt_config, check_adapt_data
 from plait.runtime.checkpoint import checkpoint_dir, latest_checkpoint, load_checkpoint, save_checkpoint
 from plait.runtime.context import DistContext, init_distributed, teardown
 from plait.runtime.data import Batch, DataSource
+from plait.runtime.elastic import ElasticFlag
 from plait.runtime.envvars import OUT_ENV, RESUME_ENV, adaptive_config_from_env, env_flag
 from plait.runtime.metrics import MetricsLog
 from plait.runtime.optim import build_optimizer, optimizer_name
@@ -74,6 +78,15 @@ class TrainConfig:
     lr_scaling: str = "auto"  # adaptive: a rule of plait.adaptive.LR_SCALING_RULES ("auto": the plan's, else by optimizer)
     init_batch_size: int | None = None  # adaptive: the batch M0 the learning rate is tuned for (None: the plan's)
     gns_smoothing: float = DEFAULT_SMOOTHING  # adaptive: the noise-scale averages keep this much per M0 samples
+    # adaptive batch (plait.runtime.batch_adapt; needs adaptive=True and a SampleStream): every N steps choose the
+    # batch that maximises predicted goodput within these bounds and apply it in place (0: off, the plan's batch)
+    adapt_batch_every: int = 0
+    max_batch_size: int | None = None  # largest global batch (None: 8 x the initial one)
+    min_local_batch: int = 1  # micro-batch per data-parallel replica, at least
+    max_local_batch: int | None = None  # ... at most (None: what the plan's predicted memory allows)
+    max_accumulation: int = 1  # micro-batches per replica and step, at most (1: no accumulation)
+    adapt_threshold: float = 0.05  # change the batch only for a predicted goodput gain above this (Pollux: 5 %)
+    gns_preconditioned: bool = False  # adaptive, Adam: the noise scale of Adam-preconditioned gradients (Pollux)
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.checkpoint_every < 0:
@@ -88,6 +101,7 @@ class TrainConfig:
             raise PlaitError("checkpoint_every needs out_dir (or `plait run --out DIR`) to know where to write")
         if self.resume and self.out_dir is None:
             raise PlaitError("resume needs out_dir (or `plait run --out DIR`) to find the checkpoints")
+        check_adapt_config(self)
 
     @classmethod
     def from_env(cls, **kwargs: Any) -> TrainConfig:
@@ -146,7 +160,10 @@ class Trainer:
         self.tracker_note = ""  # why adaptive training has no noise-scale estimate on this plan, if it has none
         self._last_stats: AdaptiveStats | None = None  # what the last step used (adaptive training)
         self._active: DistContext | None = None
+        self.adapter: BatchAdapter | None = None  # adaptive batch (adapt_batch_every), once set up
+        self.adapter_note = ""  # what the adaptive batch will do, or why the plan keeps its batch
         _check_sync_support(plan, config)
+        check_adapt_data(config, data)
 
     def fit(self) -> TrainResult:
         """Run the remaining steps (all, or those after the latest checkpoint when resuming)."""
@@ -174,6 +191,9 @@ class Trainer:
         optimizer = self._optimizer(applied.trained_parameters())
         self.applied, self.optimizer = applied, optimizer
         self.tracker = self._tracker(applied, optimizer, ctx) if cfg.adaptive else None
+        if cfg.adapt_batch_every:
+            self.adapter, self.adapter_note = BatchAdapter.create(plan=self.plan, config=cfg, applied=applied,
+                                                                  tracker=self.tracker, ctx=ctx)
         return applied, optimizer
 
     def _tracker(self, applied: Applied, optimizer: torch.optim.Optimizer, ctx: DistContext) -> AdaptiveTracker:
@@ -188,6 +208,8 @@ class Trainer:
         if isinstance(layout, ProbeLayout):
             probe = GradNormProbe(device=ctx.device)
             applied.attach_probe(probe)
+            if cfg.gns_preconditioned:
+                probe.preconditioner = adam_preconditioner(applied, optimizer)
         else:
             self.tracker_note = f"adaptive: no noise-scale estimate on this plan: {layout}"
         return AdaptiveTracker(init_batch_size=cfg.init_batch_size or batch.global_size, batch_size=batch.global_size,
@@ -236,6 +258,9 @@ class Trainer:
                 self.tracker.load_state_dict(state["adaptive"])
             else:
                 note += "; it holds no adaptive statistics, so the noise scale starts afresh"
+        if self.adapter is not None and "batch_adapt" in state:
+            self.adapter.load_state_dict(state["batch_adapt"])
+            note += f"; adaptive batch {self.adapter.spec.global_size}"
         return step, note
 
     # ---- the loop ----------------------------------------------------------------------------
@@ -248,21 +273,31 @@ class Trainer:
             active=ctx.is_main, total_steps=cfg.steps, start_step=start, out_dir=cfg.out_dir,
             log_every=cfg.log_every, progress=cfg.progress, title=cfg.title, adaptive=self.tracker is not None,
         ) as log:
-            for line in (note, self.tracker_note):
+            for line in (note, self.tracker_note, self.adapter_note):
                 if line:
                     log.print(line)
             window = _LossWindow()
             sync = applied.sync if isinstance(applied, AppliedPlan) else None
+            elastic = ElasticFlag.for_run(ctx, out_dir=cfg.out_dir, resume=cfg.resume)  # None unless `plait run --elastic`
             for step in range(start, cfg.steps):
+                started = time.perf_counter()
                 loss = self._step(step, ctx, applied, optimizer)
                 window.add(loss, self._last_stats, sync.step_bytes() if sync is not None else None)
                 done = step + 1
+                if self.adapter is not None:  # measure the step; every adapt_batch_every steps choose the batch
+                    self.adapter.after_step(done, started, log)
                 checkpoint = cfg.checkpoint_every > 0 and done % cfg.checkpoint_every == 0
                 if checkpoint or log.due(done):  # reduce the losses only here: reading them waits for the device
-                    window.close(done, ctx.world_size, log, self.plan.batch.global_size)
+                    window.close(done, ctx.world_size, log, self.batch_size)
                 if checkpoint:
                     self.save(done)
                     window.restart()
+                if elastic is not None and done < cfg.steps and elastic.requested():  # a resize: docs/elastic.md
+                    if window.pending:
+                        window.close(done, ctx.world_size, log, self.batch_size)
+                    if not checkpoint:
+                        self.save(done)
+                    elastic.leave(done, log)
         if self.tracker is not None:
             self.tracker.flush()
         if isinstance(applied, AppliedPlan) and applied.sync is not None:
@@ -290,10 +325,15 @@ class Trainer:
             self._last_stats = self.tracker.optimizer_step(optimizer)
         return total
 
+    @property
+    def batch_size(self) -> int:
+        """The global batch of the next step: the plan's, or the adaptive batch's current choice."""
+        return self.adapter.spec.global_size if self.adapter is not None else self.plan.batch.global_size
+
     def _global_batch(self, step: int) -> Batch:
         """The global batch of ``step``: from the step-indexed source, or the next samples of the stream."""
         if isinstance(self.data, SampleStream):
-            return self.data.next_batch(self.plan.batch.global_size)
+            return self.data.next_batch(self.batch_size)
         return tuple(self.data(step))
 
     def save(self, step: int) -> None:
@@ -311,6 +351,8 @@ class Trainer:
         if self.tracker is not None:
             self.tracker.flush()  # the statistics include the step just taken
             extra["adaptive"] = self.tracker.state_dict()
+        if self.adapter is not None:
+            extra["batch_adapt"] = self.adapter.state_dict()  # the adapted batch, its measurements and decisions
 
         def write() -> Path:
             assert cfg.out_dir is not None
