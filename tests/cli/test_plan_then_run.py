@@ -18,7 +18,8 @@ def test_planned_json_runs_on_the_ranks_it_names(tmp_path: Path) -> None:
     spec = json.loads(plan.read_text())
     assert spec["mesh"]["shape"] == [2] and spec["batch"]["global_size"] == 8
     ran = run_plait("run", str(SCRIPT), "--plan", str(plan), "--out", str(tmp_path / "run"), "--", "--steps", "3")
-    assert ran.returncode == 0, ran.stderr[-2000:]
+    # stdout too: whether a rank that aborts does so after its last step (at exit) or during it
+    assert ran.returncode == 0, ran.stderr[-2000:] + "\n--- stdout ---\n" + ran.stdout[-1500:]
     assert "[rank 1]" in ran.stdout and "done: 3 steps from step 0" in ran.stdout
     assert (tmp_path / "run" / "final.pt").is_file()
 

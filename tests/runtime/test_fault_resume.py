@@ -61,7 +61,7 @@ def test_kill_one_rank_then_resume(tmp_path: Path) -> None:
 
     # 2. resume: it continues after the last checkpoint and finishes
     resumed = plait_run(_with_resume(train_args(plan, out)))
-    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.returncode == 0, resumed.stderr + "\n--- stdout ---\n" + resumed.stdout[-1500:]
     assert f"resume: continuing after step {killed_at} (checkpoint of a 2-rank run)" in resumed.stdout
     assert f"done: {STEPS - killed_at} steps from step {killed_at}" in resumed.stdout
 
