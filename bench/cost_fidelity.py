@@ -254,6 +254,58 @@ def dtensor_host_rank(rounds: int = 7) -> dict[str, float]:
     }
 
 
+MEGATRON_SHARDS = {"qkv.weight": 0, "qkv.bias": 0, "fc1.weight": 0, "fc1.bias": 0, "proj.weight": 1, "fc2.weight": 1}
+
+
+def dtensor_sharded_rank(rounds: int = 7) -> dict[str, float]:
+    """One rank of a two-rank ``tp`` mesh: DTensor's host cost per op when the parameters are really sharded
+    (two GPT blocks, Megatron placements: the projections into attention and the MLP split by output, the ones
+    out of them by input), in units of the profile's ``kernel_s`` timed here. The step's redistributions
+    (counted with the profiler in an untimed call) are subtracted at the measured time of one Partial ->
+    Replicate redistribution of an activation on the same mesh: the cost model prices those as collectives."""
+    from torch.distributed.tensor import DTensor, Partial, Replicate
+
+    from plait.graph.joint import capture_joint
+    from plait.models.gpt import Block
+    from plait.plan.ir import Placement
+    from plait.planners.intra_op.work import dispatched_ops
+    from plait.profiling.bench_compute import tiny_blocks
+    from plait.runtime.tensor_parallel import distribute_parameters, pin_activations
+
+    ctx = init_distributed()
+    mesh = torch.distributed.device_mesh.init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))
+    cfg = GPTConfig(vocab_size=64, seq_len=8, num_layers=2, num_heads=4, hidden=64)
+    torch.manual_seed(0)
+    plain, tp = nn.Sequential(Block(cfg), Block(cfg)), nn.Sequential(Block(cfg), Block(cfg))
+    shards = {name: (Placement("shard", dim),) for name, _ in tp.named_parameters()
+              for suffix, dim in MEGATRON_SHARDS.items() if name.endswith(suffix)}
+    distribute_parameters(tp, mesh, shards)
+    pin_activations(tp, mesh, [])
+    x = torch.randn(1, cfg.seq_len, cfg.hidden)
+    with torch.device("meta"):
+        meta = nn.Sequential(Block(cfg), Block(cfg))
+        joint = capture_joint(meta, (x.to("meta"),), loss_fn=lambda m, b: m(*b).sum())
+    ops = sum(dispatched_ops(joint).values()) + len(list(tp.parameters()))
+    with torch.profiler.profile() as prof:
+        tp(x).sum().backward()
+    redistributions = sum(e.count for e in prof.key_averages() if e.key.startswith("gloo:"))
+    blocks = tiny_blocks()
+    kernels = sum(layer.num_kernels for m, i in blocks for layer in capture(m, (i,), with_ops=False).layers)
+    partial = DTensor.from_local(torch.randn_like(x), mesh, [Partial()], run_check=False)
+    fns = {
+        "plain": lambda: plain(x).sum().backward(), "dtensor": lambda: tp(x).sum().backward(),
+        "redistribute": lambda: partial.redistribute(mesh, [Replicate()]).to_local(),
+        "tiny": lambda: [m(i).sum().backward() for m, i in blocks],
+    }
+    times = {k: statistics.median(_per_call(f, 30) for _ in range(rounds)) for k, f in fns.items()}
+    kernel_s = times["tiny"] / (3 * kernels)
+    teardown()
+    del ctx
+    host = times["dtensor"] - times["plain"] - redistributions * times["redistribute"]
+    return {"op_sharded": host / ops / kernel_s, "redistribute_with_collective": times["redistribute"] / kernel_s,
+            "redistributions": float(redistributions)}
+
+
 def report(outcomes: list[Outcome]) -> dict[str, Any]:
     """Print the table and the summary; the JSON record."""
     table = Table(title="cost-model fidelity on this machine (local:N, gloo)")
@@ -300,6 +352,7 @@ def main() -> None:
     if a.dtensor_host:
         torch.set_num_threads(1)
         ratios = run_ranks(dtensor_host_rank, 1, timeout_s=600)[0]
+        ratios |= run_ranks(dtensor_sharded_rank, 2, timeout_s=600)[0]
         print(", ".join(f"{k} {v:.2f}" for k, v in ratios.items())
               + " kernel launches (plait.cost.work's DTENSOR_* and FSDP2_* constants)")
         return

@@ -21,6 +21,13 @@ limit the search ends with that answer; the row then also times a search under t
 configuration of that row needs by the planner's own memory check (its simulated peak or the bound the planner
 checks, whichever is larger), which ends in a plan.
 
+Re-plan rows (``--replan``) time an elastic resize as ``plait run --elastic`` runs it: the launcher's ``Replanner``
+is warmed on the running plan (the model's captures and the stages' tensor-parallel ILPs for GPT-13B's recorded
+request at its own 64 A100s; the launcher runs it while the job trains, reported apart), then re-plans the request
+for 48 A100s from its cache (timed, pass by pass: the layer view and the
+stages' tensor-parallel ILPs come from the cache, the stage search and the weighing of every candidate run again),
+and, for comparison, without the cache; the two plans' JSON must agree but for their timings.
+
 The peer planners cannot run here (no GPUs, other frameworks); their published search times are printed
 beside for scale: Alpa about 40 minutes for GPT-39B on 64 GPUs (compile and profile every stage-mesh
 candidate; its stage DP alone takes seconds), Aceso about 99 s for GPT-1.3B on 4 GPUs (Aceso, EuroSys'24).
@@ -33,8 +40,11 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -215,37 +225,95 @@ def pipeline_table(rows: list[PipelineRow]) -> str:
 
 @dataclass
 class ReplanRow:
-    """One timed re-plan of an elastic resize: the recorded request of a plan, planned for another device count."""
+    """One timed elastic resize as the launcher runs it: its Replanner warmed on the running plan (while the job trains,
+    before any resize), then the cached re-plan for another device count, and a cold one beside."""
 
     model: str
     family: str
     old_devices: int
     new_devices: int
     global_batch: int
-    seconds: float
-    passes: dict[str, float]
+    warm_s: float  # Replanner.warm on the running plan: the captures and stage ILPs a re-plan reuses
+    seconds: float  # the cached re-plan (what a resize waits for)
+    passes: dict[str, float]  # of the cached re-plan
     answer: str
+    cold_s: float | None = None  # the same re-plan without a cache
+    same_as_cold: bool | None = None  # the cached re-plan's plan JSON equals the cold one's (but for its timings)
 
 
-def measure_replan(model: str, cluster: str, batch: int, new_devices: int, family: str) -> ReplanRow:
-    """What ``plait run --elastic`` does on a resize: ``replan`` of the plan's request for ``new_devices`` devices."""
-    from plait.plan.ir import BatchSpec
+def measure_replan(model: str, cluster: str, batch: int, new_devices: int, family: str, *, cold: bool = True) -> ReplanRow:
+    """What ``plait run --elastic`` does: warm its ``Replanner`` on the running plan, then re-plan the plan's request
+    for ``new_devices`` devices from the cache (timed, pass by pass); with ``cold``, the same re-plan without it."""
     from plait.plan.layout import layout_name
-    from plait.planners.request import PlanRequest, replan, with_request
+    from plait.planners.request import PlanRequest, Replanner, replan, with_request
 
     request = PlanRequest(model=model, cluster=cluster, batch=batch, family=family)
     old = request.load_cluster().world_size
     # the running plan only lends its recorded request to the re-plan: a stand-in carries it
-    stand_in = _stand_in_plan(batch, old)
+    running = with_request(_stand_in_plan(batch, old), request)
+    row = ReplanRow(model=model, family=family, old_devices=old, new_devices=new_devices, global_batch=batch, warm_s=0.0,
+                    seconds=0.0, passes={}, answer="")
+    replanner = Replanner()
     t0 = time.perf_counter()
     try:
-        done = replan(with_request(stand_in, request), new_devices)
+        replanner.warm(running)
+        row.warm_s = time.perf_counter() - t0
+        with timed_passes(row.passes):
+            new = replanner(running, new_devices)
     except Exception as exc:  # noqa: BLE001 - the row says why
-        return ReplanRow(model=model, family=family, old_devices=old, new_devices=new_devices, global_batch=batch,
-                         seconds=time.perf_counter() - t0, passes={}, answer=f"failed: {str(exc).splitlines()[0]}")
-    assert done.plan.provenance is not None and isinstance(done.plan.batch, BatchSpec)
-    return ReplanRow(model=model, family=family, old_devices=old, new_devices=new_devices, global_batch=batch,
-                     seconds=done.seconds, passes=dict(done.plan.provenance.passes), answer=layout_name(done.plan))
+        row.answer = f"failed: {str(exc).splitlines()[0]}"
+        return row
+    assert replanner.last is not None
+    row.seconds, row.answer = replanner.last.seconds, layout_name(new)
+    if cold:
+        done = replan(running, new_devices)
+        row.cold_s, row.same_as_cold = done.seconds, _without_timings(done.plan) == _without_timings(new)
+    return row
+
+
+@contextmanager
+def timed_passes(passes: dict[str, float]) -> Iterator[None]:
+    """Time a re-plan's passes: ``plait.plan``'s own (capture, choose), each family's candidates, and the pipeline
+    candidate's (its tensor-parallel ILPs, stage search, lowering and simulation) by calling the real functions
+    through timing wrappers."""
+    import plait.planners.auto as auto
+    import plait.planners.pipeline_plan as pipeline_plan
+
+    score, full, choose = auto.score, pipeline_plan.plan_pipeline_full, auto.plan
+
+    def timed_score(*args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        out = score(*args, **kwargs)
+        key = f"{args[2].family} candidates"
+        passes[key] = passes.get(key, 0.0) + time.perf_counter() - t0
+        return out
+
+    def timed_full(*args: Any, **kwargs: Any) -> plait.Plan:
+        plan = full(*args, **kwargs)
+        assert plan.provenance is not None
+        passes.update({f"pipeline {k}": v for k, v in plan.provenance.passes.items() if k != "token_slicing"})
+        return plan
+
+    def timed_plan(*args: Any, **kwargs: Any) -> plait.Plan:
+        plan = choose(*args, **kwargs)
+        assert plan.provenance is not None
+        passes.update({k: v for k, v in plan.provenance.passes.items() if k != "score_candidates"})
+        return plan
+
+    auto.score, pipeline_plan.plan_pipeline_full, auto.plan = timed_score, timed_full, timed_plan
+    try:
+        yield
+    finally:
+        auto.score, pipeline_plan.plan_pipeline_full, auto.plan = score, full, choose
+
+
+def _without_timings(plan: plait.Plan) -> dict[str, Any]:
+    """The plan's JSON without its planning times (what two plannings of one request may differ in)."""
+    from plait.plan.io import plan_to_json
+
+    raw = json.loads(plan_to_json(plan))
+    raw["provenance"] = {k: v for k, v in raw["provenance"].items() if k not in ("created", "search_s", "passes")}
+    return raw  # type: ignore[no-any-return]
 
 
 def _stand_in_plan(batch: int, devices: int) -> plait.Plan:
@@ -260,18 +328,26 @@ def _stand_in_plan(batch: int, devices: int) -> plait.Plan:
     return build_dp_plan(graph, local_cluster(2), kind="replicate", global_batch=batch)
 
 
-def replan_rows(families: list[str]) -> list[ReplanRow]:
+def replan_rows(families: list[str], *, cold: bool = True) -> list[ReplanRow]:
     """GPT-13B (``gpt3-13b``, batch 512) re-planned from 64 A100s (dgx-a100:8) to 48 (dgx-a100:6)."""
-    return [measure_replan("gpt3-13b", "dgx-a100:8", 512, 48, f) for f in families]
+    return [measure_replan("gpt3-13b", "dgx-a100:8", 512, 48, f, cold=cold) for f in families]
+
+
+PASS_ORDER = ("capture", "data parallel candidates", "intra-op candidates", "pipeline candidates",
+              "pipeline tensor_parallel_ilp", "pipeline stage_dp", "pipeline lower_and_simulate", "choose")
 
 
 def replan_table(rows: list[ReplanRow]) -> str:
-    """The re-plan rows as a Markdown table."""
-    lines = ["| model | family | devices | batch | passes (s) | **re-plan s** | answer |", "|" + "---|" * 7]
+    """The re-plan rows as a Markdown table (the cached re-plan's passes; the pipeline's are inside its candidates)."""
+    lines = ["| model | family | devices | batch | launcher warm-up s | cached re-plan passes (s) | **re-plan s** "
+             "| cold re-plan s | same plan as cold | answer |", "|" + "---|" * 10]
     for r in rows:
-        passes = ", ".join(f"{k} {v:.1f}" for k, v in r.passes.items())
-        lines.append(f"| {r.model} | {r.family} | {r.old_devices} -> {r.new_devices} | {r.global_batch} | {passes} | "
-                     f"**{r.seconds:.1f}** | {r.answer} |")
+        order = [k for k in PASS_ORDER if k in r.passes] + [k for k in r.passes if k not in PASS_ORDER]
+        passes = ", ".join(f"{k.replace('pipeline ', 'pipeline: ')} {r.passes[k]:.2f}" for k in order)
+        cold = f"{r.cold_s:.1f}" if r.cold_s is not None else "-"
+        same = {None: "-", True: "yes", False: "**no**"}[r.same_as_cold]
+        lines.append(f"| {r.model} | {r.family} | {r.old_devices} -> {r.new_devices} | {r.global_batch} | {r.warm_s:.1f} "
+                     f"| {passes} | **{r.seconds:.2f}** | {cold} | {same} | {r.answer} |")
     return "\n".join(lines)
 
 
@@ -296,12 +372,14 @@ def main() -> None:
     p.add_argument("--replan", nargs="?", const="all", default=None, metavar="FAMILIES",
                    help="only the elastic re-plan rows: GPT-13B from 64 to 48 A100s, for these comma-separated plan "
                         "families of the request (default all)")
+    p.add_argument("--no-cold", action="store_true", help="with --replan: skip the cold re-plan beside the cached one")
     a = p.parse_args()
     torch.set_num_threads(1)
     if a.replan is not None:
-        replanned = replan_rows(a.replan.split(","))
+        replanned = replan_rows(a.replan.split(","), cold=not a.no_cold)
         print(replan_table(replanned))
-        print("target: re-planning GPT-13B from 64 to 48 A100s < 5 s")
+        print("target: re-planning GPT-13B from 64 to 48 A100s < 5 s (the cached re-plan an elastic launcher runs: its "
+              "Replanner warmed on the running plan keeps the captures and the stages' tensor-parallel ILPs)")
         if a.json:
             a.json.parent.mkdir(parents=True, exist_ok=True)
             a.json.write_text(json.dumps({"replan_rows": [asdict(r) for r in replanned]}, indent=1) + "\n")

@@ -13,7 +13,7 @@ from typing import Any
 
 from plait.plan.io import load_plan
 from plait.plan.ir import Plan
-from plait.planners.request import PlanRequest, replan, request_of
+from plait.planners.request import PlanRequest, Replanner, replan, request_of
 from plait.runtime.elastic import RESIZE_EXIT, RESIZE_SIGNAL
 from plait.runtime.elastic_launch import (
     CONTROL_FILE,
@@ -32,6 +32,7 @@ __all__ = [
     "ElasticRun",
     "PlanRequest",
     "Replan",
+    "Replanner",
     "ResizeEvent",
     "elastic_run",
     "read_control",
@@ -51,7 +52,7 @@ def elastic_run(script: str | os.PathLike[str], *, plan: str | os.PathLike[str],
     ``replan_fn`` it re-plans the plan's recorded request, and refuses at once a plan that records none."""
     if replan_fn is None:
         request_of(load_plan(plan), where=f"plan {plan}")  # a clear error now, not at the first resize
-        replan_fn = replan_request
+        replan_fn = Replanner()  # keeps the model's captures and ILP results across this job's re-plans
     return ElasticRun(script, plan=plan, out_dir=out_dir, replan=replan_fn, **kwargs)
 
 

@@ -39,6 +39,7 @@ class SharedCoreCost(UnitCost):
     def __init__(self, cores: int, level: int = 1) -> None:
         super().__init__(overlaps_comm=False)
         self.cores, self.level = cores, level
+        self.cores_per_node = cores  # collectives stretch when busy ranks outnumber the cores
 
     def at_concurrency(self, level: int) -> SharedCoreCost:
         return SharedCoreCost(self.cores, level)

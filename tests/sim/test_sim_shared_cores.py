@@ -58,6 +58,18 @@ def test_a_rank_group_counts_all_its_ranks(plan_of: Callable[..., Plan]) -> None
     assert spans(plan, SharedCoreCost(cores=2), 0) == {"fwd": (0, 2), "ar": (2, 3), "opt": (3, 5)}
 
 
+def test_a_collective_beside_computing_ranks_shares_the_cores(plan_of: Callable[..., Plan]) -> None:
+    plan = plan_of(
+        ((0,), [coll("ar", 2, group=(0, 1))]), ((1,), [coll("ar", 2, group=(0, 1))]),
+        ((2,), [comp("c2", 1)]), ((3,), [comp("c3", 1)]),
+    )
+    # two cores, four busy ranks: the pair's all-reduce (measured with two busy ranks) and the computing ranks
+    # both run at half speed until the computes end at 2; the all-reduce's last second then runs alone
+    assert spans(plan, SharedCoreCost(cores=2), 0) == {"ar": (0, 3)}
+    assert spans(plan, SharedCoreCost(cores=2), 2) == {"c2": (0, 2)}
+    assert spans(plan, SharedCoreCost(cores=4), 0) == {"ar": (0, 2)}  # enough cores: as measured
+
+
 def test_ranks_of_different_nodes_do_not_share(plan_of: Callable[..., Plan]) -> None:
     plan = plan_of(((0,), [comp("a", 2)]), ((1,), [comp("b", 2)]))
     one_per_node = replace(plan, cluster=replace(plan.cluster, num_nodes=2, devices_per_node=1))

@@ -53,8 +53,8 @@ def resolve_model(spec: str, per_rank_batch: int) -> ModelGraph:
                    "auto picks per parameter by the cost model). Default: the wait-free all-reduce.")
 @click.option("--token-slicing/--no-token-slicing", "token_slicing", default=True, show_default=True,
               help="Also offer a pipeline's stages with every sequence cut into token slices (TeraPipe; causal "
-                   "transformers); --no-token-slicing plans micro-batch pipelining only (the Trainer does not run "
-                   "token-sliced plans yet) and saves the extra captures of a big search.")
+                   "transformers; `plait run` runs them on CPU ranks for now); --no-token-slicing plans micro-batch "
+                   "pipelining only and saves the extra captures of a big search.")
 @click.option("--out", type=click.Path(dir_okay=False), help="Write the chosen plan's JSON here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan JSON instead of the tables.")
 def plan(model: str, cluster_spec: str, batch: int | None, micro_batch: int | None, profile: str | None,
@@ -79,8 +79,8 @@ def plan(model: str, cluster_spec: str, batch: int | None, micro_batch: int | No
         click.echo(f"note: --sync {sync} re-planned the replicated data-parallel candidates; a sharded or pipeline plan "
                    "was faster (see the candidates)", err=True)
     if chosen.schedule.is_token_sliced and not as_json:
-        click.echo(f"{token_slicing_text(chosen)}; the Trainer does not run token-sliced plans yet: re-plan with "
-                   "--no-token-slicing to run it with `plait run`", err=True)
+        click.echo(f"{token_slicing_text(chosen)}; plait's token pipeline runs on CPU (gloo) ranks for now: for GPU "
+                   "ranks re-plan with --no-token-slicing", err=True)
     if as_json:
         click.echo(plan_to_json(chosen), nl=False)
     else:

@@ -82,6 +82,13 @@ class CostModel:
         when = f"{p.date}, " if p.date else ""
         return f"profile of {self.profile.device.name} ({when}torch {p.torch_version}, {p.num_ranks} rank(s))"
 
+    @property
+    def cores_per_node(self) -> int | None:
+        """The cores a CPU node's ranks share, as the profile measured them (``None`` on GPUs or without one)."""
+        if self.profile is None or self.profile.device.kind != "cpu":
+            return None
+        return self.profile.device.num_devices
+
     def at_concurrency(self, level: int) -> CostModel:
         """This cost model read for ``level`` ranks of a node computing at once (itself on GPUs or without a profile,
         where the level changes nothing); the simulator reads it per moment on CPU ranks, which share cores."""

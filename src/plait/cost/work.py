@@ -11,7 +11,8 @@ wrapping the local result, plait's root hooks) on the host before the local kern
 around each unit. The CostModel times host work in kernel launches of ``kernel_s``, so the work carries
 this host work in that unit. The constants below were measured on this project's CPU machine (``python
 bench/cost_fidelity.py --dtensor-host``: one process, a one-rank mesh, two GPT blocks of hidden 64 and
-their AdamW step, six FSDP2 units) as the extra time over the same code on plain tensors, divided by the
+their AdamW step, six FSDP2 units; the op cost on a two-rank mesh with sharded parameters) as the extra
+time over the same code on plain tensors, divided by the
 profile's ``kernel_s`` measured in the same process. They are measured ratios, not fitted to the fidelity
 benchmark's step times; a profile that measured them on the machine at hand would replace them.
 """
@@ -26,8 +27,11 @@ from plait.graph.model_graph import DTYPE_BYTES, ModelGraph
 from plait.plan.ir import Plan
 
 # Host cost of one DTensor op in forward or backward (every joint-graph op, and the detach of each fresh
-# parameter gradient), in kernel launches: measured 1.41-1.67 on this machine.
-DTENSOR_OP_KERNELS = 1.5
+# parameter gradient), in kernel launches, with the parameters really sharded: measured 3.79 and 3.82 on a
+# quiet machine (two-rank mesh, Megatron placements, the step's redistributions subtracted at their measured
+# time; ``--dtensor-host``'s ``op_sharded``). On a one-rank mesh, where every placement is Replicate, the same
+# ops cost 1.41-1.67; the value used before, it left tensor-parallel steps 17-45 % under-predicted.
+DTENSOR_OP_KERNELS = 3.8
 # One redistribution of an activation or gradient (DTensor's Redistribute, the functional collective and
 # its wait, plait's pin hooks) beyond the collective's own time: measured 2.84-3.00.
 DTENSOR_REDISTRIBUTE_KERNELS = 3.0

@@ -6,6 +6,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 from plait.cluster import Cluster, load_cluster
@@ -71,6 +72,7 @@ def plan(
     dp_kinds: Sequence[DataParallelKind] = DP_KINDS,
     progress: Callable[[str], None] | None = None,
     sync: str | SyncBuilder | None = None,
+    source: ModelSource | None = None,
 ) -> Plan:
     """Choose the fastest plan that fits each device's memory, and explain the choice.
 
@@ -89,7 +91,9 @@ def plan(
     candidate weighed is in ``plan.candidates``; ``progress`` is told which candidate is being scored.
     ``sync`` (a strategy builder or its name, see ``sync_strategies``) synchronises the replicated data-parallel
     candidates per parameter (default: the wait-free all-reduce); a module is then captured with its ops, which
-    tell the builders each parameter's role. Raises NoFeasiblePlanError when none fits.
+    tell the builders each parameter's role. ``source`` is ``model_or_graph`` with its example batch as a ModelSource
+    the caller keeps (``plait.planners.replan_cache``): its captures and the ILP results it keeps are reused by every
+    plan given it. Raises NoFeasiblePlanError when none fits.
     """
     t0 = time.perf_counter()
     if not 0 < memory_fraction <= 1:
@@ -97,7 +101,15 @@ def plan(
     cluster = cluster if isinstance(cluster, Cluster) else load_cluster(cluster)
     policy = resolve_precision(precision, cluster)
     builder = sync_builder(sync) if isinstance(sync, str) else sync
-    graph = _graph_of(model_or_graph, example_batch, loss_fn, name, policy, with_ops=builder is not None)
+    if source is not None and source.autocast != _autocast(policy):
+        raise PlaitError(f"the model source captures under autocast {source.autocast!r}, this plan's precision under "
+                         f"{_autocast(policy)!r}; make the source for this precision")
+    with_ops = builder is not None
+    if source is not None:  # captured as below, once per source
+        graph = source.kept(("layer view", with_ops), partial(_graph_of, source.model, source.example_batch,
+                                                               source.loss_fn, source.name, policy, with_ops=with_ops))
+    else:
+        graph = _graph_of(model_or_graph, example_batch, loss_fn, name, policy, with_ops=with_ops)
     roles = param_roles(graph, None if isinstance(model_or_graph, ModelGraph) else model_or_graph) if builder else None
     t1 = time.perf_counter()
     cost = cost or CostModel(cluster)
@@ -116,7 +128,7 @@ def plan(
     if builder is not None and ("data-parallel" not in families or "replicate" not in dp_kinds):
         raise PlaitError(f"sync strategy {builder.name!r} applies to replicated data-parallel candidates; search the "
                          "data-parallel family with the replicate kind, or leave the sync strategy out")
-    source = _source_of(model_or_graph, example_batch, loss_fn, name, graph, policy)
+    source = source if source is not None else _source_of(model_or_graph, example_batch, loss_fn, name, graph, policy)
     if source is None and "intra-op" in families:
         if "data-parallel" not in families:
             raise PlaitError("intra-op planning captures the model's op graph: give the nn.Module (with an example batch), "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 from plait.cluster import Cluster
 from plait.cost import CostModel
@@ -183,8 +184,9 @@ def _score_pipeline(option: Option, graph: ModelGraph, cluster: Cluster, *, glob
     if cluster.world_size < 2 or len(graph.layers) < 2:
         return Scored(option=option, plan=None, fits=False, peak_bytes=0,
                       reason="not applicable: a pipeline needs at least two devices and two layers")
-    problem = None if source is None else chain_problem(source.model, source.example_batch,
-                                                        [layer.name for layer in graph.layers], source.loss_fn)
+    names = tuple(layer.name for layer in graph.layers)
+    problem = None if source is None else source.kept(("chain problem", names), partial(
+        chain_problem, source.model, source.example_batch, names, source.loss_fn))
     if problem is not None:
         return Scored(option=option, plan=None, fits=False, peak_bytes=0, reason=f"not applicable: {problem}")
     policy = resolve_precision(precision, cluster)

@@ -193,7 +193,7 @@ def _lower_actions(actions: Sequence[Action], stage: int, p: int, work: Sequence
     and with several chunks per rank the receive buffers posted ahead; freed with the optimizer step)."""
     last = len(work) - 1
     # torch's multi-stage runtime (several chunks per rank) posts a receive when the sender's time step runs, ahead
-    # of its pass: there one more buffer each way counts for the whole step (as measured by pipeline_fidelity)
+    # of its pass: there one more buffer each way per chunk counts for the whole step (as measured by pipeline_fidelity)
     chunks = {a.chunk for a in actions}
     released: defaultdict[int, int] = defaultdict(int)  # action index -> bytes let go when it ends
     points = release_points(actions)
@@ -208,7 +208,7 @@ def _lower_actions(actions: Sequence[Action], stage: int, p: int, work: Sequence
         finals += work[v].final_output_bytes if keep_outputs and a.kind == "F" and v == last else 0
     held = finals
     if len(chunks) > 1 and instrs:
-        ahead = max(_received(work, c * p + stage) for c in chunks)
+        ahead = sum(_received(work, c * p + stage) for c in chunks)  # one posted ahead per chunk each way
         instrs[0] = replace(instrs[0], alloc_bytes=instrs[0].alloc_bytes + ahead)
         held += ahead
     if finals:

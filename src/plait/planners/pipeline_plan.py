@@ -12,7 +12,9 @@ each stage splits every micro-batch over its own ``dp`` axis, see ``StageSpec.st
 from __future__ import annotations
 
 import time
+from contextlib import suppress
 from dataclasses import replace
+from functools import partial
 
 from plait.cluster.spec import Cluster
 from plait.cost import CostModel
@@ -175,12 +177,16 @@ def _schedules(choice: PipelineChoice, schedule: str | None) -> list[tuple[Pipel
 
 def sharded_layers(source: ModelSource, cluster: Cluster, cost: CostModel, *, tp_sizes: tuple[int, ...], joint_batch: int,
                    precision: PrecisionPolicy, optimizer: str) -> dict[int, ShardedLayers]:
-    """The ILP's tensor-parallel layers for each size (none when the model's ops cannot be sharded)."""
+    """The ILP's tensor-parallel layers for each size (none when the model's ops cannot be sharded), kept by the
+    source: a re-plan on more or fewer nodes of the same kind reuses them."""
+    from plait.planners.replan_cache import cost_key
+
     out: dict[int, ShardedLayers] = {}
     for tp in tp_sizes:
+        key = ("sharded_layers", tp, joint_batch, precision, optimizer, cost_key(cost))
         try:
-            out[tp] = shard_layers(source, cluster, cost, tp=tp, joint_batch=joint_batch, precision=precision,
-                                   optimizer=optimizer, options=IntraOpOptions())
+            out[tp] = source.kept(key, partial(shard_layers, source, cluster, cost, tp=tp, joint_batch=joint_batch,
+                                               precision=precision, optimizer=optimizer, options=IntraOpOptions()))
         except (UnsupportedOpError, PropagationError):
             return {}
     return out
@@ -234,29 +240,30 @@ def _token_plan(graph: ModelGraph, cluster: Cluster, choice: PipelineChoice, bes
                 source: ModelSource | None, limit: float) -> Plan | None:
     """The chosen stages token-sliced (``plait.planners.pipeline_tokens``) when that is on, applies, fits and is
     predicted faster than ``best``; its schedule records ``best``'s step (None otherwise). Stages with tensor
-    parallelism are searched again without it (the token runtime has none) and those are sliced."""
+    parallelism are sliced as they are, and (where the options allow stages without it) searched again without it
+    and sliced too: the faster sliced plan wins."""
     from plait.planners.pipeline_tokens import MIN_BUBBLE, token_variant
 
     if schedule not in (None, "gpipe") or not _token_slicing_on(options) or best.predicted is None:
         return None
     if best.predicted.bubble_fraction < MIN_BUBBLE:  # slicing removes bubble; too little to win back its overheads
         return None
-    if any(c.tp > 1 for c in choice.configs):  # the token runtime has no tensor parallelism: the best stages without
-        try:
-            choice = plan_pipeline(graph, cluster, global_batch=global_batch, cost=cost,
-                                   options=replace(options, tp_sizes=(1,), simulate_top=1, chunks=()))
-        except StageError:
-            return None
+    choices = [choice]
+    if any(c.tp > 1 for c in choice.configs) and (options.tp_sizes is None or 1 in options.tp_sizes):
+        with suppress(StageError):
+            choices.append(plan_pipeline(graph, cluster, global_batch=global_batch, cost=cost,
+                                         options=replace(options, tp_sizes=(1,), simulate_top=1, chunks=())))
 
-    def build(programs: tuple[RankProgram, ...], cuts: tuple[int, ...]) -> Plan:
-        return build_pipeline_plan(graph, cluster, choice, global_batch=global_batch, cost=cost,
+    def build(chosen: PipelineChoice, programs: tuple[RankProgram, ...], cuts: tuple[int, ...]) -> Plan:
+        return build_pipeline_plan(graph, cluster, chosen, global_batch=global_batch, cost=cost,
                                    schedule="gpipe", optimizer=options.optimizer, precision=precision,
                                    programs=programs, token_slices=cuts)
 
-    found = token_variant(graph, choice, source=source, cost=cost, dtype=precision.compute_dtype, build=build)
-    sliced = found.plan
-    if sliced is None or sliced.predicted is None or max(sliced.predicted.peak_memory_bytes) > limit:
+    found = [token_variant(graph, c, source=source, cost=cost, dtype=precision.compute_dtype, build=build).plan
+             for c in choices]
+    sliced = [p for p in found if p is not None and p.predicted is not None
+              and max(p.predicted.peak_memory_bytes) <= limit and p.predicted.step_s < best.predicted.step_s]
+    if not sliced:
         return None
-    if sliced.predicted.step_s >= best.predicted.step_s:
-        return None
-    return replace(sliced, schedule=replace(sliced.schedule, unsliced_step_s=best.predicted.step_s))
+    fastest = fastest_that_fits(sliced, limit)
+    return replace(fastest, schedule=replace(fastest.schedule, unsliced_step_s=best.predicted.step_s))

@@ -9,9 +9,11 @@ planner code ``plait plan`` runs.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import math
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
@@ -24,6 +26,7 @@ from plait.plan import MeshSpec
 from plait.plan.ir import Plan, Provenance
 from plait.plan.layout import layout_name
 from plait.planners.pipeline_tokens import token_slicing
+from plait.planners.replan_cache import ReplanCache
 
 REQUEST_KEY = "request"  # the key of Provenance.options that holds the request's JSON
 DEFAULT_PER_RANK_BATCH = 8
@@ -78,21 +81,33 @@ class PlanRequest:
         cluster = with_profile(load_cluster(self.cluster), self.profile)
         return cluster if self.world is None else resize_cluster(cluster, self.world)
 
-    def plan(self, *, progress: Callable[[str], None] | None = None) -> Plan:
-        """Plan the request with ``plait.planners.plan`` (what ``plait plan`` runs); the plan records the request."""
-        from plait.cost import CostModel
+    def plan(self, *, progress: Callable[[str], None] | None = None, cache: ReplanCache | None = None) -> Plan:
+        """Plan the request with ``plait.planners.plan`` (what ``plait plan`` runs); the plan records the request.
+        With ``cache`` the model's captures and ILP results of earlier plannings are reused (the plan is the same)."""
         from plait.planners.auto import FAMILIES
+
+        return self._plan(FAMILIES if self.family == "all" else (self.family,), progress=progress, cache=cache)
+
+    def _plan(self, families: tuple[str, ...], *, progress: Callable[[str], None] | None = None,
+              cache: ReplanCache | None = None) -> Plan:
+        """The request planned over ``families`` (``plan``; a warm-up leaves families out)."""
+        from plait.cost import CostModel
         from plait.planners.auto import plan as choose
+        from plait.planners.data_parallel import resolve_precision
 
         cluster = self.load_cluster()
-        module, example_batch, loss_fn, name = resolve_module(self.model, per_rank_batch(cluster, self.batch, self.micro_batch))
-        families = FAMILIES if self.family == "all" else (self.family,)
+        per_rank = per_rank_batch(cluster, self.batch, self.micro_batch)
+        source = cache.source(self.model, per_rank, resolve_precision(self.precision, cluster)) if cache is not None else None
+        if source is not None:
+            module, example_batch, loss_fn, name = source.model, source.example_batch, source.loss_fn, source.name
+        else:
+            module, example_batch, loss_fn, name = resolve_module(self.model, per_rank)
         meshes = [parse_mesh(self.mesh)] if self.mesh else None
         batch_axis = "dp" if meshes and meshes[0].axes == ("dp", "tp") else None  # 2x4 names the roles
         chosen = choose(module, example_batch, cluster, global_batch=self.batch, micro_batch=self.micro_batch,
                         cost=CostModel(cluster), memory_fraction=self.memory_fraction, precision=self.precision,
                         loss_fn=loss_fn, name=name, families=families, meshes=meshes, force_batch_axis=batch_axis,
-                        progress=progress, sync=self.sync)
+                        progress=progress, sync=self.sync, source=source)
         return with_request(chosen, self)
 
 
@@ -122,20 +137,54 @@ class Replanned:
     kind: str  # a short name of what was chosen (replicate, fsdp, intra-op dp=1 x tp=2, pipeline ...)
 
 
-def replan(plan: Plan, world: int, *, where: str = "this plan") -> Replanned:
-    """Plan ``plan``'s request again for ``world`` devices (same model, batch, family and options). When the request
-    names one family and none of its plans applies on ``world`` devices (a model axis that no longer pays off), every
-    family is searched instead: a resized job keeps training."""
+def replan(plan: Plan, world: int, *, where: str = "this plan", cache: ReplanCache | None = None) -> Replanned:
+    """Plan ``plan``'s request again for ``world`` devices (same model, batch, family and options), reusing what
+    ``cache`` kept of earlier plannings. When the request names one family and none of its plans applies on ``world``
+    devices (a model axis that no longer pays off), every family is searched instead: a resized job keeps training."""
     request = request_of(plan, where).resized(world)
     t0 = time.perf_counter()
+    new = _plan_resized(request, cache)
+    return Replanned(plan=new, seconds=time.perf_counter() - t0, kind=layout_name(new))
+
+
+def _plan_resized(request: PlanRequest, cache: ReplanCache | None) -> Plan:
+    """``request`` planned as a resized job runs it: without token slicing, every family if its own has no plan."""
     with token_slicing(False):  # the Trainer, which a resized job resumes in, does not run token-sliced plans yet
         try:
-            new = request.plan()
+            return request.plan(cache=cache)
         except NoFeasiblePlanError:
             if request.family == "all":
                 raise
-            new = replace(request, family="all").plan()
-    return Replanned(plan=new, seconds=time.perf_counter() - t0, kind=layout_name(new))
+            return replace(request, family="all").plan(cache=cache)
+
+
+class Replanner:
+    """The elastic launcher's ``Replan``: ``replan`` with one ReplanCache for the job's life, so a resize re-runs only
+    what depends on the device count (the stage search, the weighing of candidates). ``warm(plan)`` fills the cache
+    first (the launcher runs it while the job trains). Thread-safe: one planning at a time."""
+
+    def __init__(self, cache: ReplanCache | None = None) -> None:
+        self.cache = cache if cache is not None else ReplanCache()
+        self.last: Replanned | None = None  # the latest re-plan
+        self._lock = threading.Lock()
+
+    def __call__(self, plan: Plan, nproc: int) -> Plan:
+        """``plan``'s request planned for ``nproc`` devices (see ``replan``)."""
+        with self._lock:
+            self.last = replan(plan, nproc, cache=self.cache)
+        return self.last.plan
+
+    def warm(self, plan: Plan) -> None:
+        """Fill the cache with what a re-plan of ``plan``'s request reuses (the model's captures, the stages'
+        tensor-parallel ILPs): the request planned at its own size with the families whose work is kept (the
+        intra-op candidates' ILPs depend on the mesh, so they are left out)."""
+        from plait.planners.auto import FAMILIES
+
+        request = request_of(plan)
+        families = tuple(f for f in (FAMILIES if request.family == "all" else (request.family,)) if f != "intra-op")
+        # without a plan that fits, what it captured and solved on the way is kept all the same
+        with self._lock, token_slicing(False), contextlib.suppress(NoFeasiblePlanError):
+            request._plan(families or ("data-parallel",), cache=self.cache)
 
 
 def resize_cluster(cluster: Cluster, world: int) -> Cluster:

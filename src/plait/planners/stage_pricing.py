@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 
 from plait.cluster.spec import Cluster
 from plait.cost import CostModel
+from plait.cost.comm import CollectiveOp
 from plait.cost.memory import step_temporaries
 from plait.cost.work import LayerWork, layer_work
 from plait.graph.model_graph import LayerInfo, ModelGraph
@@ -66,6 +67,7 @@ class StagePricer:
     compute_dtype: str | None = None  # the dtype layers compute in (None: the graph's)
     _works: dict[tuple[int, int], tuple[LayerWork, ...]] = field(default_factory=dict, repr=False)
     _params: dict[int, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict, repr=False)
+    _comm_s: dict[tuple[str, float, int], float] = field(default_factory=dict, repr=False)
 
     @property
     def dtype(self) -> str:
@@ -125,9 +127,15 @@ class StagePricer:
         cost, dtype = self.cost, self.dtype
         fwd = cost.compute_time(work.fwd_flops, work.fwd_bytes_moved, dtype=dtype, num_kernels=work.num_kernels)
         bwd = cost.compute_time(work.bwd_flops, work.bwd_bytes_moved, dtype=dtype, num_kernels=work.bwd_kernels)
-        group = tuple(range(work.tp))
-        comms = sum(cost.collective_time(c.collective, c.nbytes, group) for c in (*work.fwd_comms, *work.bwd_comms))
+        comms = sum(self.collective_s(c.collective, c.nbytes, work.tp) for c in (*work.fwd_comms, *work.bwd_comms))
         return fwd + bwd + comms + self.boundary_s(work.boundary_bytes, work.send_split, work.tp)
+
+    def collective_s(self, op: CollectiveOp, nbytes: float, tp: int) -> float:
+        """A collective over the first ``tp`` ranks (priced once per op and size: repeated layers repeat them)."""
+        key = (op, nbytes, tp)
+        if key not in self._comm_s:
+            self._comm_s[key] = self.cost.collective_time(op, nbytes, tuple(range(tp)))
+        return self._comm_s[key]
 
     def boundary_s(self, nbytes: int, split: int, tp: int) -> float:
         """The boundary activation sent on and its gradient sent back: whole, or as ``split`` slices, each then

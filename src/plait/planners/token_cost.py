@@ -12,9 +12,9 @@ only, ``l * c + l * (l + 1) / 2``, as fused kernels that skip masked tiles do). 
 ``num_layers`` such layers on the CostModel as ``StagePricer`` prices a stage per micro-batch: forward and
 backward compute in the compute dtype (backward moving twice the forward's memory and launching twice its
 kernels), Megatron-LM tensor parallelism inside the stage (work over ``tp`` ranks, two all-reduces of the
-layer's output per layer in forward and two in backward), and the slice's boundary activation sent on and its
-gradient sent back, whole or as ``tp`` slices all-gathered by the receiver (the faster), over the slowest
-link a boundary of the cluster crosses.
+layer's output per layer in forward and two in backward, or the stage's own collectives per token, ``SliceComm``),
+and the slice's boundary activation sent on and its gradient sent back, whole or as ``tp`` slices all-gathered by
+the receiver (the faster, or as ``send_split`` says), over the slowest link a boundary of the cluster crosses.
 
 The profiling refinement (the paper's, and its repository's ``latency_model``) is a pure fit: a measured grid
 without context ``t(b, l, 0)`` plus a least-squares fit of the extra time of measured points with context on
@@ -25,12 +25,14 @@ Measuring those points on a machine is the caller's part.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 
 import numpy as np
 import numpy.typing as npt
 
 from plait.cost import CostModel
+from plait.cost.work import CollectiveOp, Comm
 from plait.graph.model_graph import ModelGraph
 from plait.planners.token_slicing import SliceCostFn, SlicingError, cost_table
 
@@ -92,6 +94,30 @@ def token_work(graphs: Sequence[ModelGraph], layers: Sequence[int] | None = None
                      dtype=graphs[0].dtype)
 
 
+@dataclass(frozen=True)
+class SliceComm:
+    """A tensor-parallel collective a slice's pass waits for, per sample and token of the slice."""
+
+    collective: CollectiveOp
+    bytes_per_token: float  # the tensor it works on, per sample and token
+    temp_per_token: float = 0.0  # buffers held while it runs, per sample and token
+
+    def nbytes(self, micro: int, tokens: int) -> int:
+        """The bytes it works on for a slice of ``tokens`` tokens of ``micro`` samples."""
+        return int(round(self.bytes_per_token * micro * tokens))
+
+    def temp(self, micro: int, tokens: int) -> int:
+        """The buffers it holds while it runs for that slice."""
+        return int(round(self.temp_per_token * micro * tokens))
+
+
+def slice_comms(comms: Sequence[Comm], samples: int, seq_len: int) -> tuple[SliceComm, ...]:
+    """A pass's collectives over ``samples`` sequences of ``seq_len`` tokens, per sample and token (a tensor-parallel
+    stage's collectives work on activations, which scale with the tokens)."""
+    n = max(1, samples * seq_len)
+    return tuple(SliceComm(c.collective, c.nbytes / n, c.temp_bytes / n) for c in comms)
+
+
 @dataclass(frozen=True, kw_only=True)
 class SliceCost:
     """t(l, c) of one pipeline stage of ``num_layers`` layers of ``work`` on the CostModel (see the module doc)."""
@@ -103,6 +129,10 @@ class SliceCost:
     dtype: str | None = None  # compute dtype (default: the captured one)
     causal_skip: bool = False  # count only the causal part of attention (fused kernels skipping masked tiles)
     last_stage: bool = False  # sends nothing on
+    # the stage's tensor-parallel collectives per pass (None: Megatron-LM's two all-reduces per layer each way)
+    fwd_comms: tuple[SliceComm, ...] | None = None
+    bwd_comms: tuple[SliceComm, ...] | None = None
+    send_split: int | None = None  # the boundary crosses whole (1) or as tp slices (tp); None: the faster
 
     def __post_init__(self) -> None:
         if self.num_layers < 1 or self.tp < 1:
@@ -126,7 +156,22 @@ class SliceCost:
         dtype = self.dtype or w.dtype
         fwd = _compute(self.cost, amount(w.fwd_flops), amount(w.fwd_bytes), dtype, n * w.num_kernels)
         bwd = _compute(self.cost, amount(w.bwd_flops), 2 * amount(w.fwd_bytes), dtype, 2 * n * w.num_kernels)
-        return fwd + bwd + 2 * n * TP_ALLREDUCES_PER_LAYER * self._allreduce_s(micro * tokens * w.boundary_bytes)
+        return fwd + bwd + self.comms_s(micro, tokens)
+
+    def comms_s(self, micro: int, tokens: np.ndarray) -> np.ndarray:
+        """A slice's tensor-parallel collectives, forward and backward."""
+        tokens = np.asarray(tokens, dtype=float)
+        if self.tp == 1:
+            return np.zeros(np.shape(tokens))
+        if self.fwd_comms is None and self.bwd_comms is None:
+            return 2 * self.num_layers * TP_ALLREDUCES_PER_LAYER * self._allreduce_s(micro * tokens * self.work.boundary_bytes)
+        total = np.zeros(np.shape(tokens))
+        for c in (*(self.fwd_comms or ()), *(self.bwd_comms or ())):
+            total = total + _by_value(micro * tokens * c.bytes_per_token, partial(self._collective_s, c.collective))
+        return total
+
+    def _collective_s(self, op: CollectiveOp, nbytes: float) -> float:
+        return self.cost.collective_time(op, nbytes, tuple(range(self.tp)))
 
     def boundary_s(self, micro: int, tokens: np.ndarray) -> np.ndarray:
         """The slice's activation sent to the next stage and its gradient sent back."""
@@ -144,20 +189,20 @@ class SliceCost:
         return cost_table(self, micro, num_units, granularity)
 
     def _allreduce_s(self, nbytes: np.ndarray) -> np.ndarray:
-        if self.tp == 1:
-            return np.zeros(np.shape(nbytes))
         group = tuple(range(self.tp))
         return _by_value(nbytes, lambda b: self.cost.collective_time("all_reduce", b, group))
 
     def _transfer_s(self, nbytes: float) -> float:
         """One direction: whole from rank to rank, or (tensor-parallel stages) as ``tp`` slices then an all-gather
-        inside the receiving stage, whichever is faster, over the slowest link between two stages."""
+        inside the receiving stage, as ``send_split`` says (default: whichever is faster), over the slowest link
+        between two stages."""
         src, dst = _far_ranks(self.cost, self.tp)
         whole = self.cost.p2p_time(nbytes, src, dst)
-        if self.tp == 1:
+        if self.tp == 1 or self.send_split == 1:
             return whole
         gather = self.cost.collective_time("all_gather", nbytes, tuple(range(self.tp)))
-        return min(whole, self.cost.p2p_time(nbytes / self.tp, src, dst) + gather)
+        split = self.cost.p2p_time(nbytes / self.tp, src, dst) + gather
+        return split if self.send_split is not None else min(whole, split)
 
 
 def _far_ranks(cost: CostModel, tp: int) -> tuple[int, int]:
@@ -256,13 +301,16 @@ def profiled_cost(no_context: Mapping[tuple[int, int], float], fit: ContextFit, 
 
 
 def runtime_slice_cost(work: TokenWork, cost: CostModel, *, last_stage: bool = False, dtype: str | None = None,
-                       causal_skip: bool = False) -> SliceCostFn:
+                       causal_skip: bool = False, tp: int = 1, fwd_comms: tuple[SliceComm, ...] | None = None,
+                       bwd_comms: tuple[SliceComm, ...] | None = None, send_split: int | None = None) -> SliceCostFn:
     """A stage's ``t(l, c)`` as plait's token runtime runs its attention: the first slice (``c = 0``) through the
     causal kernel, which skips masked tiles, later slices attending to the cached keys and values through an
     explicit mask, which computes every pair of ``l x (c + l)`` (or, with ``causal_skip``, a fused kernel that skips
-    masked tiles there too). ``plait.planners.token_slicing_lowering`` prices a cell the same way."""
-    skip = SliceCost(work=work, cost=cost, causal_skip=True, last_stage=last_stage, dtype=dtype)
-    full = skip if causal_skip else SliceCost(work=work, cost=cost, causal_skip=False, last_stage=last_stage, dtype=dtype)
+    masked tiles there too). A stage of ``tp`` ranks splits the work over them and waits for ``fwd_comms`` and
+    ``bwd_comms`` (``SliceCost``'s fields). ``plait.planners.token_slicing_lowering`` prices a cell the same way."""
+    skip = SliceCost(work=work, cost=cost, causal_skip=True, last_stage=last_stage, dtype=dtype, tp=tp,
+                     fwd_comms=fwd_comms, bwd_comms=bwd_comms, send_split=send_split)
+    full = skip if causal_skip else replace(skip, causal_skip=False)
 
     def time_of(micro: int, tokens: np.ndarray, context: np.ndarray) -> np.ndarray:
         return np.where(np.asarray(context) == 0, skip(micro, tokens, context), full(micro, tokens, context))

@@ -6,7 +6,10 @@ and ``ElasticRun.resize(n)`` asks from Python. On a new wanted number of ranks i
 n)``, in this process; a failure is printed and the job keeps its size), then sends ``SIGUSR1`` to every rank.
 The ranks agree at the next step boundary, checkpoint and exit with ``RESIZE_EXIT`` (``plait.runtime.elastic``);
 the launcher starts ``n`` ranks on the new plan with resume. The runtime never imports the planners: the CLI
-(``plait run --elastic``) and ``plait.elastic.run_elastic`` pass ``replan`` in. See docs/elastic.md.
+(``plait run --elastic``) and ``plait.elastic.run_elastic`` pass ``replan`` in. A ``replan`` with a ``warm(plan)``
+method (``plait.planners.request.Replanner``, which keeps the model's captures and ILP results across re-plans) is
+warmed in a background thread when the run starts, so a resize only runs what depends on the device count.
+See docs/elastic.md.
 """
 
 from __future__ import annotations
@@ -108,7 +111,8 @@ class ElasticRun:
                  replan: Replan, control: str | os.PathLike[str] | None = None, script_args: Sequence[str] = (),
                  module: bool = False, resume: bool = False, env: dict[str, str] | None = None,
                  dist_timeout_s: float | None = None, timeout_s: float | None = None, python: str = sys.executable,
-                 stdout: IO[str] | None = None, stderr: IO[str] | None = None, poll_s: float = 0.5) -> None:
+                 stdout: IO[str] | None = None, stderr: IO[str] | None = None, poll_s: float = 0.5,
+                 warm: bool = True) -> None:
         self.script, self.script_args, self.module, self.python = script, tuple(script_args), module, python
         self.out = Path(out_dir).resolve()
         self.control = Path(control).resolve() if control is not None else self.out / CONTROL_FILE
@@ -127,6 +131,8 @@ class ElasticRun:
         self._pending: _Planned | None = None  # planned and asked of the ranks
         self._last_control: tuple[float, str] | None = None
         self._failed_target: int | None = None
+        self.warm = warm  # warm a replan that can be warmed (see the module docstring)
+        self._warming: threading.Thread | None = None
 
     # ---- asking -------------------------------------------------------------------------------
 
@@ -158,6 +164,7 @@ class ElasticRun:
         watcher = threading.Thread(target=self._watch, name="plait-elastic-watch", daemon=True)
         with _reload_on_signal(self._wake):
             watcher.start()
+            self._start_warming()
             try:
                 resume = self.resume
                 while True:
@@ -171,6 +178,24 @@ class ElasticRun:
                 self._stop.set()
                 self._wake.set()
                 watcher.join(timeout=30)
+                if self._warming is not None:
+                    self._warming.join(timeout=30)
+
+    def _start_warming(self) -> None:
+        """Warm ``replan`` for the running plan in the background when it can be warmed (and ``warm`` is on)."""
+        warm = getattr(self.replan, "warm", None)
+        if not self.warm or not callable(warm):
+            return
+        plan = self.plan
+
+        def work() -> None:
+            try:
+                warm(plan)
+            except Exception as exc:  # never fail the run: the first resize then plans from scratch
+                self._say(f"elastic: warming the re-planner failed ({exc}); a resize re-plans from scratch")
+
+        self._warming = threading.Thread(target=work, name="plait-elastic-warm", daemon=True)
+        self._warming.start()
 
     def _launch_once(self, ranks_dir: Path, resume: bool) -> LaunchResult:
         shutil.rmtree(ranks_dir, ignore_errors=True)

@@ -6,6 +6,9 @@ Nothing here decides: the stages, their ranks and the schedule are the plan's. T
 one size (the plan's mesh is ``pp x dp``, or ``pp x dp x tp`` once stages shard their layers); under interleaved
 1F1B each pipeline rank runs several of them (model chunks ``s, s + pp, ...``).
 
+A token-sliced plan (``ScheduleSpec.token_slices``, TeraPipe) runs on ``plait.runtime.token_pipeline`` instead:
+one stage per pipeline rank on the same mesh, every micro-batch of a replica cut into the plan's slices.
+
 For adaptive training the stages' gradients are normed around their data-parallel average (``attach_probe``):
 each rank adds its stage's shares, which add up over the stages (and ``tp``) to whole-model norms.
 """
@@ -38,6 +41,8 @@ from plait.runtime.pipeline_lists import Pass
 from plait.runtime.pipeline_tp import Boundary, StageSharding
 from plait.runtime.recompute import apply_recompute
 from plait.runtime.tensor_parallel import Pin
+from plait.runtime.token_pipeline import TokenPipelineRank, build_token_pipeline_rank
+from plait.runtime.token_state import Slicing
 
 FULL = StateDictOptions(full_state_dict=True)
 Loss = Callable[[nn.Module, tuple[torch.Tensor, ...]], torch.Tensor]
@@ -48,7 +53,7 @@ class AppliedPipeline:
     """This rank's stages of a pipeline plan: run a step with ``forward_backward``; state gathered over stages."""
 
     model: nn.Module
-    rank: PipelineRank
+    rank: PipelineRank | TokenPipelineRank  # micro-batch schedules' stages, or a token-sliced plan's stage
     ctx: DistContext
     layers: tuple[str, ...]  # this rank's stages' layers
     last_stage_ranks: int  # ranks that hold the loss (the last stage's)
@@ -60,6 +65,9 @@ class AppliedPipeline:
     def probe_layout(self) -> ProbeLayout | str:
         """How the stages' gradients give the noise-scale estimator its two norms, or why they cannot."""
         dp, num_micro = self.rank.dp, self.num_micro
+        if isinstance(self.rank, TokenPipelineRank):
+            return ("the token pipeline does not norm its gradients for the noise-scale estimate yet; re-plan without "
+                    "token slicing (`plait plan --no-token-slicing`) to estimate it")
         if dp > 1:  # each replica's gradient before the average, and its share of the average after it
             return ProbeLayout(small_batch=self.global_batch // dp, big_batch=self.global_batch, num_local=dp,
                                synced_copies=1)
@@ -78,6 +86,9 @@ class AppliedPipeline:
                              f"batch {spec.global_size} = {spec.micro_size} x {spec.num_micro} x {self.rank.dp} replicas "
                              "cannot be applied in place")
         self.global_batch = spec.global_size
+        if isinstance(self.rank, TokenPipelineRank):  # the same slices of each micro-batch's sequence
+            self.rank.slicing = replica_slicing(self.rank.slicing[0][1], spec.micro_size, spec.num_micro)
+            return
         for flag in ("_stage_forward_initialized", "_stage_backward_initialized", "_stages_forward_initialized",
                      "_stages_backward_initialized"):
             if hasattr(self.rank.schedule, flag):
@@ -86,6 +97,8 @@ class AppliedPipeline:
     def attach_probe(self, probe: GradNormProbe) -> None:
         """Norm the stages' gradients before and after their data-parallel average (with one replica: after the
         first micro-batch's weight gradients and after the step)."""
+        if isinstance(self.rank, TokenPipelineRank):
+            raise PlaitError("the token pipeline takes no gradient-norm probe (see probe_layout)")
         if self.rank.dp > 1:
             self.rank.probe = probe
         else:
@@ -159,6 +172,8 @@ def apply_pipeline_plan(model: nn.Module, plan: Plan, ctx: DistContext, loss_fn:
     check_pipeline_plan(plan, ctx)
     check_plan_model(plan, model)
     model.to(ctx.device)
+    if plan.schedule.is_token_sliced:
+        return apply_token_pipeline_plan(model, plan, ctx, loss_fn)
     apply_recompute(model, [layer.name for layer in plan.layers if layer.recompute])
     mesh = plan.stages[0].stage_mesh
     dp, tp = mesh.axis_size("dp"), mesh.axis_size("tp")
@@ -167,6 +182,25 @@ def apply_pipeline_plan(model: nn.Module, plan: Plan, ctx: DistContext, loss_fn:
     rank = build_pipeline_rank(model, [s.layers for s in plan.stages], pp=plan.num_pipeline_ranks, dp=dp, tp=tp, sharding=sharding,
                                schedule=plan.schedule.kind, num_micro=plan.schedule.num_microbatches, loss=loss_fn,
                                device=ctx.device, passes=passes)
+    return _applied(model, plan, ctx, rank)
+
+
+def apply_token_pipeline_plan(model: nn.Module, plan: Plan, ctx: DistContext, loss_fn: Loss) -> AppliedPipeline:
+    """This rank's stage of a token-sliced ``plan`` (checked by ``check_pipeline_plan``) on the token pipeline."""
+    mesh, num_micro = plan.stages[0].stage_mesh, plan.schedule.num_microbatches
+    dp, tp = mesh.axis_size("dp"), mesh.axis_size("tp")
+    slicing = replica_slicing(plan.schedule.token_slices or (), plan.batch.global_size // (dp * num_micro), num_micro)
+    rank = build_token_pipeline_rank(model, [s.layers for s in plan.stages], dp=dp, slicing=slicing, loss=loss_fn,
+                                     device=ctx.device, tp=tp, sharding=stage_sharding(plan) if tp > 1 else None)
+    return _applied(model, plan, ctx, rank)
+
+
+def replica_slicing(cuts: Sequence[int], micro_size: int, num_micro: int) -> Slicing:
+    """A replica's token slicing: ``num_micro`` micro-batches of ``micro_size`` sequences, each cut into ``cuts``."""
+    return [(micro_size, [int(n) for n in cuts]) for _ in range(num_micro)]
+
+
+def _applied(model: nn.Module, plan: Plan, ctx: DistContext, rank: PipelineRank | TokenPipelineRank) -> AppliedPipeline:
     return AppliedPipeline(model=model, rank=rank, ctx=ctx, layers=tuple(n for s in plan.stages_of(ctx.rank) for n in s.layers),
                            last_stage_ranks=len(plan.stages[-1].ranks), global_batch=plan.batch.global_size,
                            num_micro=plan.schedule.num_microbatches,
@@ -200,10 +234,8 @@ def check_pipeline_plan(plan: Plan, ctx: DistContext) -> None:
     if [s.ranks for s in plan.stages] != expected:
         raise PlanMismatchError("stage s must hold ranks (s % pp) * size .. (s % pp + 1) * size - 1 (the pp x dp mesh, "
                                 "model chunks round-robin); re-run `plait plan`")
-    if plan.schedule.token_slices:
-        raise PlanMismatchError(f"the plan pipelines token slices {list(plan.schedule.token_slices)} of each sequence "
-                                "(TeraPipe), which the Trainer does not run yet (plait.runtime.token_pipeline runs them "
-                                "outside it); re-plan without them: `plait plan MODEL --cluster C --no-token-slicing`")
+    if plan.schedule.is_token_sliced:
+        check_token_plan(plan, ctx.device)
     if plan.schedule.kind not in (*SCHEDULES, *LIST_SCHEDULES):
         raise PlanMismatchError(f"schedule {plan.schedule.kind!r}: a pipeline plan runs one of "
                                 f"{', '.join((*SCHEDULES, *LIST_SCHEDULES))}")
@@ -212,6 +244,24 @@ def check_pipeline_plan(plan: Plan, ctx: DistContext) -> None:
         raise PlanMismatchError(f"global batch {batch.global_size} does not split into {dp} replicas x "
                                 f"{plan.schedule.num_microbatches} micro-batches; re-run `plait plan`")
     check_optimizer_of(plan)
+
+
+def check_token_plan(plan: Plan, device: torch.device) -> None:
+    """Raise ``PlanMismatchError`` naming what the token pipeline cannot run of a token-sliced plan on ``device``."""
+    cuts = list(plan.schedule.token_slices or ())
+    if device.type != "cpu":
+        raise PlanMismatchError(f"the plan cuts sequences into token slices {cuts}; plait's token pipeline runs on CPU "
+                                f"(gloo) ranks for now, not {device.type}: re-plan with --no-token-slicing")
+    way_out = "re-plan (`plait plan` offers token slicing on stages it can run) or plan without token slicing (--no-token-slicing)"
+    if len(plan.stages) > plan.num_pipeline_ranks:
+        raise PlanMismatchError(f"the plan cuts sequences into token slices {cuts} on {len(plan.stages)} model chunks "
+                                f"over {plan.num_pipeline_ranks} pipeline ranks; the token pipeline runs one stage per "
+                                f"rank: {way_out}")
+    if any(s.recompute for s in plan.stages) or any(layer.recompute for layer in plan.layers):
+        raise PlanMismatchError(f"the plan cuts sequences into token slices {cuts} and recomputes activations, which "
+                                f"the token pipeline does not do yet; {way_out}")
+    if any(int(n) < 1 for n in cuts):
+        raise PlanMismatchError(f"token slices {cuts}: every slice needs at least one token; re-run `plait plan`")
 
 
 def optimizer_state_of(state: dict[str, Any], names: set[str]) -> dict[str, Any]:
@@ -251,9 +301,9 @@ def stage_sharding(plan: Plan) -> StageSharding:
     return StageSharding(placements=placements, pins=pins, boundaries=boundaries)
 
 
-def _tp_index(rank: PipelineRank) -> int:
+def _tp_index(rank: PipelineRank | TokenPipelineRank) -> int:
     coords = rank.mesh.get_coordinate() if rank.mesh is not None else None
-    return coords[2] if coords else 0
+    return coords[2] if coords and len(coords) > 2 else 0  # a token pipeline without tp: a (pp, dp) mesh
 
 
 def _cpu(value: Any) -> Any:

@@ -145,7 +145,7 @@ def _schedule_shared(plan: Plan, cost: CostModel) -> list[tuple[list[float], lis
     """One lane per program, compute sharing each node's cores (``plait.sim.shared_cores``)."""
     nodes = [Counter(plan.cluster.node_of(r) for r in program.ranks) for program in plan.programs]
     try:
-        return SharedCoreSchedule(plan.programs, _timer(plan, cost), nodes).run()
+        return SharedCoreSchedule(plan.programs, _timer(plan, cost), nodes, cores=getattr(cost, "cores_per_node", None)).run()
     except ScheduleError as e:
         raise SimulationError(str(e)) from e
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -12,6 +12,8 @@ from torch import nn
 from plait.graph.capture import capture
 from plait.graph.joint import JointGraph, capture_joint
 from plait.graph.model_graph import ModelGraph
+
+T = TypeVar("T")
 
 
 def with_batch_size(batch: Any, old: int, new: int) -> Any:
@@ -37,6 +39,7 @@ class ModelSource:
     autocast: str | None = None  # the compute dtype of mixed precision ("bf16"): captures run under autocast
     _joints: dict[int, JointGraph] = field(default_factory=dict)
     _graphs: dict[int, ModelGraph] = field(default_factory=dict)
+    _kept: dict[Hashable, Any] = field(default_factory=dict)  # results derived from this model (see ``kept``)
 
     def batch(self, batch_size: int) -> Any:
         """The example batch at ``batch_size`` rows (meta tensors)."""
@@ -55,3 +58,10 @@ class ModelSource:
             self._joints[batch_size] = capture_joint(self.model, self.batch(batch_size), loss_fn=self.loss_fn, name=self.name,
                                                      markers=True, autocast=self.autocast)
         return self._joints[batch_size]
+
+    def kept(self, key: Hashable, make: Callable[[], T]) -> T:
+        """``make()``'s result for ``key``, made once per source: a planner result that depends only on this model and
+        what ``key`` names (a source kept across re-plans reuses it, see ``plait.planners.replan_cache``)."""
+        if key not in self._kept:
+            self._kept[key] = make()
+        return self._kept[key]
