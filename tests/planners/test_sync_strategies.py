@@ -16,7 +16,7 @@ from plait.graph import LayerInfo, ModelGraph, ParamInfo
 from plait.graph.model_graph import OpNode, TensorMeta
 from plait.plan.ir import Plan, SyncSpec
 from plait.planners import build_dp_plan
-from plait.planners.sync_lowering import apply_sync, context_of, sync_times
+from plait.planners.sync_lowering import apply_sync, bucket_steps, context_of, runs_runtime_ring, sync_times
 from plait.planners.sync_strategies import (
     SYNC_BUILDERS,
     AllReduce,
@@ -304,3 +304,20 @@ def test_auto_never_simulates_slower_than_allreduce() -> None:
     auto = apply_sync(plan, graph, "auto")
     assert auto.predicted is not None and plan.predicted is not None
     assert auto.predicted.step_s <= plan.predicted.step_s * (1 + 1e-12)
+
+
+def test_buckets_of_a_plan_with_runtime_synchronizers_run_the_runtime_ring() -> None:
+    graph, cluster = lm_graph(), gpu_cluster(2, inter_gb_s=5)
+    plan = _plan(graph, cluster)
+    axes = plan.data_parallel_axes
+    plain = apply_sync(plan, graph, "allreduce")
+    mixed = apply_sync(plan, graph, {p.name: SyncSpec(kind="ps" if p.name == "embed.weight" else "allreduce", axes=axes)
+                                     for p in graph.params})
+    assert not runs_runtime_ring(plain) and runs_runtime_ring(mixed)  # as plait.runtime.apply.uses_runtime_sync
+    collectives = {s.collective for b in plain.buckets for s in bucket_steps(plain, b) if s.kind == "collective"}
+    assert collectives == {"all_reduce"}  # the wait-free buckets: the backend's all-reduce
+    collectives = {s.collective for b in mixed.buckets for s in bucket_steps(mixed, b) if s.kind == "collective"}
+    assert collectives == {"p2p_ring"}  # ModelSync's AllReduceSync: the flat point-to-point ring
+    program = mixed.programs[0].instrs
+    rings = [i for i in program if i.collective == "p2p_ring"]
+    assert rings and all(i.group == tuple(plan.mesh.group(0, axes)) for i in rings)

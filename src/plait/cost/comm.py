@@ -7,6 +7,10 @@ from typing import Literal
 
 CollectiveOp = Literal["all_reduce", "all_gather", "reduce_scatter", "broadcast", "all_to_all"]
 COLLECTIVE_OPS: tuple[CollectiveOp, ...] = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "all_to_all")
+# Patterns of point-to-point messages that ``plait.runtime.sync`` builds its exchanges from; priced per message, over
+# the link each message crosses (``CostModel.p2p_pattern_time``), never as a backend collective.
+P2PPattern = Literal["p2p_serial", "p2p_ring"]
+P2P_PATTERNS: tuple[P2PPattern, ...] = ("p2p_serial", "p2p_ring")
 
 
 def ring_coefficients(op: CollectiveOp, n: int) -> tuple[float, float]:

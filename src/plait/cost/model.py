@@ -12,6 +12,7 @@ one, else from the datasheet with a default efficiency.
 
 from __future__ import annotations
 
+import math
 import os
 from collections import Counter
 from collections.abc import Sequence
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from plait.cluster.spec import Cluster
 from plait.cost.calibration import Calibration
-from plait.cost.comm import CollectiveOp, flat_time, hierarchical_time, p2p_time
+from plait.cost.comm import CollectiveOp, P2PPattern, flat_time, hierarchical_time, p2p_time
 from plait.cost.profile import Profile, ProfileError, load_profile
 
 # Datasheet peaks are never reached; without a measured profile, assume this fraction.
@@ -132,7 +133,7 @@ class CostModel:
 
     # ---- communication -----------------------------------------------------------------------
 
-    def collective_time(self, op: CollectiveOp, nbytes: float, group: Sequence[int]) -> float:
+    def collective_time(self, op: CollectiveOp | P2PPattern, nbytes: float, group: Sequence[int]) -> float:
         """Time of one collective over the ranks in ``group``; ``nbytes`` is the full tensor size.
 
         Inside a node: the profile's measured table for this op and group size, else the faster of ring
@@ -143,6 +144,8 @@ class CostModel:
         n = len(group)
         if n <= 1:
             return 0.0
+        if op == "p2p_serial" or op == "p2p_ring":  # the sync runtime's own messages (P2P_PATTERNS), not a collective
+            return self.p2p_pattern_time(op, nbytes, group)
         nodes = Counter(self.cluster.node_of(r) for r in group)
         if len(nodes) == 1:
             return self._intra_time(op, nbytes, n)
@@ -165,6 +168,34 @@ class CostModel:
                 return measured
         link = self.cluster.link_between((src, dst))
         return p2p_time(nbytes, link.latency_s, link.bandwidth)
+
+    def p2p_pattern_time(self, pattern: P2PPattern, nbytes: float, group: Sequence[int]) -> float:
+        """A pattern of point-to-point messages over ``group``, each priced on the link it crosses (``message_time``).
+
+        ``p2p_serial``: ``group[0]`` exchanges one message of ``nbytes`` with each of ``group[1:]``, one after the
+        other (a parameter server receiving its pushes, or sending its answers). ``p2p_ring``: n - 1 ring steps over
+        ``group`` in its order; in each step every rank sends a chunk of ``nbytes / n`` to the next at once, so a
+        step lasts as long as its slowest hop, and the hops from one node to another share that node's link.
+        """
+        n = len(group)
+        if n <= 1:
+            return 0.0
+        if pattern == "p2p_serial":
+            return sum(self.message_time(nbytes, peer, group[0]) for peer in group[1:])
+        chunk = math.ceil(nbytes / n)
+        hops = [(group[i], group[(i + 1) % n]) for i in range(n)]
+        crossing = Counter((self.cluster.node_of(a), self.cluster.node_of(b)) for a, b in hops)
+        return (n - 1) * max(self.message_time(chunk, a, b, flows=crossing[(self.cluster.node_of(a), self.cluster.node_of(b))])
+                             for a, b in hops)
+
+    def message_time(self, nbytes: float, src: int, dst: int, *, flows: int = 1) -> float:
+        """One message of the sync runtime: inside a node ``p2p_time``; between nodes over the node's link (the
+        inter-node bandwidth is per rank with all ranks of a node crossing at once, so the link moves
+        ``devices_per_node`` times that), shared by the ``flows`` messages crossing it at the same time."""
+        if self.cluster.node_of(src) == self.cluster.node_of(dst):
+            return self.p2p_time(nbytes, src, dst)
+        inter = self.cluster.inter_node
+        return inter.latency_s + nbytes * flows / (inter.bandwidth * self.cluster.devices_per_node)
 
     def intra_link(self, op: CollectiveOp | None = None) -> tuple[float, float]:
         """``(latency_s, bandwidth)`` of the intra-node link as measured for ``op`` (else p2p, else datasheet)."""

@@ -6,13 +6,22 @@ the instructions the lowering makes from it, so a cost entry and the simulated s
 
 - **All-reduce** of a bucket: a scaling pass and a ring all-reduce of its bytes; ``fp16``/``bf16`` cast to half
   the bytes and back; PowerSGD all-reduces rank-r factors P (n x r) and Q (m x r) of every matrix worth it
-  (r(n + m) < n·m) plus the rest uncompressed, and pays the matmuls (three of 2nmr FLOPs) and the QR. A
-  compressed bucket runs through ``plait.runtime.sync``'s own ring over point-to-point messages (a ring
-  reduce-scatter, then a ring all-gather), so its all-reduces are priced as a reduce-scatter plus an
-  all-gather of the payload, not as the backend's all-reduce (which the wait-free buckets call).
-- **Parameter server** (co-located servers): the push and the pull are each an all-to-all exchange whose
-  busiest rank moves ``max_r max((n-1)·L_r, T - L_r)`` bytes one way (L_r: bytes rank r serves, T: all
-  served bytes), so the most loaded server bounds the time; between them the busiest server sums the n pushes
+  (r(n + m) < n·m) plus the rest uncompressed, and pays the matmuls (three of 2nmr FLOPs) and the QR. The
+  wait-free buckets (a plan whose every parameter is a plain all-reduce) call the backend's all-reduce, priced by
+  ``CostModel.collective_time``. Every other bucket (compressed, or in a plan that also has PS or SFB parameters)
+  runs through ``plait.runtime.sync``'s own flat ring over point-to-point messages, in group order: n - 1
+  reduce-scatter steps (each an ``add_`` of the received chunk) and n - 1 all-gather steps, in each of which every
+  rank sends one chunk of payload/n to the next at once; a step lasts as long as its slowest hop (``p2p_ring``:
+  a hop between nodes over the node's link, shared by the hops crossing it the same way, one inside a node on the
+  measured point-to-point table), whatever the hierarchy the backend's collectives would use.
+- **Parameter server** (co-located servers): the push and the pull each move, per server r, one message of its
+  L_r bytes from (to) each of the n - 1 other ranks. The runtime's server receives its pushes one at a time
+  (``dist.recv`` in a thread) and sends its answers one at a time (``isend`` then ``wait``), so the most loaded
+  server bounds each phase: n - 1 messages of L_max in a row, each priced on the link it crosses (``p2p_serial``:
+  a node-mate's on the intra-node point-to-point table, another node's over the node's link, which moves
+  ``devices_per_node`` x the cluster's per-rank inter-node bandwidth), unless a node's link is slower: every rank
+  of another node sends it all the bytes the node's ranks serve (``ps_exchange`` prices both, keeps the slower).
+  Between them the busiest server sums the n pushes
   of its shards (a clone, n - 1 adds and a division: (3n + 1)·L bytes of traffic), steps its optimizer over
   them and copies a snapshot of them for each of the n answers (2n·L); the workers pack one message per
   server and copy every answered shard back (one kernel per shard). With staleness s = 0 this is exact
@@ -33,7 +42,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from plait.cost.comm import CollectiveOp
+from plait.cost.comm import CollectiveOp, P2PPattern
 from plait.cost.model import CostModel
 
 StepKind = Literal["compute", "collective", "optimizer"]
@@ -45,13 +54,16 @@ class SyncStep:
     """One piece of a synchronizer's step: a compute pass, a collective over the group, or a server's optimizer step.
 
     ``after``: index (in its chain) of the step it waits for; None: the step before it. ``nbytes`` is a
-    collective's full tensor, as ``CostModel.collective_time`` takes it.
+    collective's full tensor, as ``CostModel.collective_time`` takes it (a ``p2p_serial`` pattern's: one message).
+    ``order``: the group positions a collective runs over, in its order (empty: the whole group); a ``p2p_serial``
+    pattern's first position exchanges a message with each of the others in turn.
     """
 
     name: str
     kind: StepKind
     stream: StepStream = "compute"
-    collective: CollectiveOp | None = None
+    collective: CollectiveOp | P2PPattern | None = None
+    order: tuple[int, ...] = ()
     nbytes: int = 0
     flops: float = 0.0
     bytes_moved: float = 0.0
@@ -62,11 +74,18 @@ class SyncStep:
     free_bytes: int = 0
 
 
+def step_group(step: SyncStep, group: Sequence[int]) -> tuple[int, ...]:
+    """The ranks a collective step runs over, in its order: ``group`` at the step's ``order`` positions (all of it,
+    in order, when empty)."""
+    ranks = tuple(group)
+    return tuple(ranks[p] for p in step.order) if step.order else ranks
+
+
 def step_time(step: SyncStep, cost: CostModel, group: Sequence[int], *, dtype: str = "fp32") -> float:
     """Seconds of one step on ``cost`` (collectives over ``group``; compute in ``dtype``)."""
     if step.kind == "collective":
         assert step.collective is not None
-        return cost.collective_time(step.collective, step.nbytes, group)
+        return cost.collective_time(step.collective, step.nbytes, step_group(step, group))
     if step.kind == "optimizer":
         return cost.optimizer_time(step.numel, num_tensors=step.num_kernels)
     return cost.compute_time(step.flops, step.bytes_moved, dtype=dtype, num_kernels=step.num_kernels)
@@ -182,33 +201,38 @@ def _plain_steps(label: str, nbytes: int, reduce_ratio: float, stream: StepStrea
                      nbytes=int(nbytes * reduce_ratio))]
 
 
-def ring_steps(label: str, nbytes: int) -> list[SyncStep]:
-    """``plait.runtime.sync``'s ring all-reduce of ``nbytes`` over point-to-point messages: a ring reduce-scatter
-    then a ring all-gather (each rank sends (n-1)/n of the bytes in each), on the communication thread."""
-    return [SyncStep(name=f"ring reduce_scatter {label}", kind="collective", stream="comm",
-                     collective="reduce_scatter", nbytes=nbytes),
-            SyncStep(name=f"ring all_gather {label}", kind="collective", stream="comm", collective="all_gather",
+def ring_steps(label: str, nbytes: int, num_workers: int = 2) -> list[SyncStep]:
+    """``plait.runtime.sync``'s flat ring all-reduce of ``nbytes`` over point-to-point messages, on the communication
+    thread: n - 1 reduce-scatter steps, the n - 1 ``add_`` of a received chunk (3 chunks of traffic each), then
+    n - 1 all-gather steps (each step as slow as its slowest hop)."""
+    chunk = -(-nbytes // max(1, num_workers))
+    adds = max(0, num_workers - 1)
+    return [SyncStep(name=f"ring reduce_scatter {label}", kind="collective", stream="comm", collective="p2p_ring",
+                     nbytes=nbytes),
+            SyncStep(name=f"ring adds {label}", kind="compute", stream="comm", bytes_moved=3.0 * adds * chunk,
+                     num_kernels=adds),
+            SyncStep(name=f"ring all_gather {label}", kind="collective", stream="comm", collective="p2p_ring",
                      nbytes=nbytes)]
 
 
-def _ring_plain_steps(label: str, nbytes: int) -> list[SyncStep]:
-    """The uncompressed rest of a compressed bucket: scale on the communication thread, then the runtime's ring."""
+def _ring_plain_steps(label: str, nbytes: int, num_workers: int) -> list[SyncStep]:
+    """An uncompressed bucket (or rest) through the runtime: scale on the communication thread, then its ring."""
     return [SyncStep(name=f"scale {label}", kind="compute", stream="comm", bytes_moved=2.0 * nbytes, num_kernels=1),
-            *ring_steps(label, nbytes)]
+            *ring_steps(label, nbytes, num_workers)]
 
 
-def _cast_steps(label: str, numel: int, elem_bytes: int, compress: str) -> list[SyncStep]:
+def _cast_steps(label: str, numel: int, elem_bytes: int, compress: str, num_workers: int) -> list[SyncStep]:
     """Scale and cast to half precision, all-reduce the half-size buffer, cast back (on the communication thread)."""
     full = numel * elem_bytes
     return [SyncStep(name=f"cast {label} to {compress}", kind="compute", stream="comm", bytes_moved=1.5 * full + 2.0 * full,
                      num_kernels=2, alloc_bytes=numel * 2),
-            *ring_steps(f"{label} ({compress})", numel * 2),
+            *ring_steps(f"{label} ({compress})", numel * 2, num_workers),
             SyncStep(name=f"cast {label} back", kind="compute", stream="comm", bytes_moved=1.5 * full, num_kernels=1,
                      free_bytes=numel * 2)]
 
 
 def _powersgd_steps(label: str, mats: Sequence[tuple[int, int, int]], elem_bytes: int,
-                    error_feedback: bool) -> list[SyncStep]:
+                    error_feedback: bool, num_workers: int) -> list[SyncStep]:
     """One power iteration over the matrices (n, m, r): P = MQ, all-reduce P, QR, Q = M^T P, all-reduce Q, P Q^T."""
     eb = elem_bytes
     nmr = sum(2.0 * n * m * r for n, m, r in mats)
@@ -217,25 +241,29 @@ def _powersgd_steps(label: str, mats: Sequence[tuple[int, int, int]], elem_bytes
     return [
         SyncStep(name=f"powersgd P {label}", kind="compute", stream="comm", flops=nmr, bytes_moved=eb * 3.0 * nm,
                  num_kernels=2 * k),
-        *ring_steps(f"P {label}", eb * sum(n * r for n, _, r in mats)),
+        *ring_steps(f"P {label}", eb * sum(n * r for n, _, r in mats), num_workers),
         SyncStep(name=f"powersgd qr {label}", kind="compute", stream="comm", flops=sum(4.0 * n * r * r for n, _, r in mats),
                  bytes_moved=eb * 2.0 * sum(n * r for n, _, r in mats), num_kernels=k),
         SyncStep(name=f"powersgd Q {label}", kind="compute", stream="comm", flops=nmr, bytes_moved=eb * 1.0 * nm,
                  num_kernels=k),
-        *ring_steps(f"Q {label}", eb * sum(m * r for _, m, r in mats)),
+        *ring_steps(f"Q {label}", eb * sum(m * r for _, m, r in mats), num_workers),
         SyncStep(name=f"powersgd rebuild {label}", kind="compute", stream="comm", flops=nmr,
                  bytes_moved=eb * (3.0 if error_feedback else 1.0) * nm, num_kernels=(2 if error_feedback else 1) * k),
     ]
 
 
 def allreduce_steps(label: str, shapes: Sequence[Sequence[int]], *, compress: str | None = None, rank: int = 1,
-                    error_feedback: bool = True, elem_bytes: int = 4, reduce_ratio: float = 1.0) -> list[SyncStep]:
-    """The steps of one all-reduce bucket of parameters of ``shapes`` (uncompressed: the scaling pass runs on the
-    compute stream, as the wait-free buckets do; compressed work runs on the communication thread)."""
+                    error_feedback: bool = True, elem_bytes: int = 4, reduce_ratio: float = 1.0, ring: bool = False,
+                    num_workers: int = 2) -> list[SyncStep]:
+    """The steps of one all-reduce bucket of parameters of ``shapes`` over ``num_workers`` ranks (uncompressed and not
+    ``ring``: the wait-free bucket's scaling pass on the compute stream and the backend's all-reduce; compressed or
+    ``ring``: ``plait.runtime.sync``'s work on its communication thread and its flat point-to-point ring)."""
     numel = sum(numel_of(s) for s in shapes)
     if compress in ("fp16", "bf16"):
-        return _cast_steps(label, numel, elem_bytes, compress)
+        return _cast_steps(label, numel, elem_bytes, compress, num_workers)
     if compress != "powersgd":
+        if ring:
+            return _ring_plain_steps(label, numel * elem_bytes, num_workers)
         return _plain_steps(label, numel * elem_bytes, reduce_ratio, "compute")
     mats, rest = [], 0
     for s in shapes:
@@ -244,8 +272,8 @@ def allreduce_steps(label: str, shapes: Sequence[Sequence[int]], *, compress: st
             mats.append((nm[0], nm[1], r))
         else:
             rest += numel_of(s)
-    steps = _powersgd_steps(label, mats, elem_bytes, error_feedback) if mats else []
-    return steps + (_ring_plain_steps(f"{label} rest", rest * elem_bytes) if rest else [])
+    steps = _powersgd_steps(label, mats, elem_bytes, error_feedback, num_workers) if mats else []
+    return steps + (_ring_plain_steps(f"{label} rest", rest * elem_bytes, num_workers) if rest else [])
 
 
 # ---- SFB -----------------------------------------------------------------------------------------------
@@ -337,18 +365,43 @@ def server_loads(params: Sequence[tuple[Sequence[int], int, int, Sequence[int]]]
     return ServerLoads(bytes=tuple(nbytes), numel=tuple(numel), shards=tuple(shards))
 
 
-def ps_steps(loads: ServerLoads, *, staleness: int = 0, label: str = "ps") -> list[SyncStep]:
-    """Pack one message per server, push (all-to-all), the busiest server's sum of the n pushes and optimizer step,
-    its n answers' snapshots, pull (all-to-all), copy every shard back; with s > 0 the answer does not wait for
-    the server's sum and step."""
+def ps_exchange(name: str, loads: ServerLoads, cost: CostModel | None = None,
+                group: Sequence[int] | None = None) -> SyncStep:
+    """The push (or the pull) as the slower of its bottlenecks: the busiest server's n - 1 messages in a row, or (with
+    ``cost`` and a ``group`` spanning nodes) a node's link, over which every rank of another node sends (receives)
+    all that node's served bytes, one message per rank in a row."""
+    n = len(loads.bytes)
+    hot = max(loads.bytes)
+    lead = loads.bytes.index(hot)
+    step = SyncStep(name=name, kind="collective", stream="comm", collective="p2p_serial", nbytes=hot,
+                    order=(lead, *(p for p in range(n) if p != lead)))
+    if cost is None or group is None or len(group) != n:
+        return step
+    nodes: dict[int, list[int]] = {}
+    for p, r in enumerate(group):
+        nodes.setdefault(cost.cluster.node_of(r), []).append(p)
+    worst = step_time(step, cost, group)
+    for into in nodes.values():
+        served = sum(loads.bytes[p] for p in into)
+        for node_from in (ps for ps in nodes.values() if ps is not into):
+            link = replace(step, nbytes=served, order=(into[0], *node_from))
+            if served and step_time(link, cost, group) > worst:
+                step, worst = link, step_time(link, cost, group)
+    return step
+
+
+def ps_steps(loads: ServerLoads, *, staleness: int = 0, label: str = "ps", cost: CostModel | None = None,
+             group: Sequence[int] | None = None) -> list[SyncStep]:
+    """Pack one message per server, push (``ps_exchange``: the runtime's server receives its pushes one at a time),
+    the busiest server's sum of the n pushes and optimizer step, its n answers' snapshots, pull (it sends its answers
+    one at a time), copy every shard back; with s > 0 the answer does not wait for the server's sum and step."""
     n = len(loads.bytes)
     if n < 2 or loads.total == 0:
         return []
-    exchange = -(-n * loads.busiest // (n - 1))  # the all-to-all whose busiest rank moves `busiest` bytes
     t = loads.total
     hot = max(loads.bytes)  # the busiest server's bytes: it sums, steps and answers these
-    push = SyncStep(name=f"{label} push", kind="collective", stream="comm", collective="all_to_all", nbytes=exchange)
-    pull = SyncStep(name=f"{label} pull", kind="collective", stream="comm", collective="all_to_all", nbytes=exchange)
+    push = ps_exchange(f"{label} push", loads, cost, group)
+    pull = ps_exchange(f"{label} pull", loads, cost, group)
     reduce = SyncStep(name=f"{label} server sum", kind="compute", bytes_moved=(3.0 * n + 1.0) * hot, num_kernels=n + 1)
     step = SyncStep(name=f"{label} server step", kind="optimizer", numel=max(loads.numel), num_kernels=max(loads.shards))
     answer = SyncStep(name=f"{label} server answers", kind="compute", bytes_moved=2.0 * n * hot, num_kernels=n)

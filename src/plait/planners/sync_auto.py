@@ -60,11 +60,13 @@ class Tally:
         """The predicted synchronisation time of the tally (see the module docstring)."""
         t = cost.optimizer_time(self.local_numel, num_tensors=self.local_tensors)
         if self.allreduce_bytes:  # one fused bucket, priced per byte
-            t += chain_time(allreduce_steps("auto", [(self.allreduce_bytes,)], elem_bytes=1), cost, group, dtype=dtype)
+            ring = bool(self.sfb) or any(self.loads)  # mixed with PS or SFB: the runtime's ring (sync_cost)
+            steps = allreduce_steps("auto", [(self.allreduce_bytes,)], elem_bytes=1, ring=ring, num_workers=len(group))
+            t += chain_time(steps, cost, group, dtype=dtype)
         if self.sfb:
             t += chain_time(sfb_steps(self.sfb, len(group), DTYPE_BYTES.get(dtype, 4)), cost, group, dtype=dtype)
         loads = ServerLoads(bytes=self.loads, numel=self.numel, shards=self.shards)
-        return t + chain_time(ps_steps(loads), cost, group, dtype=dtype)
+        return t + chain_time(ps_steps(loads, cost=cost, group=group), cost, group, dtype=dtype)
 
 
 def _bump(values: tuple[int, ...], at: int, by: int) -> tuple[int, ...]:

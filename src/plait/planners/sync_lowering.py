@@ -24,6 +24,7 @@ from plait.cost.sync_cost import (
     ps_steps,
     server_loads,
     sfb_steps,
+    step_group,
 )
 from plait.cost.work import dtype_ratio, layer_work_of
 from plait.errors import PlaitError
@@ -131,9 +132,12 @@ def sfb_layers(plan: Plan, rows: Mapping[str, int]) -> list[SFBLayerSize]:
     return out
 
 
-def tail_steps(plan: Plan, rows: Mapping[str, int]) -> list[tuple[str, list[SyncStep]]]:
+def tail_steps(plan: Plan, rows: Mapping[str, int], cost: CostModel | None = None) -> list[tuple[str, list[SyncStep]]]:
     """The synchronizers that run after the backward, in the runtime's order (first parameter of each): SFB and
-    one parameter-server set per staleness bound, each with its steps."""
+    one parameter-server set per staleness bound, each with its steps (``cost`` picks each PS exchange's
+    bottleneck: the busiest server or a node's link; the cluster's own cost model when None)."""
+    cost = cost or CostModel(plan.cluster)
+    group = plan.mesh.group(0, plan.data_parallel_axes)
     n = plan.dp_degree
     eb = DTYPE_BYTES.get(plan.precision.param_dtype, 4)
     shapes = {p.name: p.shape for p in plan.model.params}
@@ -149,18 +153,27 @@ def tail_steps(plan: Plan, rows: Mapping[str, int]) -> list[tuple[str, list[Sync
             continue
         served = [(shapes[p.name], p.sync.num_shards, p.sync.shard_dim, p.sync.servers) for p in plan.params
                   if p.sync.kind == "ps" and p.sync.staleness == s]
-        out.append((f"ps-s{s}", ps_steps(server_loads(served, n, eb), staleness=s, label=f"ps-s{s}")))
+        out.append((f"ps-s{s}", ps_steps(server_loads(served, n, eb), staleness=s, label=f"ps-s{s}", cost=cost,
+                                         group=group)))
     return out
 
 
+def runs_runtime_ring(plan: Plan) -> bool:
+    """Whether the plan's all-reduce buckets run through ``plait.runtime.sync``'s point-to-point ring rather than the
+    wait-free buckets' backend all-reduce: as ``plait.runtime.apply.uses_runtime_sync`` decides, when any parameter
+    is not a plain, uncompressed all-reduce."""
+    return plan.dp_degree > 1 and any(p.sync.kind != "allreduce" or p.sync.compress is not None for p in plan.params)
+
+
 def bucket_steps(plan: Plan, bucket: Bucket) -> list[SyncStep]:
-    """The steps of one bucket, compressed as its parameters' specs say."""
+    """The steps of one bucket, compressed as its parameters' specs say, through the runtime's ring when it runs one."""
     spec = plan.param(bucket.params[0]).sync
     shapes = {p.name: p.shape for p in plan.model.params}
     return allreduce_steps(f"bucket {bucket.index}", [shapes[n] for n in bucket.params], compress=spec.compress,
                            rank=spec.compress_rank, error_feedback=spec.error_feedback,
                            elem_bytes=bucket.nbytes // max(1, sum(_numel(shapes[n]) for n in bucket.params)),
-                           reduce_ratio=dtype_ratio(plan.precision.reduce_dtype, plan.precision.param_dtype))
+                           reduce_ratio=dtype_ratio(plan.precision.reduce_dtype, plan.precision.param_dtype),
+                           ring=runs_runtime_ring(plan), num_workers=plan.dp_degree)
 
 
 def _numel(shape: Sequence[int]) -> int:
@@ -175,7 +188,7 @@ def sync_times(plan: Plan, cost: CostModel, rows: Mapping[str, int] | None = Non
     group = plan.mesh.group(0, plan.data_parallel_axes)
     dtype = plan.precision.compute_dtype
     out = {f"bucket {b.index}": chain_time(bucket_steps(plan, b), cost, group, dtype=dtype) for b in plan.buckets}
-    for name, steps in tail_steps(plan, rows or {}):
+    for name, steps in tail_steps(plan, rows or {}, cost):
         out[name] = chain_time(steps, cost, group, dtype=dtype)
     return out
 
@@ -188,7 +201,7 @@ def instr_of(s: SyncStep, deps: tuple[int, ...], group: tuple[int, ...], axes: t
                  alloc_bytes=s.alloc_bytes, free_bytes=s.free_bytes)
     if s.kind == "collective":
         return replace(base, op="collective", stream="comm", phase="bwd" if in_backward else "step",
-                       collective=s.collective, nbytes=s.nbytes, group=group, axes=axes)
+                       collective=s.collective, nbytes=s.nbytes, group=step_group(s, group), axes=axes)
     if s.kind == "optimizer":
         return replace(base, op="optimizer", stream="compute", numel=s.numel, num_kernels=s.num_kernels)
     return replace(base, flops=s.flops, bytes_moved=s.bytes_moved, num_kernels=s.num_kernels)
@@ -196,10 +209,12 @@ def instr_of(s: SyncStep, deps: tuple[int, ...], group: tuple[int, ...], axes: t
 
 @dataclass(frozen=True, kw_only=True)
 class SyncLowering:
-    """``lowering.SyncHooks`` for a plan whose parameters carry SyncSpecs (``rows``: K of each SFB weight)."""
+    """``lowering.SyncHooks`` for a plan whose parameters carry SyncSpecs (``rows``: K of each SFB weight; ``cost``:
+    the model that picks each PS exchange's bottleneck)."""
 
     plan: Plan
     rows: Mapping[str, int]
+    cost: CostModel | None = None
 
     def emit(self, b: Builder, steps: Sequence[SyncStep], after: int, phase: str) -> list[int]:
         """The steps as instructions after instruction ``after``; returns their indices."""
@@ -219,7 +234,7 @@ class SyncLowering:
         """SFB and the parameter servers, one after the other (as ``ModelSync.finish()`` runs them)."""
         last = after
         ends = []
-        for _, steps in tail_steps(self.plan, self.rows):
+        for _, steps in tail_steps(self.plan, self.rows, self.cost):
             if steps:
                 last = self.emit(b, steps, last, "step")[-1]
                 ends.append(last)
@@ -258,7 +273,7 @@ def with_sync(plan: Plan, graph: ModelGraph, specs: Mapping[str, SyncSpec], *, c
     params = tuple(ParamPlan(name=p.name, placements=p.placements, sync=final[p.name], stage=p.stage)
                    for p in plan.params)
     out = replace(plan, params=params, buckets=buckets)
-    program = lower_replicate(out, layer_work_of(graph, out), optimizer_shape(out, graph), SyncLowering(plan=out, rows=rows))
+    program = lower_replicate(out, layer_work_of(graph, out), optimizer_shape(out, graph), SyncLowering(plan=out, rows=rows, cost=cost))
     out = replace(out, programs=(program,))
     return replace(out, predicted=simulate(out, cost).prediction, provenance=_provenance(plan, label))
 
