@@ -8,6 +8,7 @@ from dataclasses import replace
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -21,8 +22,14 @@ from plait.plan.ir import ScheduleSpec
 from plait.planners.intra_op.source import ModelSource
 from plait.planners.pipeline import PipelineOptions
 from plait.planners.pipeline_plan import plan_pipeline_full
-from plait.planners.pipeline_tokens import granularity_for, sliceable_problem, token_slicing
-from plait.planners.token_cost import TokenWork
+from plait.planners.pipeline_tokens import (
+    fused_attention,
+    granularity_for,
+    sliceable_problem,
+    stage_slice_costs,
+    token_slicing,
+)
+from plait.planners.token_cost import TokenWork, runtime_slice_cost
 from plait.planners.token_slicing_lowering import TokenStageWork, lower_token_pipeline
 
 CFG = GPTConfig(vocab_size=512, seq_len=1024, num_layers=4, num_heads=4, hidden=256)  # long sequence, batch 1
@@ -132,6 +139,17 @@ def test_planner_picks_token_slicing_when_it_wins_and_says_by_how_much(token_pla
     assert f"token slicing: {len(cuts)} slices" in text and "faster than micro-batch-only pipelining" in text
     ratio = plan.schedule.unsliced_step_s / plan.predicted.step_s
     assert f"{ratio:.2f}x" in text
+
+
+def test_gpu_plans_price_later_slices_with_a_fused_attention_kernel() -> None:
+    gpu, cpu = CostModel(load_cluster("dgx-a100:1")), CostModel(load_cluster("local:2"))
+    assert fused_attention(gpu) and not fused_attention(cpu)
+    tokens, later, first = np.array([128]), np.array([768]), np.array([0])
+    big = replace(work(4096), fwd_flops=(0.0, 0.0, 4e6), bwd_flops=(0.0, 0.0, 8e6))  # attention-bound
+    planned = stage_slice_costs([big], gpu, None, rank_micro=1, seq_len=1024)[0]
+    masked = runtime_slice_cost(big, gpu, last_stage=True, causal_skip=False)  # the CPU runtime's explicit mask on later slices
+    assert planned(1, tokens, later)[0] < masked(1, tokens, later)[0]
+    assert planned(1, tokens, first)[0] == pytest.approx(masked(1, tokens, first)[0])  # the first slice: causal kernel
 
 
 def test_models_without_causal_attention_are_not_sliced() -> None:

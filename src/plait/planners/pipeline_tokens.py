@@ -167,12 +167,14 @@ def stage_slice_costs(works: Sequence[TokenWork], cost: CostModel, choice: Pipel
                       seq_len: int, send_splits: Sequence[int] | None = None, dtype: str | None = None
                       ) -> list[SliceCostFn]:
     """Each stage's ``runtime_slice_cost``: with ``choice``, on its tp ranks with its tp collectives per token and its
-    boundary crossing as ``send_splits`` says."""
+    boundary crossing as ``send_splits`` says; on GPUs later slices' attention as a fused kernel (``fused_attention``)."""
     last = len(works) - 1
+    fused = fused_attention(cost)
     if choice is None or not choice.configs:
-        return [runtime_slice_cost(w, cost, last_stage=k == last, dtype=dtype) for k, w in enumerate(works)]
+        return [runtime_slice_cost(w, cost, last_stage=k == last, dtype=dtype, causal_skip=fused)
+                for k, w in enumerate(works)]
     splits = send_splits or [1] * len(works)
-    return [runtime_slice_cost(w, cost, last_stage=k == last, dtype=dtype, tp=c.tp,
+    return [runtime_slice_cost(w, cost, last_stage=k == last, dtype=dtype, tp=c.tp, causal_skip=fused,
                                fwd_comms=slice_comms(sw.fwd_comms, rank_micro, seq_len),
                                bwd_comms=slice_comms(sw.bwd_comms, rank_micro, seq_len), send_split=splits[k])
             for k, (w, sw, c) in enumerate(zip(on_stages(works, choice, rank_micro=rank_micro, seq_len=seq_len),
@@ -219,15 +221,24 @@ def token_send_placements(shape: Sequence[int], split: int) -> tuple[Placement, 
     return () if dim is None else (REPLICATE, shard(dim))
 
 
+def fused_attention(cost: CostModel) -> bool:
+    """Whether slices after the first are priced with a fused attention kernel that skips masked tiles (a GPU's
+    flash attention with the cached tokens' offset) rather than the explicit mask plait's CPU token runtime uses."""
+    return cost.cluster.device.kind != "cpu"
+
+
 def token_programs(works: Sequence[TokenWork], cuts: Sequence[int], choice: PipelineChoice,
-                   rank_micro: int, send_splits: Sequence[int] | None = None) -> tuple[RankProgram, ...]:
+                   rank_micro: int, send_splits: Sequence[int] | None = None, *, causal_skip: bool = False
+                   ) -> tuple[RankProgram, ...]:
     """The choice's stages lowered as a token pipeline of slicing ``cuts`` (tensor-parallel stages with their tp
-    collectives per slice pass, boundaries crossing as ``send_splits`` says: default whole)."""
+    collectives per slice pass, boundaries crossing as ``send_splits`` says: default whole; ``causal_skip``: later
+    slices' attention through a fused kernel, see ``fused_attention``)."""
     seq = sum(cuts)
     splits = send_splits or [1] * len(works)
     tps = [c.tp for c in choice.configs] if choice.configs else [1] * len(works)
     stages = [TokenStageWork(work=w, micro=rank_micro, activation_bytes=sw.activation_bytes,
                              transient_bytes=sw.transient_bytes, final_output_bytes=sw.final_output_bytes, tp=tp,
+                             causal_skip=causal_skip,
                              send_split=split, fwd_comms=slice_comms(sw.fwd_comms, rank_micro, seq) if tp > 1 else (),
                              bwd_comms=slice_comms(sw.bwd_comms, rank_micro, seq) if tp > 1 else ())
               for w, sw, tp, split in zip(on_stages(works, choice, rank_micro=rank_micro, seq_len=seq),
@@ -294,7 +305,7 @@ def token_variant(graph: ModelGraph, choice: PipelineChoice, *, source: ModelSou
         return TokenVariant(plan=None, slicing=sliced, reason=f"{len(cuts)} slices x {choice.num_micro} micro-batches "
                             f"exceed {MAX_CELLS} cells", search_s=time.perf_counter() - t0)
     whole = replace(choice, work=tuple(replace(w, send_split=1) for w in choice.work))  # placed below, as sent
-    plan = build(whole, token_programs(works, cuts, choice, rank_micro, splits), cuts)
+    plan = build(whole, token_programs(works, cuts, choice, rank_micro, splits, causal_skip=fused_attention(cost)), cuts)
     return TokenVariant(plan=with_token_boundaries(plan, graph, choice, splits), slicing=sliced,
                         search_s=time.perf_counter() - t0)
 
