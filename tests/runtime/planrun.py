@@ -15,7 +15,7 @@ from plait.cluster import local_cluster
 from plait.models import zoo_model
 from plait.models.mlp import MLP, MLPConfig, mse_loss, regression_batch
 from plait.plan import MeshSpec, Plan, plan_from_json, plan_to_json
-from plait.runtime import TrainConfig, Trainer, init_distributed, run_ranks, teardown
+from plait.runtime import TrainConfig, Trainer, TrainResult, init_distributed, run_ranks, teardown
 from plait.runtime.collectives import CollectiveCounter
 
 OPT = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-6, "weight_decay": 0.01}
@@ -96,6 +96,20 @@ def train_rank(name: str, plan_json: str, steps: int) -> dict[str, Any]:
     finally:
         teardown()
     return {"losses": list(result.losses), "params": result.final_state, "counts": dict(trainer.counts)}
+
+
+def fit_plan(name: str, plan_json: str, steps: int, **config: Any) -> tuple[Trainer, TrainResult]:
+    """One rank: the Trainer on the plan with the tests' AdamW (``config``: more TrainConfig fields); its result."""
+    plan = plan_from_json(plan_json)
+    build, _, loss_fn = model_parts(name)
+    ctx = init_distributed()
+    try:
+        trainer = Trainer(model_fn=build, loss_fn=loss_fn, data=data_of(name, plan.batch.global_size), plan=plan,
+                          config=TrainConfig(steps=steps, progress=False, **OPT, **config), ctx=ctx)
+        result = trainer.fit()
+    finally:
+        teardown()
+    return trainer, result
 
 
 def run_plan(name: str, plan: Plan, steps: int) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from planrun import OPT, data_of, model_parts, reference
+from planrun import fit_plan, model_parts, reference
 
 from plait.cluster import local_cluster
 from plait.cost import CostModel
@@ -19,7 +19,7 @@ from plait.plan import LayerPlan, Plan, ScheduleSpec, plan_from_json, plan_to_js
 from plait.planners.intra_op.source import ModelSource
 from plait.planners.pipeline import PipelineOptions, plan_pipeline
 from plait.planners.pipeline_plan import FP32, build_pipeline_plan, plan_pipeline_full, sharded_layers
-from plait.runtime import TrainConfig, Trainer, init_distributed, run_ranks, teardown
+from plait.runtime import init_distributed, run_ranks, teardown
 
 NAME, STEPS, GLOBAL_BATCH = "gpt-tiny", 3, 8
 LOSS_RTOL, PARAM_ATOL = 1e-5, 5e-6
@@ -52,16 +52,7 @@ def pipeline_plan(tp: int = 1, *, split: bool = False, schedule: str | None = No
 
 def train_rank(plan_json: str, steps: int, out_dir: str | None = None, checkpoint_every: int = 0,
                resume: bool = False) -> dict[str, Any]:
-    plan = plan_from_json(plan_json)
-    build, _, loss_fn = model_parts(NAME)
-    ctx = init_distributed()
-    try:
-        config = TrainConfig(steps=steps, progress=False, out_dir=out_dir, checkpoint_every=checkpoint_every, resume=resume,
-                             **OPT)
-        result = Trainer(model_fn=build, loss_fn=loss_fn, data=data_of(NAME, GLOBAL_BATCH), plan=plan, config=config,
-                         ctx=ctx).fit()
-    finally:
-        teardown()
+    trainer, result = fit_plan(NAME, plan_json, steps, out_dir=out_dir, checkpoint_every=checkpoint_every, resume=resume)
     return {"losses": list(result.losses), "params": result.final_state, "start": result.start_step}
 
 

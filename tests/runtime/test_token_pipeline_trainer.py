@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from planrun import OPT, data_of, model_parts, reference
+from planrun import OPT, fit_plan, model_parts, reference
 
 from plait.cluster import local_cluster
 from plait.cluster.load import cluster_from_dict
@@ -79,17 +79,7 @@ def plans(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Plan]:
 
 def train_rank(plan_json: str, steps: int, out_dir: str | None = None, checkpoint_every: int = 0,
                resume: bool = False) -> dict[str, Any]:
-    plan = plan_from_json(plan_json)
-    build, _, loss_fn = model_parts(NAME)
-    ctx = init_distributed()
-    try:
-        config = TrainConfig(steps=steps, progress=False, out_dir=out_dir, checkpoint_every=checkpoint_every, resume=resume,
-                             **OPT)
-        trainer = Trainer(model_fn=build, loss_fn=loss_fn, data=data_of(NAME, GLOBAL_BATCH), plan=plan, config=config,
-                          ctx=ctx)
-        result = trainer.fit()
-    finally:
-        teardown()
+    trainer, result = fit_plan(NAME, plan_json, steps, out_dir=out_dir, checkpoint_every=checkpoint_every, resume=resume)
     rank = trainer.applied.rank if isinstance(trainer.applied, AppliedPipeline) else None
     slicing = [(n, list(c)) for n, c in rank.slicing] if isinstance(rank, TokenPipelineRank) else None
     return {"losses": list(result.losses), "params": result.final_state, "start": result.start_step, "slicing": slicing}
