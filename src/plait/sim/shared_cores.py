@@ -160,35 +160,34 @@ class SharedCoreSchedule:
 
     # ---- advancing -----------------------------------------------------------------------------
 
-    def levels(self) -> list[int]:
-        """Per program, how many ranks compute or communicate in a collective on the busiest node it has ranks on."""
+    def _busy(self) -> Counter[int]:
+        """Per node, how many ranks compute or communicate in a collective now."""
         busy: Counter[int] = Counter()
         for pi, run in enumerate(self.running):
             if run is not None and (run.on_cores or run.collective):
                 busy.update(self.nodes[pi])
+        return busy
+
+    def levels(self) -> list[int]:
+        """Per program, how many ranks compute or communicate in a collective on the busiest node it has ranks on."""
+        busy = self._busy()
         return [max((busy[n] for n in self.nodes[pi]), default=0) for pi in range(len(self.programs))]
 
     def stretches(self) -> dict[int, float]:
-        """Per program in a collective: how much slower than measured it runs now (see the module docstring)."""
-        busy: Counter[int] = Counter()
+        """Per program in a collective: how much slower than measured it runs now (see the module docstring); the
+        ranks of one collective finish together, at the slowest one's pace."""
+        if self.cores is None:
+            return {}
+        busy, cores = self._busy(), self.cores
+        names: dict[int, str] = {}
+        slowest: dict[str, float] = {}
         for pi, run in enumerate(self.running):
-            if run is not None and (run.on_cores or run.collective):
-                busy.update(self.nodes[pi])
-        out: dict[int, float] = {}
-        for pi, run in enumerate(self.running):
-            if run is not None and run.collective and self.cores is not None:
-                own = len(self.programs[pi].instrs[run.index].group)
-                out[pi] = max(max(1.0, busy[n] / max(self.cores, min(own, busy[n]))) for n in self.nodes[pi])
-        groups: dict[str, float] = {}  # the ranks of one collective finish together, at the slowest one's pace
-        for pi, factor in out.items():
-            name = self.programs[pi].instrs[self._index(pi)].name
-            groups[name] = max(groups.get(name, 1.0), factor)
-        return {pi: groups[self.programs[pi].instrs[self._index(pi)].name] for pi in out}
-
-    def _index(self, pi: int) -> int:
-        run = self.running[pi]
-        assert run is not None
-        return run.index
+            if run is not None and run.collective:
+                ins = self.programs[pi].instrs[run.index]
+                factor = max(max(1.0, busy[n] / max(cores, min(len(ins.group), busy[n]))) for n in self.nodes[pi])
+                names[pi] = ins.name
+                slowest[ins.name] = max(slowest.get(ins.name, 1.0), factor)
+        return {pi: slowest[name] for pi, name in names.items()}
 
     def _duration(self, pi: int, run: _Running, levels: list[int], stretches: dict[int, float]) -> float:
         """Seconds the whole of ``run``'s work would take at the current speeds."""
