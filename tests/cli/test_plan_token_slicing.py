@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from clikit import plait_in_process
 
-from plait.cli.main import main
 from plait.plan import load_plan
 
 FACTORY = """
@@ -24,24 +24,19 @@ def long_gpt():
 """
 
 
-def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    code = 0
-    try:
-        main(argv)
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
+def run(*args: str) -> tuple[int, str, str]:
+    """``plait ARGS`` in this process: (exit code, stdout, stderr)."""
+    result = plait_in_process(*args)
+    return result.returncode, result.stdout, result.stderr
 
 
-def test_plan_picks_token_slicing_and_sim_shows_the_slices(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_plan_picks_token_slicing_and_sim_shows_the_slices(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "token_models.py").write_text(FACTORY)
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setenv("COLUMNS", "250")
     out = tmp_path / "plan.json"
     args = ["plan", "token_models:long_gpt", "--cluster", "local:4", "--family", "pipeline", "--batch", "1"]
-    code, text, err = run([*args, "--out", str(out)], capsys)
+    code, text, err = run(*args, "--out", str(out))
     assert code == 0, err
     plan = load_plan(out)
     cuts = plan.schedule.token_slices
@@ -50,11 +45,11 @@ def test_plan_picks_token_slicing_and_sim_shows_the_slices(tmp_path: Path, capsy
     assert "--no-token-slicing" in err  # the token pipeline runs on CPU ranks only: the way out for GPUs
     assert "faster than micro-batch-only" in text
 
-    code, text, err = run(["sim", str(out), "--passes", "3"], capsys)
+    code, text, err = run("sim", str(out), "--passes", "3")
     assert code == 0, err
     assert "token slicing" in text and "F0.s0@" in text and "F0.s1@" in text and "more)" in text
 
-    code, text, err = run([*args, "--no-token-slicing", "--json"], capsys)
+    code, text, err = run(*args, "--no-token-slicing", "--json")
     assert code == 0, err
     assert json.loads(text)["schedule"]["token_slices"] is None
     sys.modules.pop("token_models", None)
