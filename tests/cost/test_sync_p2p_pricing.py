@@ -5,8 +5,9 @@ flat ring across nodes as its slowest hop times its steps (docs/sync.md)."""
 from __future__ import annotations
 
 import pytest
+from costkit import alpha_beta_table, cpu_profile
 
-from plait.cluster import Cluster, cluster_from_dict
+from plait.cluster import Cluster, cluster_from_dict, local_cluster
 from plait.cost import CostModel
 from plait.cost.sync_cost import allreduce_steps, chain_time, ps_exchange, ps_steps, server_loads, step_time
 
@@ -81,3 +82,17 @@ def test_the_runtime_ring_is_not_priced_as_the_hierarchical_collective() -> None
     comm = sum(step_time(s, cost, range(4)) for s in ring if s.kind == "collective")
     assert comm == pytest.approx(6 * (INTER_LAT + 1e6 / NODE_BW), rel=1e-12)
     assert chain_time(plain, cost, range(4)) < chain_time(ring, cost, range(4))
+
+
+def test_a_ring_inside_one_node_takes_the_profiles_measured_ring_step() -> None:
+    """Every rank of the ring sends at once; on a CPU node the messages share the cores, which the profile's
+    ring_step table (all ranks moving a message together) measures and a lone pair's p2p does not."""
+    pair = alpha_beta_table("p2p", 2, 50 * US, 1 / (2 * GB), (1024, 1 << 20, 1 << 24))
+    ring = alpha_beta_table("ring_step", 4, 200 * US, 1 / (0.5 * GB), (1024, 1 << 20, 1 << 24))
+    cost = CostModel(local_cluster(4), cpu_profile(collectives=pair + ring))
+    nbytes = 8 << 20
+    chunk = nbytes / 4
+    assert cost.collective_time("p2p_ring", nbytes, [0, 1, 2, 3]) == pytest.approx(3 * (200 * US + chunk / (0.5 * GB)))
+    # three ranks were not measured together: each hop is priced as the lone pair's message
+    assert cost.collective_time("p2p_ring", nbytes, [0, 1, 2]) == pytest.approx(
+        2 * (50 * US + (nbytes / 3) / (2 * GB)), rel=1e-3)

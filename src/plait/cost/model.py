@@ -175,7 +175,8 @@ class CostModel:
         ``p2p_serial``: ``group[0]`` exchanges one message of ``nbytes`` with each of ``group[1:]``, one after the
         other (a parameter server receiving its pushes, or sending its answers). ``p2p_ring``: n - 1 ring steps over
         ``group`` in its order; in each step every rank sends a chunk of ``nbytes / n`` to the next at once, so a
-        step lasts as long as its slowest hop, and the hops from one node to another share that node's link.
+        step lasts as long as its slowest hop, and the hops from one node to another share that node's link
+        (inside one node: the profile's measured ring step for the group's size, where it has one).
         """
         n = len(group)
         if n <= 1:
@@ -183,10 +184,20 @@ class CostModel:
         if pattern == "p2p_serial":
             return sum(self.message_time(nbytes, peer, group[0]) for peer in group[1:])
         chunk = math.ceil(nbytes / n)
+        measured = self._ring_step_time(chunk, group)
+        if measured is not None:
+            return (n - 1) * measured
         hops = [(group[i], group[(i + 1) % n]) for i in range(n)]
         crossing = Counter((self.cluster.node_of(a), self.cluster.node_of(b)) for a, b in hops)
         return (n - 1) * max(self.message_time(chunk, a, b, flows=crossing[(self.cluster.node_of(a), self.cluster.node_of(b))])
                              for a, b in hops)
+
+    def _ring_step_time(self, nbytes: float, group: Sequence[int]) -> float | None:
+        """The profile's ring step (every rank sends ``nbytes`` to the next at once) when ``group`` is one node's
+        ranks and that group size was measured: the ranks' messages share the node's cores and memory."""
+        if self.calibration is None or len({self.cluster.node_of(r) for r in group}) != 1:
+            return None
+        return self.calibration.collective_time("ring_step", len(group), nbytes)
 
     def message_time(self, nbytes: float, src: int, dst: int, *, flows: int = 1) -> float:
         """One message of the sync runtime: inside a node ``p2p_time``; between nodes over the node's link (the

@@ -22,8 +22,8 @@ PROFILE_VERSION = 1
 PROFILE_FORMAT = "plait-profile"
 
 DeviceKind = Literal["cuda", "cpu"]
-MeasuredOp = Literal["all_reduce", "all_gather", "reduce_scatter", "broadcast", "p2p"]
-MEASURED_OPS: tuple[MeasuredOp, ...] = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "p2p")
+MeasuredOp = Literal["all_reduce", "all_gather", "reduce_scatter", "broadcast", "p2p", "ring_step"]
+MEASURED_OPS: tuple[MeasuredOp, ...] = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "p2p", "ring_step")
 
 
 class ProfileError(PlaitError):
@@ -98,7 +98,8 @@ class CollectivePoint:
     """One collective among ranks 0..group_size-1; ``nbytes`` is the full (unsharded) tensor size.
 
     For all_gather that is the gathered output, for reduce_scatter the input; for p2p the message
-    (one way, measured as half a round trip between two ranks).
+    (one way, measured as half a round trip between two ranks); for ring_step the message every rank of the
+    group sends to the next one while it receives as much from the previous one, all at once.
     """
 
     op: MeasuredOp

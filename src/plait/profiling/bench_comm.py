@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any
 
 import torch
@@ -67,6 +68,15 @@ def _ping_pong(rank: int, t: torch.Tensor) -> None:
         dist.send(t, dst=0)
 
 
+def _ring_step(group: Any, size: int, send: torch.Tensor, recv: torch.Tensor) -> None:
+    """Every rank of ``group`` sends ``send`` to the next rank and receives ``recv`` from the previous, at once."""
+    me = dist.get_rank(group)
+    ops = [dist.P2POp(dist.isend, send, group=group, group_peer=(me + 1) % size),
+           dist.P2POp(dist.irecv, recv, group=group, group_peer=(me - 1) % size)]
+    for work in dist.batch_isend_irecv(ops):
+        work.wait()
+
+
 def process_groups(cfg: ProfileConfig) -> dict[int, Any]:
     """The groups of ranks 0..n-1 for n = 2..nproc; every rank must call this, at the same point."""
     return {n: dist.new_group(list(range(n))) for n in range(2, cfg.nproc + 1)}
@@ -100,6 +110,14 @@ def collective_results(
 
                 round_trip = _timed(ping_pong, cfg, timer, groups[2], repeats_for(nbytes, cfg))
                 rows.append({"op": "p2p", "group_size": 2, "nbytes": nbytes, "seconds": round_trip / 2})
+            tick()
+    for n, group in groups.items():  # a ring step: all n ranks move a message at once (plait's own ring all-reduce)
+        for nbytes in cfg.collective_bytes:
+            if rank < n:
+                send, recv = (torch.ones(max(1, nbytes // 4), device=device) for _ in range(2))
+                fn = partial(_ring_step, group, n, send, recv)
+                rows.append({"op": "ring_step", "group_size": n, "nbytes": nbytes,
+                             "seconds": _timed(fn, cfg, timer, group, repeats_for(nbytes, cfg))})
             tick()
     return rows
 

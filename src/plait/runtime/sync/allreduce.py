@@ -76,6 +76,7 @@ class AllReduceSync:
         self.num_overlapped = 0  # buckets launched from a hook, during backward (the rest wait for finish())
         self._next = 0
         self._sync = True
+        self._buffers: dict[tuple[int, int], torch.Tensor] = {}  # packed buckets, kept between steps
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"plait-{name}")
         self._handles: list[RemovableHandle] = [
             p.register_post_accumulate_grad_hook(self._hook(b)) for b in self.buckets for p in b.params
@@ -137,21 +138,23 @@ class AllReduceSync:
             bucket = self.buckets[self._next]
             if not force and bucket.ready < len(bucket.params):
                 break
-            grads = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in bucket.params]
-            bucket.future = self._pool.submit(self._average, bucket.names, grads, self.step_index)
+            # read in place by the communication thread: nothing writes these gradients before finish() replaces them
+            grads = [p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in bucket.params]
+            bucket.future = self._pool.submit(self._average, bucket.index, grads, self.step_index)
             self._next += 1
             launched += 1
         return launched
 
     # ---- communication thread ------------------------------------------------------------------
 
-    def _average(self, names: tuple[str, ...], grads: list[torch.Tensor], step: int) -> list[torch.Tensor]:
-        """The group mean of each gradient (compressed as configured)."""
+    def _average(self, index: int, grads: list[torch.Tensor], step: int) -> list[torch.Tensor]:
+        """The group mean of each gradient (compressed as configured) of bucket ``index``."""
+        names = self.buckets[index].names
         def reduce(flat: torch.Tensor) -> None:
             ring_all_reduce(flat, self.group, self.counter, step)
 
         if self.powersgd is None:
-            return self._average_flat(grads, reduce)
+            return self._average_flat(grads, reduce, (index, step % 2))
         mats = [i for i, g in enumerate(grads) if self.powersgd.worth_it(g)]
         out = list(grads)
         approx = self.powersgd.average([(names[i], _matrix(grads[i])) for i in mats], reduce, self.size)
@@ -159,21 +162,37 @@ class AllReduceSync:
             out[i] = a.view_as(grads[i])
         compressed = set(mats)
         plain = [i for i in range(len(grads)) if i not in compressed]
-        for i, avg in zip(plain, self._average_flat([grads[i] for i in plain], reduce), strict=True):
+        for i, avg in zip(plain, self._average_flat([grads[i] for i in plain], reduce, (index, step % 2)), strict=True):
             out[i] = avg
         return out
 
-    def _average_flat(self, grads: list[torch.Tensor], reduce: Callable[[torch.Tensor], None]) -> list[torch.Tensor]:
-        """Pack, divide by the group size, all-reduce (in the cast dtype, if any), unpack."""
+    def _average_flat(self, grads: list[torch.Tensor], reduce: Callable[[torch.Tensor], None],
+                      key: tuple[int, int]) -> list[torch.Tensor]:
+        """Pack, divide by the group size, all-reduce (in the cast dtype, if any), unpack.
+
+        The packed buffers are kept per ``key`` (the bucket and the step's parity) rather than allocated every step:
+        fresh large buffers cost page faults on a CPU. The averages returned are views of this step's buffer, which
+        stays untouched until two steps later, when the gradients hold the next step's views."""
         if not grads:
             return []
-        flat = torch.cat([g.reshape(-1) for g in grads]).div_(self.size)
+        numel = sum(g.numel() for g in grads)
+        flat = self._buffer(key, numel, grads[0].dtype, grads[0].device)
+        torch.cat([g.reshape(-1) for g in grads], out=flat).div_(self.size)
         cast = CAST_DTYPES.get(self.compress or "")
-        sent = flat.to(cast) if cast is not None else flat
-        reduce(sent)
-        if sent is not flat:
+        if cast is None:
+            reduce(flat)
+        else:
+            sent = self._buffer((key[0], -1), numel, cast, flat.device).copy_(flat)
+            reduce(sent)
             flat.copy_(sent)
         return split_like(flat, grads)
+
+    def _buffer(self, key: tuple[int, int], numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The kept buffer of ``key``, made (again) when it does not fit this request."""
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.numel() != numel or buffer.dtype != dtype or buffer.device != device:
+            buffer = self._buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+        return buffer
 
 
 def _matrix(t: torch.Tensor) -> torch.Tensor:
