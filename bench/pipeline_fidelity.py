@@ -29,6 +29,7 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,7 @@ NPROC = 4
 BENCH_GPTS = {  # GPTs of this bench only: cost_fidelity's 4 M-parameter GPT, and gpt-mini with 6 blocks (8 layers)
     "gpt-4m": GPTConfig(vocab_size=2048, seq_len=128, num_layers=4, num_heads=4, hidden=256),
     "gpt-mini-deep": GPTConfig(vocab_size=512, seq_len=128, num_layers=6, num_heads=4, hidden=128),
+    "gpt-host": GPTConfig(vocab_size=16, seq_len=8, num_layers=2, num_heads=2, hidden=16),  # bench/pipeline_host.py
 }
 OPT = {"lr": 1e-4}
 
@@ -70,6 +72,8 @@ class Config:
     tp: int = 1  # tensor-parallel ranks per stage (the intra-op ILP's layers)
     split: bool = False  # boundaries cross as tp slices that the next stage all-gathers
     chunks: int = 1  # model chunks per rank (interleaved 1F1B)
+    nproc: int = NPROC  # ranks of the local cluster
+    micro: tuple[int, ...] = ()  # the micro-batch counts the planner may pick (default: 2, 4, 8; interleaved 4, 8)
 
     @property
     def label(self) -> str:
@@ -149,9 +153,9 @@ def captured(name: str, global_batch: int) -> tuple[Any, ModelSource]:
 def choose(config: Config) -> tuple[Any, PipelineChoice, CostModel]:
     """The planner's stages for local:4 (stages of one mesh shape, at least ``min_stages``, tp as configured)."""
     graph, source = captured(config.model, config.global_batch)
-    cluster = local_cluster(NPROC)
+    cluster = local_cluster(config.nproc)
     cost = CostModel(cluster)
-    counts = (4, 8) if config.chunks > 1 else (2, 4, 8)  # interleaving needs a multiple of the stages
+    counts = config.micro or ((4, 8) if config.chunks > 1 else (2, 4, 8))  # interleaving needs a multiple of the stages
     options = PipelineOptions(same_size=True, min_stages=config.min_stages, micro_batches=counts, tp_sizes=(config.tp,),
                               chunks=(config.chunks,) if config.chunks > 1 else ())
     sharded = sharded_layers(source, cluster, cost, tp_sizes=(config.tp,), joint_batch=source.batch_size, precision=FP32,
@@ -266,7 +270,7 @@ def run(config: Config, warmup: int, steps: int) -> Row:
     plan = plan_of(config)
     pp, dp, num_micro = plan.num_pipeline_ranks, plan.stages[0].stage_mesh.axis_size("dp"), plan.schedule.num_microbatches
     step, peaks = predict_plan(plan)
-    out = run_ranks(measure_plan_rank, NPROC, config.model, plan_to_json(plan), warmup, steps, timeout_s=1200)
+    out = run_ranks(measure_plan_rank, config.nproc, config.model, plan_to_json(plan), warmup, steps, timeout_s=1200)
     return Row(model=config.model, stages=pp, dp=dp, num_micro=num_micro, schedule=config.schedule, tp=config.tp,
                predicted_step_s=step, measured_step_s=statistics.median(t for t, _, _ in out), predicted_peaks=peaks,
                measured_peaks=[m for _, m, _ in out], others_cores=others_cores([u for _, _, u in out]))
@@ -299,6 +303,17 @@ def report(rows: list[Row]) -> dict[str, Any]:
                         "load_avg": os.getloadavg()}}
 
 
+def profile_age() -> str:
+    """When the machine's profile, which every prediction reads, was measured."""
+    calibration = CostModel(local_cluster(NPROC)).calibration
+    if calibration is None:
+        return "no profile of this machine: predictions use datasheet numbers (run `plait profile --nproc 4`)"
+    when = datetime.fromisoformat(calibration.profile.provenance.date)
+    minutes = (datetime.now(UTC) - when).total_seconds() / 60
+    return (f"profile measured {minutes:.0f} min ago ({when:%Y-%m-%d %H:%M} UTC); this machine's speed drifts (30 % "
+            "within half an hour seen): re-profile right before (`plait profile --nproc 4`)")
+
+
 def main() -> None:
     """Run every configuration and report."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -308,6 +323,7 @@ def main() -> None:
     p.add_argument("--rows", default=None, help="comma-separated row numbers to run (1-based; default: all)")
     a = p.parse_args()
     picked = [int(k) - 1 for k in a.rows.split(",")] if a.rows else list(range(len(CONFIGS)))
+    print(profile_age(), flush=True)
     rows = []
     for k in picked:
         config = CONFIGS[k]

@@ -23,6 +23,7 @@ from plait.planners.pipeline import (
 from plait.planners.pipeline_lowering import StageWork, lower_pipeline, stage_memory
 from plait.planners.schedules import Schedule, gpipe, interleaved_1f1b, one_f_one_b
 from plait.planners.stage_dp import StageError, pipeline_time
+from plait.planners.zero_bubble import zero_bubble
 from plait.sim import SimResult, simulate
 
 
@@ -137,3 +138,13 @@ def check_memory_agrees(choice: PipelineChoice, result: SimResult, limit: float)
         bound = stage_memory(choice.work[s], input_bytes=choice.work[s - 1].boundary_bytes if s else 0, num_micro=m,
                              step_temp_bytes=choice.step_temp_bytes[s], keep_outputs=choice.keep_outputs)
         assert result.trace_of(ranks[0]).peak_dynamic_bytes <= bound.peak(min(p - s, m)) <= limit - static
+
+
+def test_every_pass_carries_the_pipeline_runtimes_host_work() -> None:
+    """``StageWork.pass_kernels`` (the runtime's own work per pass, ``PIPELINE_PASS_KERNELS`` from the stage
+    pricing) is added to the kernels of every F, B, I and W pass."""
+    work = [StageWork(fwd_flops=1.0, bwd_flops=2.0, num_kernels=3, bwd_kernels=6, pass_kernels=50)] * 2
+    passes = [i for p in lower_pipeline(one_f_one_b(2, 4), work, [(0,), (1,)]) for i in p.instrs if i.pass_kind]
+    assert {(i.pass_kind, i.num_kernels) for i in passes} == {("F", 53), ("B", 56)}
+    split = [i for p in lower_pipeline(zero_bubble(2, 4), work, [(0,), (1,)]) for i in p.instrs if i.pass_kind]
+    assert {(i.pass_kind, i.num_kernels) for i in split} == {("F", 53), ("I", 53), ("W", 53)}

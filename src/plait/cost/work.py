@@ -40,6 +40,16 @@ DTENSOR_ADAMW_KERNELS = 10.5
 # FSDP2's hooks of one unit (unshard and wait, copy-out, reshard; in backward also the gradients' copy-in,
 # reduce-scatter and its wait), beyond their copies and collectives: measured 9.9-10.8 in forward and
 # 25.6-31.4 in forward and backward on this machine (one-rank mesh, Linear + GELU units).
+# One pass (F, B, I or W) of a pipeline stage run by ``torch.distributed.pipelining``: the schedule's action,
+# the stage's chunk bookkeeping, posting its receives and sends and waiting on them, beyond the compute and
+# the transfers' own time (``python bench/pipeline_host.py``: two stages of tiny layers, 4 and 16 micro-batches,
+# GPipe and 1F1B; the measured steps' difference less the simulated one without this term, per pass on the
+# critical path, over the profile's ``kernel_s``). 0.6-0.75 ms a pass on two ranks of this machine; in launches,
+# medians 67, 61 and 72-84 against three profiles (kernel_s 9.9, 12.3 and 10.1 us at two ranks busy). With
+# tensor-parallel stages (two stages x tp 2 on four ranks, sliced boundaries: the stages' DTensor wrapping and
+# the boundary's all-gather) medians 79, 88 and 135-139 (44-219 per run) at four ranks' kernel_s.
+PIPELINE_PASS_KERNELS = 65
+PIPELINE_TP_PASS_KERNELS = 100
 FSDP2_UNIT_FWD_KERNELS = 10
 FSDP2_UNIT_BWD_KERNELS = 17
 

@@ -63,6 +63,9 @@ class StageWork:
     send_split: int = 1
     fwd_comms: tuple[Comm, ...] = ()  # tensor-parallel collectives the forward waits for, in order
     bwd_comms: tuple[Comm, ...] = ()  # and the backward (a recomputed forward's again)
+    # the pipeline runtime's own host work per pass (F, B, I or W: the schedule's step, the stage's bookkeeping,
+    # posting and waiting on its sends and receives), in kernel launches (``plait.cost.work.PIPELINE_PASS_KERNELS``)
+    pass_kernels: int = 0
 
     @property
     def comm_temp_bytes(self) -> int:
@@ -245,7 +248,7 @@ def _lower_action(instrs: list[Instr], a: Action, stage: int, p: int, work: Sequ
     elif a.kind == "W":
         w = work[v]
         instrs.append(Instr(op="compute", stream="compute", name=f"bwdW v{v} mb{a.micro}", phase="bwd",
-                            flops=w.bwd_flops / 2, bytes_moved=w.bwd_bytes_moved / 2, num_kernels=max(1, w.bwd_kernels // 2),
+                            flops=w.bwd_flops / 2, bytes_moved=w.bwd_bytes_moved / 2, num_kernels=max(1, w.bwd_kernels // 2) + w.pass_kernels,
                             free_bytes=w.activation_bytes + _kept_for_w(w) + _received(work, v) + released,  # after its I
                             pass_kind="W", micro=a.micro, stage=v))
     else:
@@ -273,7 +276,7 @@ def _lower_forward(instrs: list[Instr], a: Action, v: int, stage: int, p: int, w
     output = w.boundary_bytes if v < last else w.final_output_bytes
     sliced_off = output - _slice(w) if v < last else 0  # the whole output lives until its slice is taken
     instrs.append(Instr(op="compute", stream="compute", name=f"fwd v{v} mb{a.micro}", phase="fwd", flops=w.fwd_flops,
-                        bytes_moved=w.fwd_bytes_moved, num_kernels=w.num_kernels, deps=deps,
+                        bytes_moved=w.fwd_bytes_moved, num_kernels=w.num_kernels + w.pass_kernels, deps=deps,
                         alloc_bytes=w.activation_bytes + output, free_bytes=released + sliced_off, pass_kind="F",
                         micro=a.micro, stage=v))
     _tensor_parallel(instrs, w.fwd_comms, f"fwd v{v} mb{a.micro}", "fwd", group)
@@ -303,7 +306,7 @@ def _lower_backward(instrs: list[Instr], a: Action, v: int, stage: int, p: int, 
     freed += _input_bytes(work, v) - _sent_back(work, v)  # the input's gradient is kept as the slice it sends
     instrs.append(Instr(op="compute", stream="compute", name=f"bwd{'' if whole else 'I'} v{v} mb{a.micro}", phase="bwd",
                         flops=w.bwd_flops * share, bytes_moved=w.bwd_bytes_moved * share,
-                        num_kernels=max(1, int(w.bwd_kernels * share)), deps=deps,
+                        num_kernels=max(1, int(w.bwd_kernels * share)) + w.pass_kernels, deps=deps,
                         alloc_bytes=w.transient_bytes + _input_bytes(work, v) + kept_for_w,
                         free_bytes=freed + w.transient_bytes, pass_kind=a.kind, micro=a.micro, stage=v))
     _tensor_parallel(instrs, w.bwd_comms, f"bwd v{v} mb{a.micro}", "bwd", group)

@@ -26,7 +26,7 @@ from plait.cluster.spec import Cluster
 from plait.cost import CostModel
 from plait.cost.comm import CollectiveOp
 from plait.cost.memory import step_temporaries
-from plait.cost.work import LayerWork, layer_work
+from plait.cost.work import PIPELINE_PASS_KERNELS, PIPELINE_TP_PASS_KERNELS, LayerWork, layer_work
 from plait.graph.model_graph import LayerInfo, ModelGraph
 from plait.planners.pipeline_lowering import StageWork
 from plait.planners.stage_configs import ShardedLayers, comms_of
@@ -125,8 +125,10 @@ class StagePricer:
     def time_s(self, work: StageWork) -> float:
         """Forward + backward of one micro-batch on one rank with their collectives, plus the boundary both ways."""
         cost, dtype = self.cost, self.dtype
-        fwd = cost.compute_time(work.fwd_flops, work.fwd_bytes_moved, dtype=dtype, num_kernels=work.num_kernels)
-        bwd = cost.compute_time(work.bwd_flops, work.bwd_bytes_moved, dtype=dtype, num_kernels=work.bwd_kernels)
+        fwd = cost.compute_time(work.fwd_flops, work.fwd_bytes_moved, dtype=dtype,
+                                num_kernels=work.num_kernels + work.pass_kernels)
+        bwd = cost.compute_time(work.bwd_flops, work.bwd_bytes_moved, dtype=dtype,
+                                num_kernels=work.bwd_kernels + work.pass_kernels)
         comms = sum(self.collective_s(c.collective, c.nbytes, work.tp) for c in (*work.fwd_comms, *work.bwd_comms))
         return fwd + bwd + comms + self.boundary_s(work.boundary_bytes, work.send_split, work.tp)
 
@@ -197,6 +199,7 @@ def stage_work(works: Sequence[LayerWork], layers: Sequence[LayerInfo], scale: f
         boundary_bytes=0 if last else output,
         final_output_bytes=output if last else 0,
         tp=tp, fwd_comms=comms_of(works, "fwd"), bwd_comms=again + comms_of(works, "bwd"),
+        pass_kernels=PIPELINE_PASS_KERNELS if tp == 1 else PIPELINE_TP_PASS_KERNELS,
     )
 
 
