@@ -57,12 +57,15 @@ def test_a_pipeline_plan_is_complete_and_round_trips() -> None:
         assert len(p.placements) == len(plan.mesh_of(p).axes)
     b = plan.batch
     assert b.global_size == 8 and b.micro_size * b.num_micro * plan.dp_degree == 8
-    # the chosen stages were simulated under 1F1B and the zero-bubble schedule; the faster won
-    one_f = plan_pipeline_full(graph, cluster, global_batch=8, cost=cost, schedule="1f1b",
-                               options=PipelineOptions(same_size=True, min_stages=2))
-    assert plan.schedule.kind == "zero-bubble" and plan.schedule.num_microbatches == b.num_micro
-    assert plan.predicted is not None and one_f.predicted is not None
-    assert plan.predicted.step_s < one_f.predicted.step_s
+    # the chosen stages were simulated under 1F1B, the zero-bubble schedule and interleaved 1F1B; the fastest won
+    # (which one depends on the machine's profile: zero-bubble runs a third pass per micro-batch, and each pass
+    # costs host time)
+    options = PipelineOptions(same_size=True, min_stages=2)
+    fixed = [plan_pipeline_full(graph, cluster, global_batch=8, cost=cost, schedule=kind, options=options)
+             for kind in ("1f1b", "zero-bubble")]
+    assert plan.schedule.kind in ("1f1b", "zero-bubble", "interleaved-1f1b")
+    assert plan.schedule.num_microbatches == b.num_micro and plan.predicted is not None
+    assert all(p.predicted is not None and plan.predicted.step_s <= p.predicted.step_s for p in fixed)
     assert len(plan.programs) == len(plan.stages)  # ranks of a stage share one program
     assert plan_from_json(plan_to_json(plan)) == plan
     # the prediction is the simulator's; each stage's ranks hold that stage's state, not the whole model's
@@ -75,7 +78,7 @@ def test_a_pipeline_plan_is_complete_and_round_trips() -> None:
         assert result.static_by_rank[stage.ranks[0]] < graph.param_bytes * states
     assert 0 < plan.predicted.bubble_fraction < 1
     text = plan_text(plan, width=160)
-    assert "pipeline stages" in text and "2 stages (2 ranks each), zero-bubble" in text and "MFU" in text
+    assert "pipeline stages" in text and f"2 stages (2 ranks each), {plan.schedule.kind}" in text and "MFU" in text
 
 
 def test_stages_of_different_sizes_keep_a_flat_mesh() -> None:
