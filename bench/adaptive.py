@@ -76,6 +76,8 @@ class Task:
     max_s: float = 240.0  # ... or after this much training time
     optimizer: str = "adamw"  # adamw (learning rate x sqrt(gain): adamscale) or sgd (momentum 0.9, x gain: adascale)
     preconditioned: bool = False  # measure the noise scale of Adam-preconditioned gradients (gns_preconditioned)
+    precondition_form: str = "metric"  # ... as Adam's step factor weighs them, or "pollux" (gns_precondition_form)
+    gns_smoothing: float = 0.999  # the noise-scale averages keep this weight per M0 samples (TrainConfig's default)
 
 
 TASKS = {
@@ -264,7 +266,8 @@ def _one_run(task: Task, run: str, plans: dict[int, Plan], ctx: Any) -> dict[str
         adapt = {"adapt_batch_every": task.adapt_every, "max_batch_size": large, "max_local_batch": large // ctx.world_size}
     config = TrainConfig(steps=10**7, lr=task.lr, weight_decay=0.0, seed=0, progress=False, log_every=10**7,
                          adaptive=True, lr_scaling="auto", init_batch_size=small, momentum=0.9,
-                         gns_preconditioned=task.preconditioned, **adapt)
+                         gns_preconditioned=task.preconditioned,
+                         gns_precondition_form=task.precondition_form, gns_smoothing=task.gns_smoothing, **adapt)
     evaluator = _Evaluator(task, stream, val, loss_fn, ctx.rank, ctx.world_size)
     trainer = Trainer(model_fn=model_fn, loss_fn=loss_fn, data=stream, plan=plans[batch], config=config, ctx=ctx,
                       before_step=evaluator)
@@ -373,6 +376,14 @@ def report(s: Settings, results: dict[str, list[dict[str, Any]]]) -> dict[str, A
     return record
 
 
+def set_value(text: str) -> Any:
+    """A ``--set`` value: JSON (numbers, true/false), else the text itself (mlp.precondition_form=pollux)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
 def main() -> None:
     """Parse arguments, plan, run the ranks, report."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -388,7 +399,7 @@ def main() -> None:
     for item in a.set:
         key, value = item.split("=", 1)
         task, fld = key.split(".", 1)
-        overrides.setdefault(task, {})[fld] = json.loads(value) if fld != "batches" else tuple(json.loads(value))
+        overrides.setdefault(task, {})[fld] = tuple(json.loads(value)) if fld == "batches" else set_value(value)
     s = Settings(nproc=a.nproc, tasks=tuple(a.tasks.split(",")), runs=tuple(a.runs.split(",")), rounds=a.rounds,
                  overrides=overrides)
     torch.set_num_threads(1)

@@ -1,4 +1,5 @@
-"""Adam-preconditioned norms (``AdamPreconditioner``): weights 1 / (sqrt(v_hat) + eps) where the gradients live."""
+"""Adam-preconditioned norms (``AdamPreconditioner``): with w = 1 / (sqrt(v_hat) + eps), the probe weighs elements by
+sqrt(w) ("metric") or w ("pollux") where the gradients live."""
 
 from __future__ import annotations
 
@@ -7,9 +8,13 @@ import torch
 from torch import nn
 
 from plait.adaptive import AdamPreconditioner, GradNormProbe
+from plait.errors import PlaitError
+from plait.runtime import TrainConfig
+from plait.runtime.batch_adapt import check_adapt_config
 
 
-def test_weights_follow_adam_second_moments_in_the_flat_buffer() -> None:
+@pytest.mark.parametrize("form", ["metric", "pollux"])
+def test_weights_follow_adam_second_moments_in_the_flat_buffer(form: str) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
     params = list(model.parameters())
@@ -19,7 +24,7 @@ def test_weights_follow_adam_second_moments_in_the_flat_buffer() -> None:
         p.grad = flat[offset : offset + p.numel()].view_as(p)
         offset += p.numel()
     opt = torch.optim.AdamW(params, lr=1e-2, betas=(0.9, 0.99), eps=1e-6)
-    pre = AdamPreconditioner(refresh_every=2)
+    pre = AdamPreconditioner(form=form, refresh_every=2)  # type: ignore[arg-type]
     probe = GradNormProbe()
     probe.preconditioner = pre
     unweighted = torch.randn(5)
@@ -33,6 +38,7 @@ def test_weights_follow_adam_second_moments_in_the_flat_buffer() -> None:
         else:
             expected = torch.cat([(1.0 / ((opt.state[p]["exp_avg_sq"] / (1 - 0.99 ** float(opt.state[p]["step"])))
                                           .sqrt() + 1e-6)).flatten() for p in params])
+            expected = expected.sqrt() if form == "metric" else expected
             if step == 2:  # refreshed after steps 1 and 2 only: the weights are those of step 2
                 torch.testing.assert_close(pre.apply(flat), flat * expected)
             weighted = float((flat.double() * expected.double()).square().sum()) if step == 2 else local
@@ -40,3 +46,10 @@ def test_weights_follow_adam_second_moments_in_the_flat_buffer() -> None:
         opt.step()
         pre.after_step(opt)
     assert pre.apply(unweighted) is unweighted  # a tensor whose storage it does not know
+
+
+def test_an_unknown_form_is_a_clear_error() -> None:
+    with pytest.raises(PlaitError, match="gns_precondition_form is 'newton'; use one of metric, pollux"):
+        check_adapt_config(TrainConfig(steps=1, adaptive=True, gns_preconditioned=True, gns_precondition_form="newton"))
+    with pytest.raises(ValueError, match="not one of metric, pollux"):
+        AdamPreconditioner(form="newton")  # type: ignore[arg-type]

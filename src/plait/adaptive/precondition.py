@@ -1,12 +1,19 @@
-"""Adam-preconditioned gradient norms: Pollux's noise scale for Adam-family optimizers.
+"""Adam-preconditioned gradient norms: the noise scale that Adam-family optimizers see.
 
-Adam divides each gradient element by ``sqrt(v_hat) + eps``. Its useful noise scale is that of the
-*preconditioned* gradient (Pollux, OSDI'21 §3.1; AdaptDL's ``AdamScale``): the plain noise scale weighs
-every element alike and, measured on Adam, underrates what a larger batch is worth. ``AdamPreconditioner``
-keeps the element weights ``1 / (sqrt(v_hat) + eps)`` laid out like the gradients' storage (a WFBP bucket's flat
-buffer), refreshed from the optimizer's state every few steps (the second moments move slowly), and the probe
-norms ``g * w`` in place of ``g``. Both norms of a step (local and synchronised) are weighted alike, so the
-estimator stays unbiased for the preconditioned gradient (with the weights held fixed over the step).
+Adam divides each gradient element by ``sqrt(v_hat) + eps``, so a plain noise scale, which weighs every element
+alike, underrates what a larger batch is worth to it (measured: ``bench/adaptive_noise.py``). Two forms, with
+``w = 1 / (sqrt(v_hat) + eps)`` Adam's per-element step factor:
+
+* ``"metric"`` (default): ``tr(W Sigma) / g^T W g``, the noise scale in the metric Adam steps in; the probe norms
+  ``g * sqrt(w)``, so each element's square counts with Adam's own step factor;
+* ``"pollux"``: ``tr(W Sigma W) / |W g|^2``, the pre-conditioned gradient's noise scale as Pollux (OSDI'21 §3.1)
+  and AdaptDL's ``AdamScale`` measure it; the probe norms ``g * w``, each square weighted by ``1 / v_hat``. Early
+  in training, while the second moments are young, it reads far below the plain noise scale.
+
+``AdamPreconditioner`` keeps the probe's element weights laid out like the gradients' storage (a WFBP bucket's flat
+buffer), refreshed from the optimizer's state every few steps (the second moments move slowly). Both norms of a
+step (local and synchronised) are weighted alike, so the estimator stays unbiased for the weighted gradient (with
+the weights held fixed over the step).
 
 It needs gradients whose storage lives across steps (the Trainer allows it on replicated plans, whose gradients
 are views of the buckets' flat buffers); a tensor whose storage it does not know is normed unweighted.
@@ -14,17 +21,26 @@ are views of the buckets' flat buffers); a tensor whose storage it does not know
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
 DEFAULT_REFRESH_EVERY = 10  # optimizer steps between two refreshes of the weights
+PreconditionForm = Literal["metric", "pollux"]
+PRECONDITION_FORMS: tuple[PreconditionForm, ...] = ("metric", "pollux")
 
 
 class AdamPreconditioner:
-    """Element weights ``1 / (sqrt(v_hat) + eps)`` of an Adam-family optimizer, by gradient storage."""
+    """The probe's element weights of an Adam-family optimizer, by gradient storage: ``sqrt(w)`` (``"metric"``) or
+    ``w`` (``"pollux"``), with ``w = 1 / (sqrt(v_hat) + eps)``."""
 
-    def __init__(self, *, refresh_every: int = DEFAULT_REFRESH_EVERY) -> None:
+    def __init__(self, *, form: PreconditionForm = "metric", refresh_every: int = DEFAULT_REFRESH_EVERY) -> None:
+        if form not in PRECONDITION_FORMS:
+            raise ValueError(f"precondition form {form!r} is not one of {', '.join(PRECONDITION_FORMS)}")
+        self.form = form
         self.refresh_every = max(1, refresh_every)
         self._weights: dict[int, torch.Tensor] = {}  # gradient storage's address -> weights over the whole storage
+        self._scratch: dict[int, torch.Tensor] = {}  # the same layout: where ``apply`` writes its products
         self.steps = 0
 
     @property
@@ -40,7 +56,7 @@ class AdamPreconditioner:
 
     @torch.no_grad()
     def refresh(self, optimizer: torch.optim.Optimizer) -> None:
-        """Read ``v_hat`` of every parameter with a gradient and write its weights where its gradient lives."""
+        """Read ``v_hat`` of every parameter with a gradient and write its probe weights where its gradient lives."""
         for group in optimizer.param_groups:
             beta2, eps = group["betas"][1], group["eps"]
             for p in group["params"]:
@@ -57,11 +73,19 @@ class AdamPreconditioner:
                 correction = 1.0 - beta2 ** float(state["step"])
                 torch.div(state["exp_avg_sq"], correction, out=view)
                 view.sqrt_().add_(eps).reciprocal_()
+                if self.form == "metric":
+                    view.sqrt_()
 
     def apply(self, tensor: torch.Tensor) -> torch.Tensor:
-        """``tensor`` times its weights (a temporary), or ``tensor`` itself where no weights are known."""
-        weights = self._weights.get(tensor.untyped_storage().data_ptr())
+        """``tensor`` times its weights, or ``tensor`` itself where no weights are known. The product is written
+        into a buffer kept per gradient storage (fresh buffers cost page faults on a CPU) and is valid until the
+        next ``apply`` on the same storage: norm it at once."""
+        key = tensor.untyped_storage().data_ptr()
+        weights = self._weights.get(key)
         if weights is None:
             return tensor
-        start = tensor.storage_offset()
-        return tensor * weights[start : start + tensor.numel()].view_as(tensor)
+        scratch = self._scratch.get(key)
+        if scratch is None or scratch.numel() != weights.numel():
+            scratch = self._scratch[key] = torch.empty_like(weights)
+        start, end = tensor.storage_offset(), tensor.storage_offset() + tensor.numel()
+        return torch.mul(tensor, weights[start:end].view_as(tensor), out=scratch[start:end].view_as(tensor))

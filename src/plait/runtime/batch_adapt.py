@@ -41,6 +41,7 @@ from plait.adaptive import (
     choose_batch,
 )
 from plait.adaptive.goodput import efficiency
+from plait.adaptive.precondition import PRECONDITION_FORMS
 from plait.adaptive.throughput import cost_model_predictor, fit_prior
 from plait.data.samples import SampleStream
 from plait.errors import PlaitError
@@ -79,6 +80,9 @@ def check_adapt_config(cfg: AdaptConfig) -> None:
     """Raise ``PlaitError`` naming what is wrong with the adaptive-batch settings of a training config."""
     if getattr(cfg, "gns_preconditioned", False) and not cfg.adaptive:
         raise PlaitError("gns_preconditioned needs adaptive=True (it changes how the noise scale is measured)")
+    form = getattr(cfg, "gns_precondition_form", "metric")
+    if form not in PRECONDITION_FORMS:
+        raise PlaitError(f"gns_precondition_form is {form!r}; use one of {', '.join(PRECONDITION_FORMS)}")
     if cfg.adapt_batch_every < 0:
         raise PlaitError(f"adapt_batch_every is {cfg.adapt_batch_every}; give 0 (off) or a number of steps")
     if not cfg.adapt_batch_every:
@@ -98,7 +102,7 @@ def check_adapt_config(cfg: AdaptConfig) -> None:
                          "new batch must bring")
 
 
-def adam_preconditioner(applied: object, optimizer: torch.optim.Optimizer) -> AdamPreconditioner:
+def adam_preconditioner(applied: object, optimizer: torch.optim.Optimizer, form: str = "metric") -> AdamPreconditioner:
     """The preconditioner of ``TrainConfig(gns_preconditioned=True)``: Adam or AdamW on a replicated plan (whose
     gradients live in the WFBP buckets' flat buffers across steps), else a ``PlaitError`` saying what to change."""
     if optimizer_name(optimizer) not in ("adam", "adamw"):
@@ -107,7 +111,7 @@ def adam_preconditioner(applied: object, optimizer: torch.optim.Optimizer) -> Ad
     if not isinstance(applied, AppliedPlan) or applied.replicate is None or applied.model_parallel:
         raise PlaitError("gns_preconditioned is supported on replicated data-parallel plans (WFBP buckets, no tensor "
                          "parallelism) only; plan `--kind replicate` or set gns_preconditioned=False")
-    return AdamPreconditioner()
+    return AdamPreconditioner(form="pollux" if form == "pollux" else "metric")
 
 
 def check_adapt_data(cfg: AdaptConfig, data: object) -> None:

@@ -86,7 +86,8 @@ class TrainConfig:
     max_local_batch: int | None = None  # ... at most (None: what the plan's predicted memory allows)
     max_accumulation: int = 1  # micro-batches per replica and step, at most (1: no accumulation)
     adapt_threshold: float = 0.05  # change the batch only for a predicted goodput gain above this (Pollux: 5 %)
-    gns_preconditioned: bool = False  # adaptive, Adam: the noise scale of Adam-preconditioned gradients (Pollux)
+    gns_preconditioned: bool = False  # adaptive, Adam: the noise scale of Adam-preconditioned gradients
+    gns_precondition_form: str = "metric"  # ... "metric" (Adam's step factor) or "pollux" (plait.adaptive.precondition)
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.checkpoint_every < 0:
@@ -209,7 +210,7 @@ class Trainer:
             probe = GradNormProbe(device=ctx.device)
             applied.attach_probe(probe)
             if cfg.gns_preconditioned:
-                probe.preconditioner = adam_preconditioner(applied, optimizer)
+                probe.preconditioner = adam_preconditioner(applied, optimizer, cfg.gns_precondition_form)
         else:
             self.tracker_note = f"adaptive: no noise-scale estimate on this plan: {layout}"
         return AdaptiveTracker(init_batch_size=cfg.init_batch_size or batch.global_size, batch_size=batch.global_size,
