@@ -142,6 +142,19 @@ def assert_pipeline_matches(results: Sequence[dict[str, Any]], dp: int, name: st
     assert seen == set(ref_params)  # every parameter lives on some stage
 
 
+def assert_trained_like_reference(got: dict[str, Any], name: str, global_batch: int, steps: int, *, first: int = 0,
+                                  loss_rtol: float = 1e-5, param_atol: float = 5e-6) -> None:
+    """One rank's Trainer result (``losses`` from step ``first``, ``params``: the whole model's final state) against
+    one plain process."""
+    import pytest
+
+    ref_losses, ref_params = reference(name, global_batch, steps)
+    assert got["losses"] == pytest.approx(ref_losses[first:], rel=loss_rtol)
+    assert set(got["params"]) >= set(ref_params)
+    for param, value in ref_params.items():
+        torch.testing.assert_close(got["params"][param], value, atol=param_atol, rtol=0, msg=param)
+
+
 def train_pipeline_steps(rank: Any, name: str, global_batch: int, steps: int) -> dict[str, Any]:
     """``steps`` AdamW steps of a pipeline rank (anything with ``params`` and ``step(batch)``) on ``name``'s
     global batches: each step's loss (None off the last stage) and the rank's final parameters."""

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from planrun import fit_plan, model_parts, reference
+from planrun import assert_trained_like_reference, fit_plan, model_parts
 
 from plait.cluster import local_cluster
 from plait.cost import CostModel
@@ -57,11 +57,7 @@ def train_rank(plan_json: str, steps: int, out_dir: str | None = None, checkpoin
 
 
 def assert_matches(got: dict[str, Any], steps: int = STEPS, first: int = 0) -> None:
-    ref_losses, ref_params = reference(NAME, GLOBAL_BATCH, steps)
-    assert got["losses"] == pytest.approx(ref_losses[first:], rel=LOSS_RTOL)
-    assert set(got["params"]) >= set(ref_params)
-    for name, value in ref_params.items():
-        torch.testing.assert_close(got["params"][name], value, atol=PARAM_ATOL, rtol=0, msg=name)
+    assert_trained_like_reference(got, NAME, GLOBAL_BATCH, steps, first=first, loss_rtol=LOSS_RTOL, param_atol=PARAM_ATOL)
 
 
 def variants(plan: Plan) -> dict[str, Plan]:

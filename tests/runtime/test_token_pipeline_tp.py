@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from planrun import OPT, data_of, model_parts, reference
+from planrun import model_parts, reference, train_pipeline_steps
 from torch.distributed.tensor import DTensor
 from tpkit import gpt_layout
 
@@ -50,17 +50,9 @@ def train_rank(sent: Placement) -> dict[str, Any]:
             return extend(layer, keys, values, dim)
 
         rank.slicer.state.extend = record
-        opt = torch.optim.AdamW(list(rank.params.values()), **OPT)  # type: ignore[arg-type]
-        data = data_of("gpt-tiny", GLOBAL_BATCH)
-        losses = []
-        for step in range(STEPS):
-            opt.zero_grad()
-            got = rank.step(data(step))
-            opt.step()
-            losses.append(None if got is None else float(got))
-        params = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
-                  for n, p in rank.params.items()}
-        return {"losses": losses, "params": params, "cached": cached}
+        out = train_pipeline_steps(rank, "gpt-tiny", GLOBAL_BATCH, STEPS)
+        params = {n: p.full_tensor() if isinstance(p, DTensor) else p for n, p in out["params"].items()}
+        return {**out, "params": params, "cached": cached}
     finally:
         teardown()
 

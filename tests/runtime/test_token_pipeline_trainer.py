@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from planrun import OPT, fit_plan, model_parts, reference
+from planrun import OPT, assert_trained_like_reference, fit_plan, model_parts, reference
 
 from plait.cluster import local_cluster
 from plait.cluster.load import cluster_from_dict
@@ -86,11 +86,7 @@ def train_rank(plan_json: str, steps: int, out_dir: str | None = None, checkpoin
 
 
 def assert_matches(got: dict[str, Any], steps: int = STEPS, first: int = 0) -> None:
-    ref_losses, ref_params = reference(NAME, GLOBAL_BATCH, steps)
-    assert got["losses"] == pytest.approx(ref_losses[first:], rel=LOSS_RTOL)
-    assert set(got["params"]) >= set(ref_params)
-    for name, value in ref_params.items():
-        torch.testing.assert_close(got["params"][name], value, atol=PARAM_ATOL, rtol=0, msg=name)
+    assert_trained_like_reference(got, NAME, GLOBAL_BATCH, steps, first=first, loss_rtol=LOSS_RTOL, param_atol=PARAM_ATOL)
 
 
 MESHES = {"4x1": ((4, 1), ("pp", "dp")), "2x2-dp": ((2, 2), ("pp", "dp")), "2x2-tp": ((2, 1, 2), ("pp", "dp", "tp"))}

@@ -41,7 +41,7 @@ from plait.adaptive import (
     choose_batch,
 )
 from plait.adaptive.goodput import efficiency
-from plait.adaptive.precondition import PRECONDITION_FORMS
+from plait.adaptive.precondition import PRECONDITION_FORMS, PreconditionForm
 from plait.adaptive.throughput import cost_model_predictor, fit_prior
 from plait.data.samples import SampleStream
 from plait.errors import PlaitError
@@ -102,7 +102,8 @@ def check_adapt_config(cfg: AdaptConfig) -> None:
                          "new batch must bring")
 
 
-def adam_preconditioner(applied: object, optimizer: torch.optim.Optimizer, form: str = "metric") -> AdamPreconditioner:
+def adam_preconditioner(applied: object, optimizer: torch.optim.Optimizer,
+                        form: PreconditionForm = "metric") -> AdamPreconditioner:
     """The preconditioner of ``TrainConfig(gns_preconditioned=True)``: Adam or AdamW on a replicated plan (whose
     gradients live in the WFBP buckets' flat buffers across steps), else a ``PlaitError`` saying what to change."""
     if optimizer_name(optimizer) not in ("adam", "adamw"):
@@ -111,7 +112,7 @@ def adam_preconditioner(applied: object, optimizer: torch.optim.Optimizer, form:
     if not isinstance(applied, AppliedPlan) or applied.replicate is None or applied.model_parallel:
         raise PlaitError("gns_preconditioned is supported on replicated data-parallel plans (WFBP buckets, no tensor "
                          "parallelism) only; plan `--kind replicate` or set gns_preconditioned=False")
-    return AdamPreconditioner(form="pollux" if form == "pollux" else "metric")
+    return AdamPreconditioner(form=form)
 
 
 def check_adapt_data(cfg: AdaptConfig, data: object) -> None:

@@ -34,6 +34,7 @@ from plait.adaptive import (
     ProbeLayout,
     resolve_lr_scaling,
 )
+from plait.adaptive.precondition import PreconditionForm
 from plait.data.samples import SampleStream
 from plait.errors import PlaitError
 from plait.plan.ir import Plan
@@ -87,7 +88,7 @@ class TrainConfig:
     max_accumulation: int = 1  # micro-batches per replica and step, at most (1: no accumulation)
     adapt_threshold: float = 0.05  # change the batch only for a predicted goodput gain above this (Pollux: 5 %)
     gns_preconditioned: bool = False  # adaptive, Adam: the noise scale of Adam-preconditioned gradients
-    gns_precondition_form: str = "metric"  # ... "metric" (Adam's step factor) or "pollux" (plait.adaptive.precondition)
+    gns_precondition_form: PreconditionForm = "metric"  # ... "metric" (Adam's step factor) or "pollux" (plait.adaptive.precondition)
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.checkpoint_every < 0:

@@ -150,11 +150,13 @@ class AllReduceSync:
     def _average(self, index: int, grads: list[torch.Tensor], step: int) -> list[torch.Tensor]:
         """The group mean of each gradient (compressed as configured) of bucket ``index``."""
         names = self.buckets[index].names
+        key = (index, step % 2)  # two kept buffers per bucket, in turn (see _average_flat)
+
         def reduce(flat: torch.Tensor) -> None:
             ring_all_reduce(flat, self.group, self.counter, step)
 
         if self.powersgd is None:
-            return self._average_flat(grads, reduce, (index, step % 2))
+            return self._average_flat(grads, reduce, key)
         mats = [i for i, g in enumerate(grads) if self.powersgd.worth_it(g)]
         out = list(grads)
         approx = self.powersgd.average([(names[i], _matrix(grads[i])) for i in mats], reduce, self.size)
@@ -162,7 +164,7 @@ class AllReduceSync:
             out[i] = a.view_as(grads[i])
         compressed = set(mats)
         plain = [i for i in range(len(grads)) if i not in compressed]
-        for i, avg in zip(plain, self._average_flat([grads[i] for i in plain], reduce, (index, step % 2)), strict=True):
+        for i, avg in zip(plain, self._average_flat([grads[i] for i in plain], reduce, key), strict=True):
             out[i] = avg
         return out
 
