@@ -10,7 +10,7 @@ from torch import nn
 from plait.adaptive import AdamPreconditioner, GradNormProbe
 from plait.errors import PlaitError
 from plait.runtime import TrainConfig
-from plait.runtime.batch_adapt import check_adapt_config
+from plait.runtime.batch_adapt import check_adapt_config, preconditioner_for
 
 
 @pytest.mark.parametrize("form", ["metric", "pollux"])
@@ -44,7 +44,7 @@ def test_weights_follow_adam_second_moments_in_the_flat_buffer(form: str) -> Non
             weighted = float((flat.double() * expected.double()).square().sum()) if step == 2 else local
             assert local == synced == pytest.approx(weighted, rel=1e-5)
         opt.step()
-        pre.after_step(opt)
+        pre.after_step(opt, step + 1)
     assert pre.apply(unweighted) is unweighted  # a tensor whose storage it does not know
 
 
@@ -53,3 +53,19 @@ def test_an_unknown_form_is_a_clear_error() -> None:
         check_adapt_config(TrainConfig(steps=1, adaptive=True, gns_preconditioned=True, gns_precondition_form="newton"))
     with pytest.raises(ValueError, match="not one of metric, pollux"):
         AdamPreconditioner(form="newton")  # type: ignore[arg-type]
+
+
+def test_auto_weighs_by_adam_only_where_it_can_and_true_says_why_not() -> None:
+    params = [nn.Parameter(torch.zeros(3))]
+    sgd, adamw = torch.optim.SGD(params, lr=0.1), torch.optim.AdamW(params)
+    not_replicated = object()  # an applied plan other than replicated data parallelism (FSDP2, a pipeline)
+    assert preconditioner_for(not_replicated, adamw, False) is None
+    assert preconditioner_for(not_replicated, sgd, "auto") is None
+    assert preconditioner_for(not_replicated, adamw, "auto") is None
+    with pytest.raises(PlaitError, match="the optimizer is SGD; train with Adam or AdamW"):
+        preconditioner_for(not_replicated, sgd, True)
+    with pytest.raises(PlaitError, match="supported on replicated data-parallel plans"):
+        preconditioner_for(not_replicated, adamw, True)
+    with pytest.raises(PlaitError, match="gns_preconditioned is 'yes'; use True, False or 'auto'"):
+        check_adapt_config(TrainConfig(steps=1, adaptive=True, gns_preconditioned="yes"))  # type: ignore[arg-type]
+    check_adapt_config(TrainConfig(steps=1))  # the default ("auto") needs no adaptive training

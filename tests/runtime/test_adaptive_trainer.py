@@ -93,8 +93,11 @@ def _installed(trainer: Trainer) -> list[str]:
     found = []
     if trainer.tracker is not None:
         found.append("tracker")
-    if getattr(applied, "probe", None) is not None:
+    probe = getattr(applied, "probe", None)
+    if probe is not None:
         found.append("applied.probe")
+        if probe.preconditioner is not None:
+            found.append("adam.preconditioner")
     if applied.replicate is not None and applied.replicate.probe is not None:
         found.append("wfbp.probe")
     rank = getattr(applied, "rank", None)
@@ -109,12 +112,13 @@ def _installed(trainer: Trainer) -> list[str]:
     return found
 
 
-def _run_off_and_on(plan: Plan, out: str | None = None) -> dict[str, Any]:
-    """One rank: the plan off and on (and, on the replicated plan, written out by hand)."""
+def _run_off_and_on(plan: Plan, out: str | None = None, plain: bool = False) -> dict[str, Any]:
+    """One rank: the plan off and on (and, on the replicated plan, written out by hand); ``plain``: the noise scale
+    of the unweighted gradients on every plan (by default a replicated AdamW plan measures it in Adam's metric)."""
     ctx = init_distributed()
     try:
         off_trainer, off = _fit(plan, ctx)
-        on_trainer, on = _fit(plan, ctx, adaptive=True, out_dir=out)
+        on_trainer, on = _fit(plan, ctx, adaptive=True, out_dir=out, **({"gns_preconditioned": False} if plain else {}))
         hand = _hand_loop(plan, ctx) if plan.buckets else None
         return {"off": (list(off.losses), off.final_state), "on": (list(on.losses), on.final_state),
                 "hand": hand, "off_installed": _installed(off_trainer), "on_installed": _installed(on_trainer),
@@ -152,6 +156,8 @@ def test_off_is_todays_trainer_and_on_with_a_fixed_batch_trains_identically(tmp_
         _assert_identical(result["off"], result["on"])
         assert set(result["on_installed"]) >= {"tracker", "applied.probe"}
         assert ("wfbp.probe" if plan.buckets else "fsdp.reduce_scatter") in result["on_installed"]
+        # gns_preconditioned="auto": AdamW's metric on the replicated plan only
+        assert ("adam.preconditioner" in result["on_installed"]) == bool(plan.buckets)
         _assert_estimates(result)
     lines = [json.loads(line) for line in (tmp_path / "replicated" / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == STEPS and all(set(line) >= ADAPTIVE_KEYS for line in lines)
@@ -186,7 +192,7 @@ def test_a_pipeline_with_adaptivity_on_trains_identically_and_measures_what_one_
     assert len({r["state"]["gns"]["sqr"][0] for r in results}) == 1  # every rank holds the same statistics
     same = zoo_plan(NAME, "replicate", world=replicas, global_batch=GLOBAL, micro_batch=GLOBAL // 2 if replicas == 1 else None)
     assert same.batch.micro_size == GLOBAL // 2
-    _assert_close_states(results[0]["state"], run_ranks(_run_off_and_on, replicas, same, None)[0]["state"])
+    _assert_close_states(results[0]["state"], run_ranks(_run_off_and_on, replicas, same, None, True)[0]["state"])
 
 
 # ---- the estimate on a problem whose noise scale is known ----------------------------------------------------
@@ -251,21 +257,24 @@ def test_the_noise_scale_of_linear_regression_is_within_10_percent(kind: str, wo
 # ---- checkpoints ---------------------------------------------------------------------------------------------
 
 
-def _checkpoint_rank(plan: Plan, out: str, steps: int, resume: bool) -> dict[str, Any]:
+def _checkpoint_rank(plan: Plan, out: str, steps: int, resume: bool, weighted: bool) -> dict[str, Any]:
     ctx = init_distributed()
     try:
-        _, result = _fit(plan, ctx, steps=steps, adaptive=True, out_dir=out, checkpoint_every=2, resume=resume)
+        _, result = _fit(plan, ctx, steps=steps, adaptive=True, out_dir=out, checkpoint_every=2, resume=resume,
+                         gns_preconditioned="auto" if weighted else False)
         return {"start": result.start_step, "state": result.adaptive_state, "losses": list(result.losses),
                 "stats": result.adaptive}
     finally:
         teardown()
 
 
-def test_a_checkpoint_restores_the_statistics(tmp_path: Path) -> None:
+@pytest.mark.parametrize("weighted", [False, True])
+def test_a_checkpoint_restores_the_statistics(tmp_path: Path, weighted: bool) -> None:
+    # Adam-weighted norms (the default for AdamW) too: both runs read the weights afresh at the checkpoint
     plan = zoo_plan(NAME, "replicate", world=2, global_batch=GLOBAL)
-    whole = run_ranks(_checkpoint_rank, 2, plan, str(tmp_path / "whole"), 4, False)[0]
-    first = run_ranks(_checkpoint_rank, 2, plan, str(tmp_path / "split"), 2, False)[0]
-    rest = run_ranks(_checkpoint_rank, 2, plan, str(tmp_path / "split"), 4, True)[0]
+    whole = run_ranks(_checkpoint_rank, 2, plan, str(tmp_path / "whole"), 4, False, weighted)[0]
+    first = run_ranks(_checkpoint_rank, 2, plan, str(tmp_path / "split"), 2, False, weighted)[0]
+    rest = run_ranks(_checkpoint_rank, 2, plan, str(tmp_path / "split"), 4, True, weighted)[0]
     assert rest["start"] == 2 and first["state"]["gns"]["num_updates"] == 2
     assert rest["state"]["gns"]["num_updates"] == 4 and rest["state"]["progress"] == {"iterations": 4.0, "steps": 4}
     _assert_close_states(rest["state"], whole["state"])
@@ -286,8 +295,9 @@ def _rules_rank(plan: Plan) -> dict[str, Any]:
     ctx = init_distributed()
     try:
         out: dict[str, Any] = {"doubled": _fit(plan, ctx, lr=2 * OPT["lr"])[1]}
-        for rule in ("linear", "adascale"):
-            trainer, result = _fit(plan, ctx, adaptive=True, init_batch_size=GLOBAL // 2, lr_scaling=rule)
+        for rule in ("linear", "adascale"):  # the statistics of every step from the next step on
+            trainer, result = _fit(plan, ctx, adaptive=True, init_batch_size=GLOBAL // 2, lr_scaling=rule,
+                                   gns_reduce_every=1)
             assert trainer.optimizer is not None
             out[rule] = (result, trainer.optimizer.param_groups[0]["lr"])
         return out
@@ -309,6 +319,25 @@ def test_a_batch_larger_than_the_initial_one_scales_the_learning_rate_by_the_rul
     assert [s.progress for s in ada.adaptive] == pytest.approx(list(itertools.accumulate(gains)))
 
 
+def _reduce_every_rank(plan: Plan) -> dict[int, Any]:
+    ctx = init_distributed()
+    try:
+        return {k: _fit(plan, ctx, adaptive=True, gns_reduce_every=k)[1] for k in (1, 4)}
+    finally:
+        teardown()
+
+
+def test_norms_summed_a_few_steps_at_a_time_give_the_same_statistics_later() -> None:
+    plan = zoo_plan(NAME, "replicate", world=2, global_batch=GLOBAL)
+    got = run_ranks(_reduce_every_rank, 2, plan)
+    for ranks in got:
+        every, batched = ranks[1], ranks[4]
+        _assert_identical((list(every.losses), every.final_state), (list(batched.losses), batched.final_state))
+        _assert_close_states(batched.adaptive_state, every.adaptive_state)  # the same steps, folded in later
+        assert [s.noise_scale for s in batched.adaptive][:5] == [0.0] * 4 + [every.adaptive[4].noise_scale]
+    assert got[0][4].adaptive_state == got[1][4].adaptive_state  # every rank folds the same steps at once
+
+
 def test_bad_adaptive_settings_are_plait_errors() -> None:
     with pytest.raises(PlaitError, match="lr_scaling 'fast' is not a rule"):
         TrainConfig(steps=1, adaptive=True, lr_scaling="fast")
@@ -316,3 +345,5 @@ def test_bad_adaptive_settings_are_plait_errors() -> None:
         TrainConfig(steps=1, adaptive=True, gns_smoothing=1.0)
     with pytest.raises(PlaitError, match="init_batch_size"):
         TrainConfig(steps=1, adaptive=True, init_batch_size=0)
+    with pytest.raises(PlaitError, match="gns_reduce_every is 0"):
+        TrainConfig(steps=1, adaptive=True, gns_reduce_every=0)

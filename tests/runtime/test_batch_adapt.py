@@ -34,7 +34,9 @@ from plait.runtime.optim import build_optimizer
 NAME = "mlp-tiny"  # 16 -> 32 x 3 -> 8
 NUM_SAMPLES = 512
 OPT: dict[str, Any] = {"lr": 1e-2, "eps": 1e-6, "progress": False, "log_every": 1000}
-ADAPT: dict[str, Any] = {"adaptive": True, "adapt_batch_every": 2, "max_batch_size": 64, "lr_scaling": "adamscale"}
+# decisions every 2 steps on the statistics of every step before (by default they reach the ranks 4 steps at a time)
+ADAPT: dict[str, Any] = {"adaptive": True, "adapt_batch_every": 2, "max_batch_size": 64, "lr_scaling": "adamscale",
+                         "gns_reduce_every": 1}
 
 
 def _stream(seed: int = 3) -> SampleStream:

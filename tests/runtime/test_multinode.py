@@ -36,7 +36,9 @@ from plait.runtime.launch import free_port
 from plait.runtime.nodes import interface_to, mesh_on_nodes, node_spec
 
 MODEL, GLOBAL_BATCH, STEPS, LR = "gpt-tiny", 8, 3, 1e-3
-RTOL, ATOL, PARAM_ATOL = 1e-5, 1e-6, 2e-6  # the data-parallel equivalence tests' (measured here: <= 1.5e-6)
+# parameters: measured <= 1.5e-6 on an Intel machine, 2.5e-6 on an AMD EPYC one (float32 sums in another order;
+# Adam's step is lr = 1e-3 an element, so a synchronisation error shows far above this)
+RTOL, ATOL, PARAM_ATOL = 1e-5, 1e-6, 5e-6
 WAIT_S = 300.0  # the longest a launcher may take (a 4-rank run takes about 20 s on 2 idle cores)
 NS_ADDRS = ("10.77.0.1", "10.77.0.2")
 
@@ -178,7 +180,8 @@ def check_matches_one_process(folder: Path, nodes: list[Node], addr: str, port: 
     state = torch.load(folder / "out0" / FINAL_FILE)
     assert state.keys() == ref_state.keys()
     for name, tensor in state.items():
-        torch.testing.assert_close(tensor, ref_state[name], rtol=RTOL, atol=PARAM_ATOL, msg=f"{name} after {STEPS} steps")
+        torch.testing.assert_close(tensor, ref_state[name], rtol=RTOL, atol=PARAM_ATOL,
+                                   msg=lambda m, name=name: f"{name} after {STEPS} steps: {m}")
 
 
 # ---- two nodes on loopback -----------------------------------------------------------------------------

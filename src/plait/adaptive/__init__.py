@@ -31,10 +31,17 @@ from plait.adaptive.throughput import (
     fit_perf_params,
     fit_prior,
 )
-from plait.adaptive.tracker import AdaptiveStats, AdaptiveTracker, ProbeLayout, scaled_lr
+from plait.adaptive.tracker import (
+    DEFAULT_REDUCE_EVERY,
+    AdaptiveStats,
+    AdaptiveTracker,
+    ProbeLayout,
+    scaled_lr,
+)
 
 __all__ = [
     "AdamPreconditioner",
+    "DEFAULT_REDUCE_EVERY",
     "DEFAULT_SMOOTHING",
     "LR_SCALING_RULES",
     "AdaptiveStats",

@@ -25,7 +25,7 @@ from typing import Literal
 
 import torch
 
-DEFAULT_REFRESH_EVERY = 10  # optimizer steps between two refreshes of the weights
+DEFAULT_REFRESH_EVERY = 20  # optimizer steps between two refreshes of the weights (after steps 1, 2, 4, 8, 16 first)
 PreconditionForm = Literal["metric", "pollux"]
 PRECONDITION_FORMS: tuple[PreconditionForm, ...] = ("metric", "pollux")
 
@@ -41,51 +41,83 @@ class AdamPreconditioner:
         self.refresh_every = max(1, refresh_every)
         self._weights: dict[int, torch.Tensor] = {}  # gradient storage's address -> weights over the whole storage
         self._scratch: dict[int, torch.Tensor] = {}  # the same layout: where ``apply`` writes its products
-        self.steps = 0
+        self._views: dict[tuple[int, int, torch.Size], tuple[torch.Tensor, torch.Tensor]] = {}  # apply's, by place
 
     @property
     def ready(self) -> bool:
         """Whether weights are known (after the optimizer's first step)."""
         return bool(self._weights)
 
-    def after_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Count an optimizer step; refresh the weights on the first and every ``refresh_every`` steps."""
-        self.steps += 1
-        if self.steps == 1 or self.steps % self.refresh_every == 0:
+    def after_step(self, optimizer: torch.optim.Optimizer, step: int) -> None:
+        """After the run's optimizer step number ``step`` (from 1, counted across restarts): refresh the weights
+        after steps 1, 2, 4, ... below ``refresh_every`` (young second moments move fast), then every
+        ``refresh_every`` steps."""
+        if (step < self.refresh_every and step & (step - 1) == 0) or step % self.refresh_every == 0:
             self.refresh(optimizer)
 
     @torch.no_grad()
     def refresh(self, optimizer: torch.optim.Optimizer) -> None:
-        """Read ``v_hat`` of every parameter with a gradient and write its probe weights where its gradient lives."""
+        """Read ``v_hat`` of every parameter with a gradient and write its probe weights where its gradient lives.
+        The second moments are copied in (one fused ``foreach`` call per param group); the arithmetic then runs on
+        each whole flat storage at once where one bias correction and one ``eps`` hold for all of it (a WFBP bucket),
+        else per tensor (``foreach``): a few kernels per bucket, whatever its number of parameters."""
+        per_storage: dict[int, list[tuple[torch.Tensor, float, float]]] = {}  # views with (correction, eps)
         for group in optimizer.param_groups:
             beta2, eps = group["betas"][1], group["eps"]
+            views, moments = [], []
             for p in group["params"]:
                 grad, state = p.grad, optimizer.state.get(p, {})
                 if grad is None or "exp_avg_sq" not in state:
                     continue
-                storage = grad.untyped_storage()
-                size = storage.nbytes() // grad.element_size()
-                weights = self._weights.get(storage.data_ptr())
-                if weights is None or weights.numel() != size or weights.dtype != grad.dtype:
-                    weights = torch.ones(size, dtype=grad.dtype, device=grad.device)
-                    self._weights[storage.data_ptr()] = weights
-                view = weights[grad.storage_offset() : grad.storage_offset() + grad.numel()].view_as(grad)
+                views.append(self._weights_view(grad))
+                moments.append(state["exp_avg_sq"])
                 correction = 1.0 - beta2 ** float(state["step"])
-                torch.div(state["exp_avg_sq"], correction, out=view)
-                view.sqrt_().add_(eps).reciprocal_()
-                if self.form == "metric":
-                    view.sqrt_()
+                per_storage.setdefault(grad.untyped_storage().data_ptr(), []).append((views[-1], correction, eps))
+            if views:
+                torch._foreach_copy_(views, moments)
+        for key, entries in per_storage.items():
+            weights = self._weights[key]
+            settings = {(c, e) for _, c, e in entries}
+            if len(settings) == 1 and sum(v.numel() for v, _, _ in entries) == weights.numel():
+                (correction, eps), = settings
+                self._to_weights([weights], correction, eps)
+            else:
+                for correction, eps in settings:
+                    self._to_weights([v for v, c, e in entries if (c, e) == (correction, eps)], correction, eps)
+
+    def _to_weights(self, tensors: list[torch.Tensor], correction: float, eps: float) -> None:
+        """Second moments (in place) -> ``1 / (sqrt(v / correction) + eps)``, square-rooted for the metric form."""
+        torch._foreach_div_(tensors, correction)
+        torch._foreach_sqrt_(tensors)
+        torch._foreach_add_(tensors, eps)
+        torch._foreach_reciprocal_(tensors)
+        if self.form == "metric":
+            torch._foreach_sqrt_(tensors)
+
+    def _weights_view(self, grad: torch.Tensor) -> torch.Tensor:
+        """Where ``grad``'s weights live: its place in the weights laid out over its storage (made on first use)."""
+        storage = grad.untyped_storage()
+        size = storage.nbytes() // grad.element_size()
+        weights = self._weights.get(storage.data_ptr())
+        if weights is None or weights.numel() != size or weights.dtype != grad.dtype:
+            weights = torch.ones(size, dtype=grad.dtype, device=grad.device)
+            self._weights[storage.data_ptr()] = weights
+            self._views.clear()  # views of weights that are gone
+        return weights[grad.storage_offset() : grad.storage_offset() + grad.numel()].view_as(grad)
 
     def apply(self, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor`` times its weights, or ``tensor`` itself where no weights are known. The product is written
         into a buffer kept per gradient storage (fresh buffers cost page faults on a CPU) and is valid until the
         next ``apply`` on the same storage: norm it at once."""
-        key = tensor.untyped_storage().data_ptr()
-        weights = self._weights.get(key)
-        if weights is None:
-            return tensor
-        scratch = self._scratch.get(key)
-        if scratch is None or scratch.numel() != weights.numel():
-            scratch = self._scratch[key] = torch.empty_like(weights)
-        start, end = tensor.storage_offset(), tensor.storage_offset() + tensor.numel()
-        return torch.mul(tensor, weights[start:end].view_as(tensor), out=scratch[start:end].view_as(tensor))
+        key = (tensor.untyped_storage().data_ptr(), int(tensor.storage_offset()), tensor.shape)
+        views = self._views.get(key)
+        if views is None:
+            weights = self._weights.get(key[0])
+            if weights is None:
+                return tensor
+            scratch = self._scratch.get(key[0])
+            if scratch is None or scratch.numel() != weights.numel():
+                scratch = self._scratch[key[0]] = torch.empty_like(weights)
+            start, end = tensor.storage_offset(), tensor.storage_offset() + tensor.numel()
+            views = self._views[key] = (weights[start:end].view_as(tensor), scratch[start:end].view_as(tensor))
+        return torch.mul(tensor, views[0], out=views[1])

@@ -124,6 +124,7 @@ _GAMMA_MAX = 10.0
 _UPPER = 1e4  # seconds (per sample for betas): far above any step time, keeps the log-space search finite
 _REG_GAMMA = 1e-3
 _REG_RETRO = 1e-2
+REFIT_GROWTH = 0.25  # refit_if_stale: refit once the measured steps grew by this fraction since the last fit
 AC, BC, AN, BN, AR, BR, GAMMA = range(7)
 
 
@@ -247,6 +248,11 @@ def _minimize(d: _Data, start: FloatArray, lower: FloatArray, upper: FloatArray)
         result = scipy.optimize.minimize(fun, to_z(start), jac=True, method="SLSQP",
                                          bounds=list(zip(to_z(lower), to_z(upper), strict=True)))
     return to_x(result.x).copy()
+
+
+def load_fitter() -> None:
+    """Import scipy's optimizer now (0.3 s), so that the first fit in a training loop does not pay for it."""
+    import scipy.optimize  # noqa: F401
 
 
 def fit_perf_params(
@@ -389,6 +395,7 @@ class ThroughputModel:
         # (nodes, replicas, micro-batch) -> [steps, sum log step, accum steps, sum log accum]
         self._obs: dict[tuple[int, int, int], list[float]] = {}
         self._params: PerfParams | None = prior.params if prior is not None else None
+        self._fitted_on: tuple[frozenset[tuple[int, int, int]], int] = (frozenset(), 0)  # configurations, steps
 
     @property
     def params(self) -> PerfParams:
@@ -438,11 +445,22 @@ class ThroughputModel:
             n, k, m = (int(x) for x in key.split(","))
             obs[(n, k, m)] = [float(x) for x in rec]
         self._obs = obs
+        self._fitted_on = (frozenset(), 0)
+
+    def refit_if_stale(self, growth: float = REFIT_GROWTH) -> PerfParams:
+        """``refit`` when a configuration was measured that the last fit did not see, or the measured steps grew by
+        more than ``growth`` since it; else the last fit (more steps of known configurations barely move it, and a
+        fit costs milliseconds that every rank waits for)."""
+        configs, steps = self._fitted_on
+        if self._obs.keys() - configs or self.num_measured > (1.0 + growth) * steps:
+            return self.refit()
+        return self.params
 
     def refit(self) -> PerfParams:
         """Weighted fit of measurements and prior pseudo-measurements; the prior itself with no measurements."""
         if not self._obs:
             return self.params
+        self._fitted_on = (frozenset(self._obs), self.num_measured)
         keys = np.array(list(self._obs), dtype=np.float64)
         rec = np.array(list(self._obs.values()), dtype=np.float64)
         steps, accs = rec[:, 0], rec[:, 2]

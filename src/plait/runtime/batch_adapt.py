@@ -6,7 +6,8 @@
   the first step of a run and of a new batch are warm-up and left out) and, with accumulation, the time of the
   non-synchronising micro-batches, into a ``ThroughputModel`` whose prior is plait's CostModel prediction of the
   plan (``cost_model_predictor``);
-* **decides** every N steps, on rank 0: refit the model, take the tracker's smoothed gradient statistics, run
+* **decides** every N steps, on rank 0: refit the model (when it measured a new configuration or a quarter more
+  steps since the last fit), take the tracker's smoothed gradient statistics, run
   ``choose_batch`` within the bounds (``max_batch_size``, the local micro-batch range, ``max_accumulation``, and
   the largest micro-batch whose predicted memory fits the device), and keep the current batch unless the choice
   is predicted to raise goodput by more than ``adapt_threshold`` (Pollux's 5 %). Rank 0 broadcasts the decision,
@@ -42,7 +43,7 @@ from plait.adaptive import (
 )
 from plait.adaptive.goodput import efficiency
 from plait.adaptive.precondition import PRECONDITION_FORMS, PreconditionForm
-from plait.adaptive.throughput import cost_model_predictor, fit_prior
+from plait.adaptive.throughput import cost_model_predictor, fit_prior, load_fitter
 from plait.data.samples import SampleStream
 from plait.errors import PlaitError
 from plait.plan.ir import BatchSpec, Plan
@@ -78,7 +79,10 @@ class AdaptConfig(Protocol):
 
 def check_adapt_config(cfg: AdaptConfig) -> None:
     """Raise ``PlaitError`` naming what is wrong with the adaptive-batch settings of a training config."""
-    if getattr(cfg, "gns_preconditioned", False) and not cfg.adaptive:
+    pre = getattr(cfg, "gns_preconditioned", "auto")
+    if pre not in (True, False, "auto"):
+        raise PlaitError(f"gns_preconditioned is {pre!r}; use True, False or 'auto' (Adam's metric where it is known)")
+    if pre is True and not cfg.adaptive:
         raise PlaitError("gns_preconditioned needs adaptive=True (it changes how the noise scale is measured)")
     form = getattr(cfg, "gns_precondition_form", "metric")
     if form not in PRECONDITION_FORMS:
@@ -102,6 +106,21 @@ def check_adapt_config(cfg: AdaptConfig) -> None:
                          "new batch must bring")
 
 
+def preconditioner_for(applied: object, optimizer: torch.optim.Optimizer, setting: bool | str,
+                       form: PreconditionForm = "metric") -> AdamPreconditioner | None:
+    """The probe's preconditioner for ``TrainConfig.gns_preconditioned``: none for False; for True Adam's (or a
+    ``PlaitError`` where it is not supported); for ``"auto"`` Adam's where it is supported, else none."""
+    if setting is False:
+        return None
+    if setting == "auto" and (optimizer_name(optimizer) not in ("adam", "adamw") or not _replicated(applied)):
+        return None
+    return adam_preconditioner(applied, optimizer, form)
+
+
+def _replicated(applied: object) -> bool:
+    return isinstance(applied, AppliedPlan) and applied.replicate is not None and not applied.model_parallel
+
+
 def adam_preconditioner(applied: object, optimizer: torch.optim.Optimizer,
                         form: PreconditionForm = "metric") -> AdamPreconditioner:
     """The preconditioner of ``TrainConfig(gns_preconditioned=True)``: Adam or AdamW on a replicated plan (whose
@@ -109,7 +128,7 @@ def adam_preconditioner(applied: object, optimizer: torch.optim.Optimizer,
     if optimizer_name(optimizer) not in ("adam", "adamw"):
         raise PlaitError(f"gns_preconditioned weighs gradients by Adam's second moments, but the optimizer is "
                          f"{type(optimizer).__name__}; train with Adam or AdamW, or set gns_preconditioned=False")
-    if not isinstance(applied, AppliedPlan) or applied.replicate is None or applied.model_parallel:
+    if not _replicated(applied):
         raise PlaitError("gns_preconditioned is supported on replicated data-parallel plans (WFBP buckets, no tensor "
                          "parallelism) only; plan `--kind replicate` or set gns_preconditioned=False")
     return AdamPreconditioner(form=form)
@@ -205,6 +224,7 @@ class BatchAdapter:
         self.model: ThroughputModel | None = None
         self.note = ""
         if ctx.is_main:  # rank 0 decides; the other ranks apply what it broadcasts
+            load_fitter()  # now, not at the first decision, while every rank waits
             lo = config.min_local_batch
             n = self.fixed_micro or 1  # a pipeline's model point is a replica's whole step
             self.model, source = build_throughput_model(plan, [n * m for m in (lo, self.spec.micro_size,
@@ -267,7 +287,7 @@ class BatchAdapter:
             return None
         if self.model.num_measured:
             try:
-                self.model.refit()
+                self.model.refit_if_stale()
             except ValueError:
                 return None
         m0 = int(self.tracker.init_batch_size)

@@ -49,7 +49,7 @@ class StepMetrics:
     time: float  # wall clock (seconds since the epoch) at the end of the step
     # adaptive training only (None otherwise, and left out of the file)
     batch_size: int | None = None  # global batch of the step
-    noise_scale: float | None = None  # smoothed gradient noise scale known at the step (one step behind)
+    noise_scale: float | None = None  # smoothed gradient noise scale known at the step (a few steps behind)
     efficiency: float | None = None  # statistical efficiency of the batch against the initial one
     gain: float | None = None  # AdaScale gain: initial-batch steps the step is worth
     lr_factor: float | None = None  # factor the learning rate was multiplied by

@@ -19,13 +19,14 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from plait.adaptive import (
+    DEFAULT_REDUCE_EVERY,
     DEFAULT_SMOOTHING,
     LR_SCALING_RULES,
     AdaptiveStats,
@@ -40,7 +41,7 @@ from plait.errors import PlaitError
 from plait.plan.ir import Plan
 from plait.runtime import state as rstate
 from plait.runtime.apply import AppliedPlan, PlanMismatchError, apply_plan, uses_runtime_sync
-from plait.runtime.batch_adapt import BatchAdapter, adam_preconditioner, check_adapt_config, check_adapt_data
+from plait.runtime.batch_adapt import BatchAdapter, check_adapt_config, check_adapt_data, preconditioner_for
 from plait.runtime.checkpoint import checkpoint_dir, latest_checkpoint, load_checkpoint, save_checkpoint
 from plait.runtime.context import DistContext, init_distributed, teardown
 from plait.runtime.data import Batch, DataSource
@@ -79,6 +80,7 @@ class TrainConfig:
     lr_scaling: str = "auto"  # adaptive: a rule of plait.adaptive.LR_SCALING_RULES ("auto": the plan's, else by optimizer)
     init_batch_size: int | None = None  # adaptive: the batch M0 the learning rate is tuned for (None: the plan's)
     gns_smoothing: float = DEFAULT_SMOOTHING  # adaptive: the noise-scale averages keep this much per M0 samples
+    gns_reduce_every: int = DEFAULT_REDUCE_EVERY  # adaptive: sum this many steps' norms over the ranks at once
     # adaptive batch (plait.runtime.batch_adapt; needs adaptive=True and a SampleStream): every N steps choose the
     # batch that maximises predicted goodput within these bounds and apply it in place (0: off, the plan's batch)
     adapt_batch_every: int = 0
@@ -87,7 +89,8 @@ class TrainConfig:
     max_local_batch: int | None = None  # ... at most (None: what the plan's predicted memory allows)
     max_accumulation: int = 1  # micro-batches per replica and step, at most (1: no accumulation)
     adapt_threshold: float = 0.05  # change the batch only for a predicted goodput gain above this (Pollux: 5 %)
-    gns_preconditioned: bool = False  # adaptive, Adam: the noise scale of Adam-preconditioned gradients
+    # adaptive, Adam: the noise scale in Adam's metric; "auto": with Adam/AdamW on replicated plans, plain elsewhere
+    gns_preconditioned: bool | Literal["auto"] = "auto"
     gns_precondition_form: PreconditionForm = "metric"  # ... "metric" (Adam's step factor) or "pollux" (plait.adaptive.precondition)
 
     def __post_init__(self) -> None:
@@ -99,6 +102,8 @@ class TrainConfig:
             raise PlaitError(f"init_batch_size is {self.init_batch_size}; give a positive number of samples (or None)")
         if not 0.0 <= self.gns_smoothing < 1.0:
             raise PlaitError(f"gns_smoothing is {self.gns_smoothing}; it must be in [0, 1)")
+        if self.gns_reduce_every < 1:
+            raise PlaitError(f"gns_reduce_every is {self.gns_reduce_every}; give a number of steps, 1 or more")
         if self.checkpoint_every and self.out_dir is None:
             raise PlaitError("checkpoint_every needs out_dir (or `plait run --out DIR`) to know where to write")
         if self.resume and self.out_dir is None:
@@ -210,13 +215,14 @@ class Trainer:
         if isinstance(layout, ProbeLayout):
             probe = GradNormProbe(device=ctx.device)
             applied.attach_probe(probe)
-            if cfg.gns_preconditioned:
-                probe.preconditioner = adam_preconditioner(applied, optimizer, cfg.gns_precondition_form)
+            probe.preconditioner = preconditioner_for(applied, optimizer, cfg.gns_preconditioned,
+                                                      cfg.gns_precondition_form)
         else:
             self.tracker_note = f"adaptive: no noise-scale estimate on this plan: {layout}"
         return AdaptiveTracker(init_batch_size=cfg.init_batch_size or batch.global_size, batch_size=batch.global_size,
                                rule=rule, smoothing=cfg.gns_smoothing, probe=probe,
-                               layout=layout if isinstance(layout, ProbeLayout) else None)
+                               layout=layout if isinstance(layout, ProbeLayout) else None,
+                               reduce_every=cfg.gns_reduce_every)
 
     def _optimizer(self, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
         """The plan's optimizer with the config's settings, or what ``optimizer_fn`` builds if it agrees with the plan."""
@@ -260,6 +266,8 @@ class Trainer:
                 self.tracker.load_state_dict(state["adaptive"])
             else:
                 note += "; it holds no adaptive statistics, so the noise scale starts afresh"
+            applied.zero_grad(optimizer)  # loading dropped the gradients; the probe's weights are laid out on them
+            self.tracker.refresh_weights(optimizer)
         if self.adapter is not None and "batch_adapt" in state:
             self.adapter.load_state_dict(state["batch_adapt"])
             note += f"; adaptive batch {self.adapter.spec.global_size}"
@@ -352,6 +360,7 @@ class Trainer:
             extra["data"] = self.data.state_dict()  # the next sample to read, whatever the next batch size
         if self.tracker is not None:
             self.tracker.flush()  # the statistics include the step just taken
+            self.tracker.refresh_weights(self.optimizer)  # as the resumed run will (Adam-weighted norms)
             extra["adaptive"] = self.tracker.state_dict()
         if self.adapter is not None:
             extra["batch_adapt"] = self.adapter.state_dict()  # the adapted batch, its measurements and decisions

@@ -75,8 +75,19 @@ class _Bucket:
         self.done_s = 0.0
         # what a gradient-norm probe norms: the flat buffer, or the DTensor gradients when some hold local
         # shards of model-axis DTensors (their shares of replicated elements are counted once over the axis)
-        plain = not any(isinstance(p, DTensor) for p in params)
-        self.norm_pieces: list[torch.Tensor] = [self.buffer] if plain else list(self.grads)
+        self.plain = not any(isinstance(p, DTensor) for p in params)
+        self.norm_pieces: list[torch.Tensor] = [self.buffer] if self.plain else list(self.grads)
+        self._share: tuple[tuple[int, int], list[torch.Tensor]] | None = None
+
+    def synced_share(self, rank: int, size: int) -> list[torch.Tensor]:
+        """What replica ``rank`` of ``size`` norms of the synchronised bucket, so that the replicas' shares add up to
+        it once: its slice of a flat buffer (every replica does the same work), or all of a DTensor bucket's
+        gradients on the bucket's replica by index."""
+        if self.plain:
+            if self._share is None or self._share[0] != (rank, size):  # a view made once: this runs every step
+                self._share = ((rank, size), [torch.tensor_split(self.buffer, size)[rank]])
+            return self._share[1]
+        return self.norm_pieces if self.index % size == rank else []
 
     def mark_done(self, _future: object) -> None:
         """Record when the bucket's all-reduce finished (called by the communication thread)."""
@@ -227,9 +238,9 @@ class WaitFreeReplicate:
                     bucket.work.wait()
                     if bucket.sent is not bucket.buffer:  # reduced in a narrower dtype: back into the gradients
                         bucket.buffer.copy_(bucket.sent)
-                if self.probe is not None:  # each synchronised bucket is normed by one replica of the group
-                    self.probe.add_synced([piece for bucket in self.buckets if bucket.index % self.size == self.group_rank
-                                           for piece in bucket.norm_pieces])
+                if self.probe is not None:  # the replicas' shares of the synchronised buckets add up to them once
+                    self.probe.add_synced([piece for bucket in self.buckets
+                                           for piece in bucket.synced_share(self.group_rank, self.size)])
                 self.traces.append(self._trace(end_s))
         finally:
             for bucket in self.buckets:
